@@ -89,3 +89,23 @@ def tiny_untied_lm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+def tiny_config(lm_dir: Path, clip_dir: Path, **overrides):
+    from model.config import GroundedConfig
+    return GroundedConfig(lm=str(lm_dir), visual=f"local-dir:{clip_dir}", visual_pretrained=None,
+                          n_visual_tokens=2, emb_dim=8, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_lm_dir, tiny_clip_dir):
+    """A tiny GroundedLM shared by read-only tests (build your own to train or modify it)."""
+    from model.grounded import GroundedLM
+    return GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
+
+
+@pytest.fixture
+def colour_images():
+    """Three plain images that differ in colour."""
+    from PIL import Image
+    return [Image.new("RGB", (40, 40), c) for c in ("red", "green", "blue")]

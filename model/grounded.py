@@ -1,0 +1,222 @@
+"""The grounded LM: a frozen causal LM and a frozen CLIP visual encoder joined by small trained layers.
+
+    image --CLIP--> pooled (visual_dim) --input_mapping--> n_visual_tokens x lm_dim   (spliced into the LM input)
+    image --CLIP--> pooled (visual_dim) --image_mapping--> emb_dim, L2-normalised       (what the index stores)
+    [RET] hidden state (lm_dim)          --ret_mapping---> emb_dim, L2-normalised       (the retrieval query)
+
+`[RET]` gets its own trainable input row (and, when the LM's head is untied, its own output row);
+the LM's embedding table and every other frozen weight stay bit-for-bit as loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from model.config import GroundedConfig
+from model.images import image_key
+from model.lm import load_lm
+from model.prompt import Segment, Turn, render, render_with_target
+from model.visual import VisualEncoder
+
+FEATURE_CACHE_SIZE = 512
+
+
+@dataclass
+class Example:
+    """One training conversation: the last turn is the assistant's target.
+
+    `ret_images` pairs each `[RET]` in the target, in order, with the image it should retrieve.
+    """
+    turns: list[Turn]
+    ret_images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    caption_loss: torch.Tensor
+    ret_loss: torch.Tensor
+    ret_accuracy: float
+    """Share of [RET] vectors whose nearest image in the batch is their own (a cheap training signal)."""
+
+
+class GroundedLM(nn.Module):
+    def __init__(self, config: GroundedConfig, quantize: str = "4bit", device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        self.quantize = quantize
+        self.lm, self.tokenizer = load_lm(config.lm, quantize, device, config.ret_token)
+        embeddings = self.lm.get_input_embeddings()
+        self.device = embeddings.weight.device
+        self.visual = VisualEncoder.from_source(config.visual, config.visual_pretrained, self.device)
+        lm_dim, visual_dim = embeddings.embedding_dim, self.visual.visual_dim
+        for name, expected, actual, source in (("lm_dim", config.lm_dim, lm_dim, config.lm),
+                                               ("visual_dim", config.visual_dim, visual_dim, self.visual.source)):
+            if expected is not None and expected != actual:
+                raise ValueError(f"checkpoint expects {name}={expected} but {source} has {actual}: "
+                                 f"the checkpoint was trained with a different model than its config names")
+        config.lm_dim, config.visual_dim = lm_dim, visual_dim
+
+        self.ret_id: int = self.tokenizer.convert_tokens_to_ids(config.ret_token)
+        self.vocab_size: int = self.lm.get_output_embeddings().out_features
+        self.tied = self.lm.get_output_embeddings().weight is embeddings.weight
+        n = config.n_visual_tokens
+        self.input_mapping = nn.Linear(visual_dim, n * lm_dim)        # (B, visual_dim) -> (B, n * lm_dim)
+        self.ret_mapping = nn.Linear(lm_dim, config.emb_dim)
+        self.image_mapping = nn.Linear(visual_dim, config.emb_dim)
+        # [RET] starts as the mean embedding row: a plausible token the LM has never seen.
+        self.ret_embedding = nn.Parameter(embeddings.weight.detach().float().mean(0).clone())
+        self.ret_output = None if self.tied else nn.Parameter(
+            self.lm.get_output_embeddings().weight.detach().float().mean(0).clone())
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        for module in (self.input_mapping, self.ret_mapping, self.image_mapping):
+            module.to(self.device)
+        self.ret_embedding.data = self.ret_embedding.data.to(self.device)
+        if self.ret_output is not None:
+            self.ret_output.data = self.ret_output.data.to(self.device)
+        self.logit_scale.data = self.logit_scale.data.to(self.device)
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._features_lock = threading.Lock()  # sessions share one model
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder_or_preset: str | Path, quantize: str = "4bit",
+                        device: torch.device | str | None = None) -> "GroundedLM":
+        from model.checkpoint import load_pretrained
+        return load_pretrained(folder_or_preset, quantize, device)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from model.checkpoint import save_pretrained
+        save_pretrained(self, folder)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint stores: the mappings, the [RET] rows and the logit scale."""
+        return {name: p.detach() for name, p in self.named_parameters() if not name.startswith(("lm.", "visual."))}
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what makes index vectors: the visual encoder and the image mapping's weights."""
+        digest = hashlib.sha256(self.visual.source.encode())
+        for tensor in (self.image_mapping.weight, self.image_mapping.bias):
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # ---- images ---------------------------------------------------------------------------------
+    def visual_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """Pooled CLIP features (N, visual_dim), cached by pixel hash: the encoder is frozen."""
+        keys = [image_key(im) for im in images]
+        with self._features_lock:
+            found = {k: self._features[k] for k in keys if k in self._features}
+        missing = {k: im for k, im in zip(keys, images) if k not in found}
+        if missing:
+            pooled, _ = self.visual.encode(list(missing.values()))
+            found.update(zip(missing, pooled))
+        with self._features_lock:
+            for k in keys:
+                self._features[k] = found[k]
+                self._features.move_to_end(k)
+            while len(self._features) > FEATURE_CACHE_SIZE:
+                self._features.popitem(last=False)
+        return torch.stack([found[k] for k in keys]).float()
+
+    @torch.no_grad()
+    def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Index vectors (N, emb_dim), L2-normalised."""
+        pooled, _ = self.visual.encode(images)
+        return F.normalize(self.image_mapping(pooled.float()), dim=-1)
+
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, visual_dim) -> (N, n_visual_tokens, lm_dim), in the LM's dtype."""
+        n, dtype = self.config.n_visual_tokens, self.lm.get_input_embeddings().weight.dtype
+        return self.input_mapping(features).view(features.shape[0], n, -1).to(dtype)
+
+    # ---- text -----------------------------------------------------------------------------------
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (...,) -> embeddings (..., lm_dim); `[RET]` takes its trainable row."""
+        table = self.lm.get_input_embeddings()
+        is_ret = ids == self.ret_id
+        embeds = table(ids.masked_fill(is_ret, 0))
+        return torch.where(is_ret.unsqueeze(-1), self.ret_embedding.to(embeds.dtype), embeds)
+
+    def embed_segments(self, segments: list[Segment]) -> torch.Tensor:
+        """Rendered prompt -> inputs_embeds (T, lm_dim): token runs embedded, images spliced in."""
+        images = [s for s in segments if isinstance(s, Image.Image)]
+        tokens = iter(self.visual_tokens(self.visual_features(images))) if images else iter(())
+        parts = [next(tokens) if isinstance(s, Image.Image)
+                 else self.embed_ids(torch.tensor(s, dtype=torch.long, device=self.device)) for s in segments]
+        return torch.cat(parts)
+
+    def embed_conversation(self, turns: list[Turn]) -> torch.Tensor:
+        """A conversation, ready for the assistant's reply -> inputs_embeds (1, T, lm_dim)."""
+        return self.embed_segments(render(turns, self.tokenizer, self.config.prompt_format)).unsqueeze(0)
+
+    # ---- the LM ---------------------------------------------------------------------------------
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      past_key_values=None) -> tuple[torch.Tensor, object]:
+        """(B, T, lm_dim) -> last-layer hidden states (B, T, lm_dim) and the updated KV cache."""
+        out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 past_key_values=past_key_values, use_cache=past_key_values is not None)
+        return out.last_hidden_state, out.past_key_values
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., lm_dim) -> (..., V') float32 logits, with `[RET]`'s logit at `ret_id` (V' = max(V, ret_id + 1))."""
+        logits = self.lm.get_output_embeddings()(hidden).float()
+        ret_row = self.ret_embedding if self.tied else self.ret_output
+        ret_logit = hidden.float() @ ret_row.float()
+        width = max(self.vocab_size, self.ret_id + 1)
+        if width > self.vocab_size:
+            logits = F.pad(logits, (0, width - self.vocab_size), value=float("-inf"))
+        return torch.cat([logits[..., :self.ret_id], ret_logit.unsqueeze(-1), logits[..., self.ret_id + 1:]], -1)
+
+    def ret_query(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden state where `[RET]` is the input (..., lm_dim) -> query (..., emb_dim), L2-normalised."""
+        return F.normalize(self.ret_mapping(hidden.float()), dim=-1)
+
+    # ---- training -------------------------------------------------------------------------------
+    def forward(self, examples: list[Example]) -> LossOutput:
+        """Caption cross-entropy on the assistant targets + symmetric InfoNCE between [RET] and images."""
+        rows, labels = [], []
+        for example in examples:
+            prompt, target = render_with_target(example.turns, self.tokenizer, self.config.prompt_format)
+            prompt_embeds = self.embed_segments(prompt)
+            target_embeds = self.embed_segments(target)
+            target_labels = torch.cat([
+                torch.full((self.config.n_visual_tokens,), -100) if isinstance(s, Image.Image)
+                else torch.tensor(s) for s in target]).to(self.device)
+            rows.append(torch.cat([prompt_embeds, target_embeds]))
+            labels.append(torch.cat([torch.full((len(prompt_embeds),), -100, device=self.device), target_labels]))
+        length = max(len(r) for r in rows)
+        lm_dim = rows[0].shape[-1]
+        inputs = torch.zeros(len(rows), length, lm_dim, dtype=rows[0].dtype, device=self.device)  # (B, T, lm_dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
+        label_ids = torch.full((len(rows), length), -100, dtype=torch.long, device=self.device)
+        for i, (row, lab) in enumerate(zip(rows, labels)):
+            inputs[i, :len(row)], mask[i, :len(row)], label_ids[i, :len(lab)] = row, 1, lab
+
+        hidden, _ = self.hidden_states(inputs, mask)                                       # (B, T, lm_dim)
+        logits = self.logits(hidden[:, :-1])                                               # (B, T-1, V')
+        caption_loss = F.cross_entropy(logits.flatten(0, 1), label_ids[:, 1:].flatten(), ignore_index=-100)
+
+        ret_positions = (label_ids == self.ret_id).nonzero()                               # (R, 2)
+        ret_images = [im for e in examples for im in e.ret_images]
+        if len(ret_positions) != len(ret_images):
+            raise ValueError(f"{len(ret_positions)} [RET] tokens in the targets but {len(ret_images)} ret_images")
+        if not ret_images:
+            zero = caption_loss.new_zeros(())
+            return LossOutput(caption_loss, caption_loss.detach(), zero, 0.0)
+        queries = self.ret_query(hidden[ret_positions[:, 0], ret_positions[:, 1]])        # (R, emb_dim)
+        keys = F.normalize(self.image_mapping(self.visual_features(ret_images)), dim=-1)  # (R, emb_dim)
+        scores = self.logit_scale.exp().clamp(max=100) * queries @ keys.T                                # (R, R)
+        target = torch.arange(len(keys), device=self.device)
+        ret_loss = (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2
+        accuracy = (scores.argmax(1) == target).float().mean().item()
+        return LossOutput(caption_loss + ret_loss, caption_loss.detach(), ret_loss.detach(), accuracy)
