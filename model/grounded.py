@@ -104,9 +104,14 @@ class GroundedLM(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """Identifies what makes index vectors: the visual encoder and the image mapping's weights."""
-        digest = hashlib.sha256(self.visual.source.encode())
-        for tensor in (self.image_mapping.weight, self.image_mapping.bias):
+        """Identifies what makes index vectors: the visual encoder and the image mapping's weights.
+
+        The encoder enters through its final layernorm (cheap, and differs between trained encoders),
+        not its source string, so the same files give the same fingerprint wherever they live.
+        """
+        digest = hashlib.sha256()
+        ln_post = self.visual.visual.ln_post
+        for tensor in (ln_post.weight, ln_post.bias, self.image_mapping.weight, self.image_mapping.bias):
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
 

@@ -1,0 +1,145 @@
+"""Streaming grounded generation vs plain `model.generate`, on SmolLM2, in one run.
+
+Ours: `stream_reply` with one image spliced into the prompt (KV cache, [RET] logit, event stream).
+Baseline: transformers' `generate` on the same LM with a text prompt of the same token length.
+Reports decode tokens/s and time to first token for both and their ratios (medians over
+alternating repetitions, so both see the same machine load), and resident memory of a process
+that loaded the model with `--quantize none` vs `4bit`.
+
+    python bench/generation.py [--device cpu|cuda] [--reps 5] [--new-tokens 48]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from PIL import Image
+from transformers.generation.streamers import BaseStreamer
+
+from model.config import GroundedConfig
+from model.generate import GenerationSettings, Text, stream_reply
+from model.grounded import GroundedLM
+from model.prompt import Turn, count_tokens, render
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUESTION = "Write a long story about a red circle and a blue square who become friends."
+
+
+class TokenClock(BaseStreamer):
+    """Records when `generate` hands over each new token (the first `put` is the prompt)."""
+
+    def __init__(self, start: float):
+        self.start, self.times, self.prompt_seen = start, [], False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def visual_source() -> tuple[str, str | None]:
+    demo_clip = Path(__file__).resolve().parent.parent / "assets" / "demo" / "clip"
+    if (demo_clip / "open_clip_config.json").is_file():
+        return f"local-dir:{demo_clip}", None
+    sys.exit("bench/generation.py needs the demo CLIP in assets/demo/clip")
+
+
+def build(quantize: str, device: str) -> GroundedLM:
+    visual, pretrained = visual_source()
+    config = GroundedConfig(lm="smollm2-135m-instruct", visual=visual, visual_pretrained=pretrained, n_visual_tokens=4)
+    return GroundedLM(config, quantize=quantize, device=device)
+
+
+def ours(model: GroundedLM, turns: list[Turn], new_tokens: int) -> tuple[float, float, int]:
+    stats = [e for e in stream_reply(model, turns, GenerationSettings(max_new_tokens=new_tokens))][-1].stats
+    return stats["first_token_s"], stats["tokens_per_s"], stats["new_tokens"]
+
+
+def baseline(model: GroundedLM, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, int]:
+    start = time.perf_counter()
+    clock = TokenClock(start)
+    model.lm.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=clock,
+                      pad_token_id=model.tokenizer.pad_token_id)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    times = clock.times
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    return times[0] - start, rate, len(times)
+
+
+def resident_mb(quantize: str, device: str) -> float:
+    """Peak resident memory of a fresh process that loads the model (GPU: peak allocated)."""
+    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+            f"from generation import build, memory_mb; m = build({quantize!r}, {device!r}); print(memory_mb({device!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quantize", default="4bit")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    args = parser.parse_args()
+
+    model = build(args.quantize, args.device)
+    image = Image.new("RGB", (128, 128), "beige")
+    turns = [Turn("user", [image, QUESTION])]
+    length = count_tokens(render(turns, model.tokenizer, "chat"), model.config.n_visual_tokens)
+    text_ids = [t for s in render([Turn("user", [QUESTION])], model.tokenizer, "chat") for t in s]
+    filler = model.tokenizer(" picture" * (length - len(text_ids)), add_special_tokens=False).input_ids
+    ids = torch.tensor([filler[:length - len(text_ids)] + text_ids], device=model.device)  # same length
+    ours(model, turns, 4), baseline(model, ids, 4)  # warm-up
+
+    runs = {"ours": [], "baseline": []}
+    for _ in range(args.reps):
+        runs["ours"].append(ours(model, turns, args.new_tokens))
+        runs["baseline"].append(baseline(model, ids, args.new_tokens))
+    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
+               statistics.median(r[2] for r in v)) for k, v in runs.items()}
+    memory = {q: resident_mb(q, args.device) for q in ("none", "4bit")}
+    result = {
+        "device": args.device, "quantize": args.quantize, "prompt_tokens": length, "reps": args.reps,
+        "ours": {"first_token_s": med["ours"][0], "tokens_per_s": med["ours"][1], "new_tokens": med["ours"][2]},
+        "baseline": {"first_token_s": med["baseline"][0], "tokens_per_s": med["baseline"][1],
+                     "new_tokens": med["baseline"][2]},
+        "decode_ratio": med["ours"][1] / med["baseline"][1],
+        "first_token_ratio": med["ours"][0] / med["baseline"][0],
+        "memory_mb": memory, "memory_ratio_4bit_vs_none": memory["4bit"] / memory["none"],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"generation-{args.device}.json").write_text(json.dumps(result, indent=2))
+    print(f"\nSmolLM2-135M-Instruct ({args.quantize}, {args.device}), prompt {length} tokens, "
+          f"{args.new_tokens} new tokens, median of {args.reps}")
+    print(f"| | tokens/s | first token (s) |\n|---|---|---|")
+    print(f"| grounded stream (1 image) | {med['ours'][1]:.1f} | {med['ours'][0]:.3f} |")
+    print(f"| `model.generate` (text) | {med['baseline'][1]:.1f} | {med['baseline'][0]:.3f} |")
+    print(f"| ratio (target) | {result['decode_ratio']:.2f} (>= 0.95) | {result['first_token_ratio']:.2f} (<= 1.2) |")
+    peak = "peak GPU MB" if args.device == "cuda" else "resident MB"
+    print(f"\n| quantize | {peak} |\n|---|---|\n| none | {memory['none']:.0f} |\n| 4bit | {memory['4bit']:.0f} |")
+    print(f"| ratio 4bit/none | {result['memory_ratio_4bit_vs_none']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
