@@ -81,7 +81,7 @@ def baseline(model: GroundedLM, ids: torch.Tensor, new_tokens: int) -> tuple[flo
 
 
 def resident_mb(quantize: str, device: str) -> float:
-    """Peak resident memory of a fresh process that loads the model (GPU: peak allocated)."""
+    """Memory held by a fresh process once it has loaded the model (GPU: allocated on the device)."""
     code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r});"
             f"from generation import build, memory_mb; m = build({quantize!r}, {device!r}); print(memory_mb({device!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -90,9 +90,11 @@ def resident_mb(quantize: str, device: str) -> float:
 
 def memory_mb(device: str) -> float:
     if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return torch.cuda.memory_allocated() / 2**20
+    import gc
+    gc.collect()
+    with open("/proc/self/status") as status:  # resident now, not the peak while weights were quantised
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 
 def main() -> None:
@@ -136,7 +138,7 @@ def main() -> None:
     print(f"| grounded stream (1 image) | {med['ours'][1]:.1f} | {med['ours'][0]:.3f} |")
     print(f"| `model.generate` (text) | {med['baseline'][1]:.1f} | {med['baseline'][0]:.3f} |")
     print(f"| ratio (target) | {result['decode_ratio']:.2f} (>= 0.95) | {result['first_token_ratio']:.2f} (<= 1.2) |")
-    peak = "peak GPU MB" if args.device == "cuda" else "resident MB"
+    peak = "GPU MB allocated" if args.device == "cuda" else "resident MB"
     print(f"\n| quantize | {peak} |\n|---|---|\n| none | {memory['none']:.0f} |\n| 4bit | {memory['4bit']:.0f} |")
     print(f"| ratio 4bit/none | {result['memory_ratio_4bit_vs_none']:.2f} |")
 
