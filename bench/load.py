@@ -1,0 +1,234 @@
+"""Load test: N concurrent chat clients x T turns each against `python app.py`, bounded in time.
+
+Starts the app as users do (`python app.py`, the demo model unless told otherwise) on a free port, then
+runs one session alone (the baseline) and then N `gradio_client` sessions at once. Each session's first
+turn uploads an image only it has (a hold-out shapes scene, never in the gallery) and asks about it; the
+next turns ask for pictures with a `[RET]` scale of 1.5, so images are retrieved. Checks that every turn
+completes and that no session ever sees another session's upload or message, and reports time to first
+token (submit -> first streamed reply token or image, as the client sees it, queueing included): median
+and p95 over all turns, alone and under load, and their ratio.
+
+    python bench/load.py                       # 8 clients x 3 turns on the demo model
+    python bench/load.py --checkpoint runs/mine --clients 4 --turns 2 --max-new-tokens 24
+
+Prints a table and writes bench/results/load.json. Exits non-zero if a check fails or the run
+outlasts --timeout.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from model import shapes  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+RET_SCALE = 1.5  # the demo model's [RET] fires on requests from about 1.2 up
+REQUESTS = ("Show me a picture of a large red circle.", "Show me a small blue square on the left.",
+            "Can you show me a yellow star?", "Find an image of a green triangle at the top.")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_app(args: argparse.Namespace, port: int, log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "app.py", "--port", str(port), "--checkpoint", args.checkpoint,
+               "--max-concurrency", str(args.max_concurrency)]
+    if args.quantize:
+        command += ["--quantize", args.quantize]
+    log = open(log_path, "w")
+    return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until_up(url: str, app: subprocess.Popen, deadline: float, log_path: Path) -> None:
+    while time.monotonic() < deadline:
+        if app.poll() is not None:
+            sys.exit(f"the app exited with {app.returncode} before serving:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    sys.exit(f"the app did not come up in time:\n{log_path.read_text()[-3000:]}")
+
+
+def pixels_digest(path: str) -> str:
+    return hashlib.sha256(Image.open(path).convert("RGB").tobytes()).hexdigest()
+
+
+def files_of(chat: list[dict]) -> list[str]:
+    return [c["file"] for m in chat for c in m["content"] if c["type"] == "file"]
+
+
+def user_texts(chat: list[dict]) -> list[str]:
+    return [c["text"] for m in chat if m["role"] == "user" for c in m["content"] if c["type"] == "text"]
+
+
+def has_reply(chat: list[dict]) -> bool:
+    """The reply's message exists: the app adds it with the first generated token or image."""
+    last = chat[-1] if chat else None
+    return bool(last and last["role"] == "assistant" and not last.get("metadata"))
+
+
+class Session(threading.Thread):
+    """One simulated user: its own client (own Gradio session), its own image, T turns in a row."""
+
+    def __init__(self, number: int, url: str, args: argparse.Namespace, folder: Path):
+        super().__init__(daemon=True)
+        self.number, self.url, self.args = number, url, args
+        self.image = folder / f"client-{number}.png"
+        shapes.sample("holdout", number, image_size=256).image.save(self.image)  # never in the gallery
+        self.digest = pixels_digest(str(self.image))
+        self.ttft: list[float] = []
+        self.turn_s: list[float] = []
+        self.chat: list[dict] = []
+        self.texts: list[str] = []
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            client = Client(self.url, verbose=False)
+            rng = random.Random(self.number)
+            for turn in range(self.args.turns):
+                text = (f"I am client {self.number}. What is in this picture?" if turn == 0
+                        else f"Client {self.number} asks: {rng.choice(REQUESTS)}")
+                files = [handle_file(str(self.image))] if turn == 0 else []
+                self.texts.append(text)
+                start = time.perf_counter()
+                job = client.submit({"text": text, "files": files}, max_new_tokens=self.args.max_new_tokens,
+                                    ret_scale=RET_SCALE, max_images=1, api_name="/chat")
+                first = None
+                for chat, _ in job:
+                    if first is None and has_reply(chat):
+                        first = time.perf_counter() - start
+                    self.chat = chat
+                self.turn_s.append(time.perf_counter() - start)
+                if first is None:
+                    raise RuntimeError(f"turn {turn} ended without a reply: {self.chat[-1:]}")
+                self.ttft.append(first)
+        except Exception as e:  # reported in the table, and the run fails
+            self.error = f"{type(e).__name__}: {e}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def run_sessions(sessions: list[Session], deadline: float) -> float:
+    """Run the sessions at once; returns the wall time."""
+    start = time.perf_counter()
+    for s in sessions:
+        s.start()
+    for s in sessions:
+        s.join(timeout=max(0.0, deadline - time.monotonic()))
+    return time.perf_counter() - start
+
+
+def check(sessions: list[Session]) -> list[str]:
+    """Every turn done, and nobody's chat holds another session's upload or words."""
+    problems = [f"client {s.number}: {s.error}" for s in sessions if s.error]
+    problems += [f"client {s.number}: still running at the deadline" for s in sessions if s.is_alive()]
+    for s in sessions:
+        if user_texts(s.chat) != s.texts:
+            problems.append(f"client {s.number}: its history holds other messages: {user_texts(s.chat)}")
+        seen = {pixels_digest(f) for f in files_of(s.chat)}
+        problems += [f"client {s.number} was shown client {o.number}'s upload"
+                     for o in sessions if o is not s and o.digest in seen]
+    return problems
+
+
+def figures(sessions: list[Session]) -> dict[str, float | None]:
+    ttft = [t for s in sessions for t in s.ttft]
+    turns = [t for s in sessions for t in s.turn_s]
+    return {"completed_turns": len(ttft),
+            "ttft_median_s": statistics.median(ttft) if ttft else None,
+            "ttft_p95_s": percentile(ttft, 0.95) if ttft else None,
+            "turn_median_s": statistics.median(turns) if turns else None,
+            "turn_p95_s": percentile(turns, 0.95) if turns else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="demo")
+    parser.add_argument("--quantize", choices=("4bit", "8bit", "none"))
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-concurrency", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=1500, help="seconds for the whole run, start-up included")
+    args = parser.parse_args(argv)
+
+    deadline = time.monotonic() + args.timeout
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    work = Path(tempfile.mkdtemp(prefix="load-"))
+    log_path = work / "app.log"
+    app = start_app(args, port, log_path)
+    try:
+        started = time.monotonic()
+        wait_until_up(url, app, deadline, log_path)
+        startup_s = time.monotonic() - started
+        alone = [Session(args.clients, url, args, work)]  # the baseline: one user, nobody waiting
+        alone_wall_s = run_sessions(alone, deadline)
+        crowd = [Session(i, url, args, work) for i in range(args.clients)]
+        wall_s = run_sessions(crowd, deadline)
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+
+    problems = check(alone) + check(crowd)
+    baseline, loaded = figures(alone), figures(crowd)
+    ratio = (loaded["ttft_median_s"] / baseline["ttft_median_s"]
+             if loaded["ttft_median_s"] and baseline["ttft_median_s"] else None)
+    result = {
+        "checkpoint": args.checkpoint, "quantize": args.quantize or "app default", "clients": args.clients,
+        "turns_per_client": args.turns, "max_new_tokens": args.max_new_tokens,
+        "max_concurrency": args.max_concurrency, "expected_turns": args.clients * args.turns,
+        **loaded, "wall_s": wall_s, "alone": {**baseline, "wall_s": alone_wall_s},
+        "ttft_median_vs_alone": ratio, "startup_s": startup_s, "cpu_count": os.cpu_count(),
+        "isolation_ok": not any("shown" in p or "history" in p for p in problems), "problems": problems,
+    }
+    print(f"{args.clients} clients x {args.turns} turns, max concurrency {args.max_concurrency}, "
+          f"{args.max_new_tokens} new tokens, {os.cpu_count()} CPUs; app start-up {startup_s:.1f} s")
+    print(f"{'':<14}{'turns':>7}{'TTFT median':>13}{'TTFT p95':>10}{'turn median':>13}{'turn p95':>10}{'wall':>8}")
+    for name, row, wall in (("1 client", baseline, alone_wall_s), (f"{args.clients} clients", loaded, wall_s)):
+        cells = [f"{row[k]:.2f}" if row[k] is not None else "-"
+                 for k in ("ttft_median_s", "ttft_p95_s", "turn_median_s", "turn_p95_s")]
+        print(f"{name:<14}{row['completed_turns']:>7}{cells[0]:>13}{cells[1]:>10}{cells[2]:>13}{cells[3]:>10}"
+              f"{wall:>8.1f}")
+    if ratio:
+        print(f"TTFT median under load / alone: {ratio:.1f}x")
+    print(f"isolation: {'ok' if result['isolation_ok'] else 'VIOLATED'}")
+    for problem in problems:
+        print("  problem:", problem)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "load.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

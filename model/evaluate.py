@@ -1,0 +1,389 @@
+"""Measure a grounded checkpoint exactly, on the shapes world: captions read back into attributes, and
+retrieval through `[RET]`, with the prompts the app uses.
+
+    python -m model.evaluate --checkpoint assets/demo --split test            # full: 1,000 images
+    python -m model.evaluate --checkpoint assets/demo --split test --limit 200  # fewer captions (CPU)
+
+- captioning: greedy reply to `[image, "Describe the image."]` (instructions rotate), parsed with
+  `shapes.parse_caption`; exact scene and per-attribute accuracy, by number of objects.
+- text -> image: the `[RET]` hidden state of the teacher-forced conversation "Show me ... <caption>" ->
+  "<Caption>. [RET]" against the gallery's image vectors; image -> text the other way round. A hit is an
+  image of the scene the caption describes (same objects, and background when the caption names one):
+  images the caption cannot tell apart all count. `own` counts only the caption's own image.
+- context (in the spirit of FROMAGe's VIST test): three earlier turns, each an image and its caption,
+  then "Show me another picture like the second one." (first/second/third rotate); the reply is
+  generated greedily and its `[RET]` (forced at the end if the model did not emit one) queries a gallery
+  of new renderings of every scene in the conversations. With and without the three earlier turns.
+- the compositional hold-out split (scenes with a hold-out (shape, colour) pair) reported separately.
+
+Writes `eval_<split>.json` and `eval_<split>.png` (into the checkpoint folder unless --out says otherwise)
+and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from model import shapes
+from model.checkpoint import resolve
+from model.data import ShapesDataset
+from model.grounded import GroundedLM
+from model.lm import QUANTIZE_CHOICES
+from model.prompt import Turn, render, render_with_target
+from model.train import (CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, REQUESTS, caption_turns, request_phrase,
+                         retrieval_reply)
+from model.train_clip import resolve_device
+
+FIELDS = ("exact", "count", "shape", "colour", "size", "position")
+KS = (1, 5, 10)
+CONTEXT_OFFSET = 500_000
+"""Context conversations take their scenes from this index of the split on, away from the gallery's."""
+
+
+@dataclass
+class Reply:
+    text: str
+    ret: bool
+    """The model emitted `[RET]` itself (the reply's text ends there)."""
+    query: torch.Tensor | None = None
+    """(emb_dim,) the `[RET]` query, when asked for: at the emitted `[RET]`, or forced where the reply ended."""
+
+
+# --- batched decoding and [RET] queries -----------------------------------------------------------
+
+def _warm_features(model: GroundedLM, conversations: list[list[Turn]]) -> None:
+    """One CLIP pass for a batch's images; embedding the conversations then finds them cached."""
+    images = [im for turns in conversations for t in turns for im in t.images]
+    if images:
+        model.visual_features(images)
+
+
+@torch.no_grad()
+def greedy_replies(model: GroundedLM, conversations: list[list[Turn]], max_new_tokens: int = 48,
+                   batch_size: int = 32, queries: bool = False) -> list[Reply]:
+    """Greedy replies, many conversations at once: left-padded inputs_embeds, attention mask, KV cache.
+
+    A reply ends at EOS or `[RET]`. With `queries`, `[RET]` is then fed as the next input (forced in place
+    of EOS or after the last token) and the hidden state of that step is the reply's retrieval query, as
+    `model.generate.stream_reply` does.
+    """
+    replies = []
+    for start in range(0, len(conversations), batch_size):
+        replies += _greedy_batch(model, conversations[start:start + batch_size], max_new_tokens, queries)
+    return replies
+
+
+def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_tokens: int,
+                  queries: bool) -> list[Reply]:
+    tokenizer, fmt = model.tokenizer, model.config.prompt_format
+    _warm_features(model, conversations)
+    rows = [model.embed_segments(render(turns, tokenizer, fmt)) for turns in conversations]  # each (T_i, lm_dim)
+    batch, length = len(rows), max(len(r) for r in rows)
+    inputs = rows[0].new_zeros(batch, length, rows[0].shape[-1])                             # (B, T, lm_dim)
+    mask = torch.zeros(batch, length, dtype=torch.long, device=model.device)
+    for i, row in enumerate(rows):
+        inputs[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)                                           # (B, T)
+    eos_ids = {tokenizer.eos_token_id}
+    configured = model.lm.generation_config.eos_token_id
+    eos_ids.update(configured if isinstance(configured, list) else [configured])
+
+    cache = DynamicCache()
+    ids: list[list[int]] = [[] for _ in range(batch)]
+    ret = [False] * batch
+    query: list[torch.Tensor | None] = [None] * batch
+    state = ["running"] * batch  # running -> (awaiting [RET]'s hidden state ->) done
+    step = 0
+    while True:
+        out = model.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]                                               # (B, lm_dim)
+        tokens = model.logits(hidden).argmax(-1).tolist()                                   # (B,)
+        for i in range(batch):
+            if state[i] == "awaiting":
+                query[i], state[i] = model.ret_query(hidden[i]), "done"
+            elif state[i] == "running":
+                if step < max_new_tokens and tokens[i] not in eos_ids and tokens[i] != model.ret_id:
+                    ids[i].append(tokens[i])
+                    continue
+                ret[i] = step < max_new_tokens and tokens[i] == model.ret_id
+                state[i] = "awaiting" if queries else "done"
+                tokens[i] = model.ret_id  # the next input: emitted, or forced where the reply ended
+        if all(s == "done" for s in state):
+            break
+        step += 1
+        inputs = model.embed_ids(torch.tensor(tokens, device=model.device)).unsqueeze(1)    # (B, 1, lm_dim)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+        positions = positions[:, -1:] + 1
+    return [Reply(tokenizer.decode(ids[i], skip_special_tokens=True), ret[i], query[i]) for i in range(batch)]
+
+
+@torch.no_grad()
+def ret_queries(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32) -> torch.Tensor:
+    """Teacher-forced retrieval queries (N, emb_dim): each conversation ends with an assistant turn holding
+    `[RET]`; the query is the hidden state where its first `[RET]` is the input (what decoding would use)."""
+    tokenizer, fmt = model.tokenizer, model.config.prompt_format
+    out = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start:start + batch_size]
+        _warm_features(model, chunk)
+        rows, ret_at = [], []
+        for turns in chunk:
+            prompt, target = render_with_target(turns, tokenizer, fmt)
+            if any(isinstance(s, Image.Image) for s in target):
+                raise ValueError("the assistant turn of a retrieval conversation must be text")
+            target_ids = [t for s in target for t in s]
+            if model.ret_id not in target_ids:
+                raise ValueError(f"the assistant turn {turns[-1].text!r} holds no {model.config.ret_token}")
+            prompt_embeds = model.embed_segments(prompt)
+            rows.append(torch.cat([prompt_embeds, model.embed_segments(target)]))
+            ret_at.append(len(prompt_embeds) + target_ids.index(model.ret_id))
+        length = max(len(r) for r in rows)
+        inputs = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])                   # (B, T, lm_dim)
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=model.device)
+        for i, row in enumerate(rows):
+            inputs[i, :len(row)], mask[i, :len(row)] = row, 1
+        hidden, _ = model.hidden_states(inputs, mask)                                       # (B, T, lm_dim)
+        out.append(model.ret_query(hidden[torch.arange(len(rows)), torch.tensor(ret_at)]))
+    return torch.cat(out)                                                                   # (N, emb_dim)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+def recall_at_k(scores: torch.Tensor, relevant: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """scores (Q, G), relevant (Q, G) bool -> {"R@k": share of queries with a relevant item in the top k}.
+
+    The rank of a query is the number of irrelevant items that score strictly above its best relevant one.
+    """
+    if scores.shape != relevant.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and relevant {tuple(relevant.shape)} differ in shape")
+    if not relevant.any(1).all():
+        raise ValueError("every query needs at least one relevant item")
+    best = scores.masked_fill(~relevant, float("-inf")).max(1, keepdim=True).values         # (Q, 1)
+    rank = ((scores > best) & ~relevant).sum(1)                                             # (Q,)
+    return {f"R@{k}": (rank < k).float().mean().item() for k in ks}
+
+
+def same_scene(described: list[shapes.Scene], shown: list[shapes.Scene], captions: list[str]) -> torch.Tensor:
+    """(len(described), len(shown)) bool: shown image j is what caption i describes (objects, and the
+    background when the caption names one)."""
+    names_background = [shapes.parse_caption(c) is not None and shapes.parse_caption(c).background is not None
+                        for c in captions]
+    return torch.tensor([[d.objects == s.objects and (not named or d.background == s.background) for s in shown]
+                         for d, named in zip(described, names_background)])
+
+
+def caption_scores(truths: list[shapes.Scene], texts: list[str]) -> dict[str, dict[str, float]]:
+    """Mean `shapes.score_scene` fields, by number of objects ("1", "2", "3") and over all ("all")."""
+    rows = [(len(t.objects), shapes.score_scene(t, shapes.parse_caption(text))) for t, text in zip(truths, texts)]
+    groups = {str(n): [s for m, s in rows if m == n] for n in range(1, shapes.MAX_OBJECTS + 1)}
+    groups["all"] = [s for _, s in rows]
+    return {name: {"n": len(scores), **{f: sum(s[f] for s in scores) / len(scores) for f in FIELDS}}
+            for name, scores in groups.items() if scores}
+
+
+# --- the evaluations ------------------------------------------------------------------------------
+
+def captioning(model: GroundedLM, items: list[shapes.Sample], batch_size: int, max_new_tokens: int) -> dict:
+    conversations = [[Turn("user", [s.image, INSTRUCTIONS[i % len(INSTRUCTIONS)]])] for i, s in enumerate(items)]
+    replies = greedy_replies(model, conversations, max_new_tokens, batch_size)
+    result = caption_scores([s.scene for s in items], [r.text for r in replies])
+    result["ret_emitted"] = sum(r.ret for r in replies) / len(replies)
+    result["examples"] = [{"truth": s.caption, "reply": r.text} for s, r in zip(items[:10], replies)]
+    return result
+
+
+def retrieval(model: GroundedLM, items: list[shapes.Sample], batch_size: int) -> dict:
+    """Text -> image and image -> text over `items` as both gallery and queries."""
+    conversations = [[Turn("user", [REQUESTS[i % len(REQUESTS)].format(request_phrase(s.caption))]),
+                      Turn("assistant", [retrieval_reply(s.caption)])] for i, s in enumerate(items)]
+    queries = ret_queries(model, conversations, batch_size)                                 # (N, emb_dim)
+    images = model.embed_images([s.image for s in items])                                   # (N, emb_dim)
+    scores = (queries @ images.T).cpu()                                                     # (N texts, N images)
+    scenes, captions = [s.scene for s in items], [s.caption for s in items]
+    relevant = same_scene(scenes, scenes, captions)                                         # (N, N)
+    own = torch.eye(len(items), dtype=torch.bool)
+    return {"gallery": len(items),
+            "text_to_image": recall_at_k(scores, relevant), "text_to_image_own": recall_at_k(scores, own),
+            "image_to_text": recall_at_k(scores.T, relevant.T), "image_to_text_own": recall_at_k(scores.T, own)}
+
+
+def context_conversations(split: str, n: int, image_size: int) -> tuple[list[list[Turn]], list[int], list]:
+    """n conversations of three captioned images (instructions rotate) and the index of the one asked for."""
+    conversations, targets, scenes = [], [], []
+    for c in range(n):
+        rng = random.Random(f"eval-context:{c}")
+        items = [shapes.sample(split, CONTEXT_OFFSET + len(ORDINALS) * c + j, image_size) for j in range(len(ORDINALS))]
+        turns = [t for s in items for t in caption_turns(s.image, s.caption, rng)]
+        conversations.append(turns)
+        targets.append(c % len(ORDINALS))
+        scenes.append([s.scene for s in items])
+    return conversations, targets, scenes
+
+
+def contextual(model: GroundedLM, split: str, n: int, image_size: int, batch_size: int, max_new_tokens: int) -> dict:
+    """Retrieval that depends on earlier turns: 'another picture like the second one', with and without them."""
+    history, targets, scenes = context_conversations(split, n, image_size)
+    gallery_scenes = [s for conversation in scenes for s in conversation]                  # (3n,)
+    gallery = [shapes.render(s, random.Random(f"eval-another:{i}"), image_size) for i, s in enumerate(gallery_scenes)]
+    images = model.embed_images(gallery)                                                    # (3n, emb_dim)
+    wanted = [scenes[c][k] for c, k in enumerate(targets)]
+    relevant = torch.tensor([[w.objects == g.objects and w.background == g.background for g in gallery_scenes]
+                             for w in wanted])                                              # (n, 3n)
+    result = {"conversations": n, "gallery": len(gallery)}
+    for name, with_history in (("with_context", True), ("without_context", False)):
+        requests = [Turn("user", [CONTEXT_REQUESTS[0].format(ORDINALS[k])]) for k in targets]
+        conversations = [(h if with_history else []) + [r] for h, r in zip(history, requests)]
+        replies = greedy_replies(model, conversations, max_new_tokens, batch_size, queries=True)
+        scores = (torch.stack([r.query for r in replies]) @ images.T).cpu()
+        result[name] = {**recall_at_k(scores, relevant, (1, 5)),
+                        "ret_emitted": sum(r.ret for r in replies) / n,
+                        "examples": [r.text for r in replies[:5]]}
+    return result
+
+
+def evaluate(model: GroundedLM, split: str, gallery: int, limit: int, contexts: int, batch_size: int,
+             max_new_tokens: int = 48, holdout_trained: bool = False, log=print) -> dict:
+    """All the measurements, as one JSON-ready dict. `holdout_trained`: the model never saw the hold-out
+    pairs, so the main split is drawn without them too (as in training)."""
+    image_size = model.visual.image_size[0]
+    result: dict = {"split": split, "holdout_pairs_seen_in_training": not holdout_trained, "splits": {}}
+    for name in dict.fromkeys((split, "holdout")):
+        t0 = time.time()
+        data = ShapesDataset(name, gallery, image_size, holdout=holdout_trained)
+        items = [data.sample(i) for i in range(gallery)]
+        section = {"captioning": captioning(model, items[:limit], batch_size, max_new_tokens) if limit else None}
+        log(f"{name}: captioned {min(limit, gallery)} images in {time.time() - t0:.0f}s")
+        t0 = time.time()
+        section["retrieval"] = retrieval(model, items, batch_size)
+        log(f"{name}: retrieval over a gallery of {gallery} in {time.time() - t0:.0f}s")
+        result["splits"][name] = section
+    if contexts:
+        t0 = time.time()
+        result["context"] = contextual(model, split, contexts, image_size, batch_size, max_new_tokens)
+        log(f"context: {contexts} conversations in {time.time() - t0:.0f}s")
+    return result
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def _pct(x: float | None) -> str:
+    return "    -" if x is None else f"{100 * x:5.1f}"
+
+
+def table(result: dict) -> str:
+    """The figures as plain-text tables (also valid markdown)."""
+    lines = []
+    for name, section in result["splits"].items():
+        cap = section["captioning"]
+        if cap:
+            groups = [g for g in ("1", "2", "3", "all") if g in cap]
+            head = " | ".join(f"{g} obj. (n={cap[g]['n']})" if g != "all" else f"all (n={cap[g]['n']})" for g in groups)
+            lines += [f"| captioning, {name} (%) | {head} |", "|---" * (len(groups) + 1) + "|"]
+            for field in FIELDS:
+                label = "exact scene" if field == "exact" else field
+                lines.append(f"| {label} | " + " | ".join(_pct(cap[g][field]) for g in groups) + " |")
+            lines.append(f"| [RET] emitted when asked to describe | {_pct(cap['ret_emitted'])} |" + " |" * (len(groups) - 1))
+            lines.append("")
+        ret = section["retrieval"]
+        lines += [f"| retrieval, {name}, gallery {ret['gallery']} (%) | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
+        for key, label in (("text_to_image", "text -> image"), ("text_to_image_own", "text -> image, own image only"),
+                           ("image_to_text", "image -> text"), ("image_to_text_own", "image -> text, own caption only")):
+            lines.append(f"| {label} | " + " | ".join(_pct(ret[key][f"R@{k}"]) for k in KS) + " |")
+        lines.append("")
+    if "context" in result:
+        ctx = result["context"]
+        lines += [f"| context, {ctx['conversations']} conversations, gallery {ctx['gallery']} (%) | R@1 | R@5 | "
+                  "[RET] emitted |", "|---|---|---|---|"]
+        for key in ("with_context", "without_context"):
+            c = ctx[key]
+            lines.append(f"| {key.replace('_', ' ')} | {_pct(c['R@1'])} | {_pct(c['R@5'])} | {_pct(c['ret_emitted'])} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = list(result["splits"].items())
+    fig, axes = plt.subplots(1, len(sections) + 1, figsize=(5.5 * (len(sections) + 1), 4))
+    for ax, (name, section) in zip(axes, sections):
+        cap = section["captioning"]
+        if not cap:
+            ax.set_axis_off()
+            continue
+        groups = [g for g in ("1", "2", "3", "all") if g in cap]
+        width = 0.8 / len(FIELDS)
+        for j, field in enumerate(FIELDS):
+            ax.bar([i + j * width for i in range(len(groups))], [cap[g][field] for g in groups], width, label=field)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))],
+                      [f"{g} object{'s' if g != '1' else ''}" if g != "all" else "all" for g in groups])
+        ax.set(ylim=(0, 1.05), title=f"captioning accuracy ({name})")
+        ax.legend(fontsize=7, loc="lower left")
+    ax = axes[-1]
+    bars = {f"{name}\nt->i": s["retrieval"]["text_to_image"] for name, s in sections}
+    bars.update({f"{name}\ni->t": s["retrieval"]["image_to_text"] for name, s in sections})
+    if "context" in result:
+        bars["context\nwith"] = result["context"]["with_context"]
+        bars["context\nwithout"] = result["context"]["without_context"]
+    for j, k in enumerate((1, 5)):
+        ax.bar([i + j * 0.4 for i in range(len(bars))], [b[f"R@{k}"] for b in bars.values()], 0.4, label=f"R@{k}")
+    ax.set_xticks([i + 0.2 for i in range(len(bars))], list(bars), fontsize=7)
+    ax.set(ylim=(0, 1.05), title="retrieval through [RET]")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="demo", help="checkpoint folder or preset")
+    p.add_argument("--split", choices=("test", "val", "holdout"), default="test")
+    p.add_argument("--gallery", type=int, default=1000, help="images in the retrieval gallery (and captioned)")
+    p.add_argument("--limit", type=int, default=None, help="caption only the first N gallery images (0: none)")
+    p.add_argument("--contexts", type=int, default=200, help="context conversations (0: skip)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest reply generated")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="4bit")
+    p.add_argument("--out", type=Path, default=None, help="JSON to write (default: <checkpoint>/eval_<split>.json); "
+                                                          "the plot goes beside it as .png")
+    args = p.parse_args(argv)
+    if min(args.gallery, args.batch_size, args.max_new_tokens) < 1 or min(args.limit or 0, args.contexts) < 0:
+        raise SystemExit("--gallery, --batch-size and --max-new-tokens must be positive, --limit and --contexts "
+                         "not negative")
+    folder = resolve(args.checkpoint)
+    summary_path = folder / "training.json"
+    holdout_trained = bool(json.loads(summary_path.read_text())["options"].get("holdout")) \
+        if summary_path.is_file() else False
+    t0 = time.time()
+    model = GroundedLM.from_pretrained(folder, quantize=args.quantize, device=resolve_device(args.device))
+    print(f"loaded {args.checkpoint} ({folder}) on {model.device}, {args.quantize}, in {time.time() - t0:.0f}s",
+          flush=True)
+    limit = args.gallery if args.limit is None else min(args.limit, args.gallery)
+    result = evaluate(model, args.split, args.gallery, limit, args.contexts, args.batch_size, args.max_new_tokens,
+                      holdout_trained, log=lambda m: print(m, flush=True))
+    result.update(checkpoint=str(args.checkpoint), device=str(model.device), quantize=args.quantize,
+                  seconds=round(time.time() - t0, 1))
+    out = args.out or folder / f"eval_{args.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(table(result))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

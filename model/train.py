@@ -1,0 +1,453 @@
+"""Stage 2 of training: the grounded LM's small layers (input, ret and image mappings, the `[RET]` row).
+
+The frozen LM and the frozen CLIP stay as loaded. Training data are chat conversations in exactly the
+form the app sends at inference (`model.generate.stream_reply` with `Turn`s), so what is learnt here is
+what is used there:
+
+    captioning  user: [image, "Describe the image."]                 assistant: "A small red circle on the left."
+    retrieval   user: "Show me a picture of a small red circle ..."   assistant: "A small red circle .... [RET]"
+    history     (every CONTEXT_EVERY-th batch) earlier image turns with their captions, then a new image or
+                request, or "Show me another picture like the second one." -> "<its caption>. [RET]"
+
+The `[RET]` hidden state comes right after the caption (as in FROMAGe) and is pulled towards its image
+by the contrastive loss; the caption loss teaches both the captions and when to emit `[RET]`.
+
+    python -m model.train --out assets/demo                 # the shapes world (the demo bundle)
+    python -m model.train --out runs/mine --tsv pairs.tsv    # image-caption pairs (CC3M-style TSV)
+    python -m model.train --out assets/demo --resume         # continue after an interruption
+
+Resumable state (weights, optimizer, step, history) lives in `--run-dir` as one safetensors file; the
+checkpoint (grounded_config.json + mappings.safetensors) and the loss curves are written into `--out`
+file by file, so other files there (the demo's clip/ folder) are left alone.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset, Subset
+from tqdm import tqdm
+
+from model import shapes
+from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
+from model.data import ShapesDataset, TsvCaptionDataset
+from model.grounded import Example, GroundedLM
+from model.lm import QUANTIZE_CHOICES
+from model.prompt import Turn
+from model.train_clip import lr_at, resolve_device
+
+INSTRUCTIONS = ("Describe the image.", "What do you see?", "What is in this picture?",
+                "What does this image show?", "Write a caption for this image.", "Describe this picture.")
+REQUESTS = ("Show me a picture of {}.", "Find an image of {}.", "Can you show me {}?", "Show me {}.",
+            "I would like to see {}.", "Do you have a picture of {}?")
+CONTEXT_REQUESTS = ("Show me another picture like the {} one.", "Find another image like the {} one.",
+                    "Can you show me one more like the {} picture?")
+ORDINALS = ("first", "second", "third")
+CONTEXT_EVERY = 4
+"""Every 4th batch is multi-turn: long prompts in their own batches keep the others unpadded."""
+TRAIN_SCENES = 1_000_000
+VAL_SCENES = 100_000
+"""Scenes validation conversations draw from (distinct within a batch); --val-size counts conversations."""
+STATE_NAME = "state.safetensors"
+STATE_FORMAT = "grounded-train-state/1"
+CURVE_NAME = "training_curve.png"
+SUMMARY_NAME = "training.json"
+RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "emb_dim", "batch_size", "lr", "warmup", "seed", "tsv",
+               "holdout", "val_size")
+"""Options a resumed run must share with the run it continues: they shape the weights or the data order."""
+
+_LEADING = re.compile(r"^(there (is|are)|this (image|picture) shows|a (picture|photo|image) of|an image (of|with))\s+",
+                      re.IGNORECASE)
+
+
+# --- conversations --------------------------------------------------------------------------------
+
+def sentence(text: str) -> str:
+    """First letter capitalised, ending in a full stop (unless it already ends a sentence)."""
+    text = " ".join(text.split())
+    if not text:
+        raise ValueError("empty caption")
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
+def request_phrase(caption: str) -> str:
+    """What a user would ask for: 'There is a red circle.' -> 'a red circle'."""
+    text = " ".join(caption.split()).rstrip(".!? ")
+    text = _LEADING.sub("", text)
+    if not text:
+        raise ValueError(f"caption {caption!r} names nothing to ask for")
+    return text if text[1:2].isupper() else text[0].lower() + text[1:]  # keep acronyms: 'NASA ...'
+
+
+def caption_turns(image: Image.Image, caption: str, rng: random.Random) -> list[Turn]:
+    return [Turn("user", [image, rng.choice(INSTRUCTIONS)]), Turn("assistant", [sentence(caption)])]
+
+
+def retrieval_reply(caption: str) -> str:
+    """The assistant names what it retrieves, then `[RET]`: the query is the hidden state right after it."""
+    return f"{sentence(request_phrase(caption))} [RET]"
+
+
+def retrieval_turns(caption: str, rng: random.Random) -> list[Turn]:
+    return [Turn("user", [rng.choice(REQUESTS).format(request_phrase(caption))]),
+            Turn("assistant", [retrieval_reply(caption)])]
+
+
+def context_request(ordinal: int, rng: random.Random) -> str:
+    return rng.choice(CONTEXT_REQUESTS).format(ORDINALS[ordinal])
+
+
+class Conversations:
+    """Training conversations drawn from (image, caption) pairs, a pure function of (seed, step).
+
+    A resumed run therefore sees exactly the batches an uninterrupted one would have seen.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty")
+        self.dataset, self.seed = dataset, seed
+
+    def another_view(self, index: int, image: Image.Image) -> Image.Image:
+        """Another picture of the same thing: a new rendering for the shapes world, else the image itself."""
+        if not isinstance(self.dataset, ShapesDataset):
+            return image
+        scene = self.dataset.sample(index).scene
+        return shapes.render(scene, random.Random(f"another:{self.dataset.split}:{index}"), self.dataset.image_size)
+
+    def batch(self, step: int, size: int, multi_turn: bool | None = None) -> list[Example]:
+        """`size` conversations, the second half retrieval; multi-turn every CONTEXT_EVERY-th step unless
+        `multi_turn` says otherwise. No item appears twice in a batch while the dataset has enough: a
+        repeated image would be its own negative in the contrastive loss."""
+        rng = random.Random(f"{self.seed}:{step}")
+        multi_turn = step % CONTEXT_EVERY == CONTEXT_EVERY - 1 if multi_turn is None else multi_turn
+        used: set[int] = set()
+
+        def draw() -> tuple[int, Image.Image, str]:
+            index = rng.randrange(len(self.dataset))
+            while index in used and len(used) < len(self.dataset):
+                index = rng.randrange(len(self.dataset))
+            used.add(index)
+            image, caption = self.dataset[index]
+            return index, image, caption
+
+        examples = []
+        for i in range(size):
+            retrieval = i >= size // 2  # half and half
+            if not multi_turn:
+                index, image, caption = draw()
+                examples.append(Example(retrieval_turns(caption, rng), [image]) if retrieval
+                                else Example(caption_turns(image, caption, rng)))
+                continue
+            history = [draw() for _ in range(rng.randint(2, len(ORDINALS)))]
+            turns = [t for _, image, caption in history for t in caption_turns(image, caption, rng)]
+            if retrieval and rng.random() < 0.5:  # refer back to an earlier picture
+                k = rng.randrange(len(history))
+                index, image, caption = history[k]
+                turns += [Turn("user", [context_request(k, rng)]), Turn("assistant", [retrieval_reply(caption)])]
+                examples.append(Example(turns, [self.another_view(index, image)]))
+            elif retrieval:
+                index, image, caption = draw()
+                examples.append(Example(turns + retrieval_turns(caption, rng), [image]))
+            else:
+                index, image, caption = draw()
+                examples.append(Example(turns + caption_turns(image, caption, rng)))
+        return examples
+
+
+def datasets(args: argparse.Namespace, image_size: int) -> tuple[Dataset, Dataset]:
+    """(train, val): the shapes world's own splits, or a TSV whose last `val_size` rows are held out."""
+    if args.tsv is None:
+        return (ShapesDataset("train", TRAIN_SCENES, image_size, args.holdout),
+                ShapesDataset("val", VAL_SCENES, image_size, args.holdout))
+    pairs = TsvCaptionDataset(args.tsv)
+    if len(pairs) <= args.val_size:
+        raise ValueError(f"{args.tsv} has {len(pairs)} usable rows: need more than --val-size {args.val_size}")
+    cut = len(pairs) - args.val_size
+    return Subset(pairs, range(cut)), Subset(pairs, range(cut, len(pairs)))
+
+
+# --- resumable state ------------------------------------------------------------------------------
+
+def run_options(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key) for key in RESUME_KEYS + ("steps",)}
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save_state(path: Path, model: GroundedLM, optimizer: torch.optim.Optimizer, step: int, history: dict,
+               options: dict, seconds: float) -> None:
+    """Trainable weights, optimizer moments, step and history in one safetensors file: never half of one run
+    and half of another."""
+    tensors = {f"model.{k}": v.float().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    optim = optimizer.state_dict()
+    for index, state in optim["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    metadata = {"format": STATE_FORMAT, "step": str(step), "seconds": str(seconds), "history": json.dumps(history),
+                "param_groups": json.dumps(optim["param_groups"]), "options": json.dumps(options)}
+    _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a state file and its metadata (step, seconds, history, param_groups, options) decoded."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a training state written by model/train.py ({STATE_FORMAT})")
+    decoded = {"step": int(metadata["step"]), "seconds": float(metadata["seconds"])}
+    decoded.update({k: json.loads(metadata[k]) for k in ("history", "param_groups", "options")})
+    return load_file(path), decoded
+
+
+def load_state(path: Path, model: GroundedLM, optimizer: torch.optim.Optimizer, options: dict) -> dict:
+    """Restore weights and optimizer from `path`; returns its metadata. Refuses a run started differently."""
+    tensors, meta = read_state(path)
+    differ = {k: (meta["options"].get(k), v) for k, v in options.items()
+              if k != "steps" and meta["options"].get(k) != v}
+    if differ:
+        listed = ", ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in differ.items())
+        raise ValueError(f"{path} was written by a run with other options ({listed}). Resume with the same "
+                         f"options, or start afresh with another --run-dir.")
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.trainable_state_dict()
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ValueError(f"{path} holds weights for another model shape than {options['lm']} + {options['visual']}")
+    model.load_state_dict(weights, strict=False)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+# --- training -------------------------------------------------------------------------------------
+
+def new_history() -> dict[str, list]:
+    return {"step": [], "caption": [], "ret": [], "ret_acc": [], "lr": [],
+            "val_step": [], "val_caption": [], "val_ret": [], "val_ret_acc": []}
+
+
+def images_of(examples: list[Example]) -> list[Image.Image]:
+    return [im for e in examples for t in e.turns for im in t.images] + [im for e in examples for im in e.ret_images]
+
+
+@torch.no_grad()
+def validate(model: GroundedLM, batches: list[list[Example]]) -> dict[str, float]:
+    """Mean caption loss, contrastive loss and in-batch [RET] top-1 accuracy over fixed validation batches."""
+    outs = [model(batch) for batch in batches]
+    return {"caption": sum(o.caption_loss.item() for o in outs) / len(outs),
+            "ret": sum(o.ret_loss.item() for o in outs) / len(outs),
+            "ret_acc": sum(o.ret_accuracy for o in outs) / len(outs)}
+
+
+def optimizer_for(model: GroundedLM, lr: float) -> torch.optim.AdamW:
+    """AdamW; weight decay on the mapping matrices only, not on biases, the [RET] rows or the logit scale."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": 0.01},
+                              {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98))
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    steps = np.array(history["step"])
+    for ax, key, title in ((axes[0], "caption", "caption loss"), (axes[1], "ret", "contrastive loss ([RET] vs image)")):
+        values = np.array(history[key])
+        ax.plot(steps, values, alpha=0.25, color="tab:blue", label="train batch")
+        window = max(1, len(values) // 40)
+        if window > 1:
+            ax.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"),
+                    color="tab:blue", label=f"train, mean of {window}")
+        ax.plot(history["val_step"], history[f"val_{key}"], marker="o", color="tab:orange", label="validation")
+        ax.set(xlabel="step", title=title)
+        ax.legend()
+    axes[2].plot(history["val_step"], history["val_ret_acc"], marker="o", color="tab:orange")
+    axes[2].set(xlabel="step", ylim=(0, 1.02), title="validation: [RET] finds its image in the batch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
+    """The checkpoint into `out`, file by file: whatever else `out` holds (the demo's clip/) stays."""
+    checkpoint = run_dir / "checkpoint"
+    model.save_pretrained(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    for source in (checkpoint / WEIGHTS_NAME, checkpoint / CONFIG_NAME, run_dir / CURVE_NAME):
+        _replace_atomically(out / source.name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    _replace_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def mean_tail(values: list[float], n: int = 50) -> float | None:
+    return sum(values[-n:]) / len(values[-n:]) if values else None
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train (or resume), validate and save periodically, export the checkpoint; returns the summary."""
+    if args.batch_size < 4:
+        raise ValueError("--batch-size must be at least 4: half of each batch is retrieval, and the "
+                         "contrastive loss needs two retrievals or more")
+    if args.steps < 1 or args.val_every < 1 or args.val_size < 1:
+        raise ValueError("--steps, --val-every and --val-size must be positive")
+    device = resolve_device(args.device)
+    out_dir, run_dir = Path(args.out), Path(args.run_dir or Path("runs") / Path(args.out).name)
+    state_path = run_dir / STATE_NAME
+    if state_path.exists() and not args.resume:
+        raise SystemExit(f"{run_dir} already holds a training state (step {read_state(state_path)[1]['step']}): "
+                         f"pass --resume to continue it, or another --run-dir to start afresh")
+    if args.resume and not state_path.exists():
+        raise SystemExit(f"--resume: there is no {STATE_NAME} in {run_dir} to resume from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(args.seed)
+    config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
+                            n_visual_tokens=args.n_visual_tokens, emb_dim=args.emb_dim)
+    model = GroundedLM(config, quantize=args.quantize, device=device)
+    train_set, val_set = datasets(args, model.visual.image_size[0])
+    train_data = Conversations(train_set, args.seed)
+    val_data = Conversations(val_set, args.seed + 1)
+    val_batches = [val_data.batch(i, args.batch_size, multi_turn=i % 2 == 1)  # every other one multi-turn
+                   for i in range(max(1, args.val_size // args.batch_size))]
+    optimizer = optimizer_for(model, args.lr)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    options = run_options(args)
+    history, start, seconds_before = new_history(), 0, 0.0
+    if args.resume:
+        meta = load_state(state_path, model, optimizer, options)
+        history, start, seconds_before = meta["history"], meta["step"], meta["seconds"]
+        print(f"resumed {run_dir} at step {start} of {args.steps}", flush=True)
+    warmup = max(1, int(args.warmup * args.steps))
+    n_trainable = sum(p.numel() for p in params)
+    print(f"training {n_trainable:,} parameters on {device} (LM {args.lm}, {args.quantize}; visual {args.visual}); "
+          f"data: {args.tsv or 'shapes world'}; {args.steps} steps of {args.batch_size}", flush=True)
+
+    t_start, stopped_early, steps_here = time.time(), False, 0
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
+               dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, args.steps, warmup, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        examples = train_data.batch(step, args.batch_size)
+        model.visual_features(images_of(examples))  # one batched CLIP pass; forward then finds them cached
+        result = model(examples)
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        done, steps_here = step + 1, steps_here + 1
+        for key, value in (("step", done), ("caption", result.caption_loss.item()), ("ret", result.ret_loss.item()),
+                           ("ret_acc", result.ret_accuracy), ("lr", lr)):
+            history[key].append(value)
+        elapsed = time.time() - t_start
+        bar.set_postfix(caption=f"{history['caption'][-1]:.3f}", ret=f"{history['ret'][-1]:.3f}",
+                        ex_s=f"{steps_here * args.batch_size / elapsed:.1f}")
+        out_of_time = args.time_limit is not None and elapsed >= args.time_limit * 60
+        if done % args.val_every == 0 or done == args.steps:
+            val = validate(model, val_batches)
+            for key in ("caption", "ret", "ret_acc"):
+                history[f"val_{key}"].append(val[key])
+            history["val_step"].append(done)
+            bar.write(f"step {done}/{args.steps}  train caption {mean_tail(history['caption'], args.val_every):.3f} "
+                      f"ret {mean_tail(history['ret'], args.val_every):.3f}  |  val caption {val['caption']:.3f} "
+                      f"ret {val['ret']:.3f} [RET] acc {val['ret_acc']:.3f}  |  lr {lr:.2e}  "
+                      f"{elapsed / steps_here:.2f} s/step")
+        if done % args.val_every == 0 or done == args.steps or out_of_time:
+            save_state(state_path, model, optimizer, done, history, options, seconds_before + time.time() - t_start)
+            plot_curves(history, run_dir / CURVE_NAME)
+        if out_of_time and done < args.steps:
+            stopped_early = True
+            break
+    bar.close()
+    seconds = seconds_before + time.time() - t_start
+    summary = {
+        "finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0, "options": options,
+        "device": str(device), "quantize": args.quantize, "seconds": round(seconds, 1),
+        "seconds_per_step": round((time.time() - t_start) / steps_here, 3) if steps_here else None,
+        "train_caption_loss": mean_tail(history["caption"]), "train_ret_loss": mean_tail(history["ret"]),
+        "val_caption_loss": history["val_caption"][-1] if history["val_caption"] else None,
+        "val_ret_loss": history["val_ret"][-1] if history["val_ret"] else None,
+        "val_ret_acc": history["val_ret_acc"][-1] if history["val_ret_acc"] else None,
+    }
+    if stopped_early:
+        print(f"stopped at step {summary['step']} of {args.steps} (--time-limit {args.time_limit} min); "
+              f"continue with the same command and --resume", flush=True)
+    else:
+        export(model, run_dir, out_dir, summary)
+        print(f"saved the checkpoint to {out_dir} ({WEIGHTS_NAME}, {CONFIG_NAME}, {CURVE_NAME}, {SUMMARY_NAME})",
+              flush=True)
+    print("summary " + json.dumps(summary), flush=True)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="checkpoint folder to write (assets/demo for the demo bundle)")
+    p.add_argument("--run-dir", help="resumable state and curves (default: runs/<name of --out>)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --run-dir")
+    p.add_argument("--tsv", help="train on image-caption pairs from this TSV (caption, image columns) "
+                                 "instead of the shapes world; its last --val-size rows validate")
+    p.add_argument("--holdout", action="store_true",
+                   help="shapes world: keep the hold-out (shape, colour) pairs out of training")
+    p.add_argument("--lm", default="smollm2-135m-instruct")
+    p.add_argument("--visual", default="local-dir:assets/demo/clip")
+    p.add_argument("--visual-pretrained", default=None, help="open_clip tag, for a named --visual model")
+    p.add_argument("--n-visual-tokens", type=int, default=4)
+    p.add_argument("--emb-dim", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of --steps")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--val-every", type=int, default=100, help="validate and save a resumable state every N steps")
+    p.add_argument("--val-size", type=int, default=64, help="validation conversations")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="minutes: stop at the first step after this, resumable (for jobs with a time cap)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="4bit")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The chat in a real browser: Debian's Chromium driven by Playwright against the app launched here.
+
+Screenshots of each step are saved under pytest's base temp folder (`<basetemp>/screenshots/`, printed
+at the end of the run); pass `--basetemp DIR` to keep them somewhere known.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from test_app import make_tiny_app, serve
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "red-hexagon.png"
+TIMEOUT_MS = 30_000
+expect.set_options(timeout=TIMEOUT_MS)  # generous: CI machines are slow and shared
+
+
+@pytest.fixture(scope="module")
+def url(tiny_lm_dir, tiny_clip_dir, tmp_path_factory):
+    chat_app = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path_factory.mktemp("browser-gallery"), gallery_size=40)
+    # As slow as a real model on a CPU (30 ms a step), so that Stop lands mid-reply.
+    chat_app.model.lm.register_forward_hook(lambda *_: time.sleep(0.03))
+    demo, address = serve(chat_app)
+    yield address
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, url) -> Page:
+    context = browser.new_context(viewport={"width": 1360, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#message textarea")
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "screenshots"
+    folder.mkdir(exist_ok=True)
+    yield folder
+    print(f"\nbrowser screenshots: {folder}")
+
+
+def set_slider(page: Page, elem_id: str, value: float) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def send(page: Page, text: str, image: Path | None = None) -> None:
+    if image is not None:
+        page.locator("#message input[type=file]").set_input_files(str(image))
+        expect(page.locator("#message img")).to_have_count(1)
+    page.locator("#message textarea").fill(text)
+    page.locator("#message textarea").press("Enter")
+
+
+def bot_messages(page: Page):
+    return page.locator("#chatbot .message.bot")
+
+
+def test_type_upload_and_see_the_reply_stream_with_a_retrieved_image_inline(page, shots):
+    set_slider(page, "ret-scale", 3)  # the tiny model then retrieves at once
+    set_slider(page, "max-images", 1)
+    set_slider(page, "temperature", 1)  # sampled: visible words rather than greedy newlines
+    set_slider(page, "max-new-tokens", 40)
+    send(page, "What is in this picture? Show me a similar one.", EXAMPLE)
+
+    user = page.locator("#chatbot .message.user")
+    expect(user.locator("img")).to_have_count(1)
+    expect(user).to_contain_text("What is in this picture?")
+    expect(page.locator("#message textarea")).to_have_value("")
+    caption = page.locator("#chatbot .ret-caption").first
+    expect(caption).to_contain_text(re.compile(r"score -?\d\.\d\d"))
+    expect(bot_messages(page).locator("img").first).to_be_visible()
+    expect(page.locator("#stop")).to_be_visible()
+    page.wait_for_function("!document.querySelector('#chatbot .pending') && "
+                           "!document.querySelector('#message .generating')", timeout=TIMEOUT_MS)
+    page.screenshot(path=shots / "chat.png", full_page=True)
+
+
+def test_an_example_fills_the_input_with_its_prompt_and_image(page):
+    page.locator("#chatbot").get_by_text("What is in this picture?").click()
+    expect(page.locator("#message textarea")).to_have_value("What is in this picture?")
+    expect(page.locator("#message img")).to_have_count(1)
+    set_slider(page, "max-new-tokens", 3)
+    page.locator("#message textarea").press("Enter")
+    expect(page.locator("#chatbot .message.user img")).to_have_count(1)
+    expect(bot_messages(page)).to_have_count(1)
+
+
+def test_stop_ends_a_reply_mid_way(page, shots):
+    set_slider(page, "ret-scale", 0)
+    set_slider(page, "max-new-tokens", 300)  # 9 s at 30 ms a step: Stop comes long before the end
+    send(page, "Tell me a very long story.")
+    reply = bot_messages(page).last
+    expect(bot_messages(page)).to_have_count(1)
+    page.wait_for_timeout(500)
+    page.locator("#stop").click()
+    # The app marks a reply Stopped only when Stop arrives while it is being generated.
+    expect(page.locator("#chatbot .stopped")).to_be_visible()
+    said = reply.inner_html()
+    page.wait_for_timeout(1500)
+    assert reply.inner_html() == said, "nothing more arrives after Stop"
+    page.screenshot(path=shots / "stopped.png", full_page=True)
+
+    set_slider(page, "max-new-tokens", 3)  # and the chat goes on
+    send(page, "Thanks.")
+    expect(page.locator("#chatbot .message.user")).to_have_count(2)
+    expect(page.locator("#chatbot .stopped")).to_have_count(1)
+
+
+def test_the_gallery_tab_browses_and_searches_the_collection(page, shots):
+    page.get_by_role("tab", name="Gallery").click()
+    expect(page.locator("#gallery-status")).to_contain_text("of 40")
+    expect(page.locator("#gallery-grid img").first).to_be_visible()
+    page.locator("#gallery-query textarea, #gallery-query input").first.fill("a large red circle")
+    page.locator("#gallery-search").click()
+    expect(page.locator("#gallery-status")).to_contain_text("matches for “a large red circle”")
+    expect(page.locator("#gallery-grid")).to_contain_text("score")
+    page.screenshot(path=shots / "gallery.png", full_page=True)

@@ -1,0 +1,157 @@
+"""Evaluation: recall on hand-made scores, captions scored by attribute, batched decoding and [RET] queries
+that agree with the app's own decoding, and the command end to end on a tiny checkpoint."""
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from model import shapes
+from model.evaluate import caption_scores, greedy_replies, main, recall_at_k, ret_queries, same_scene
+from model.generate import GenerationSettings, Retrieved, Text, stream_reply
+from model.grounded import GroundedLM
+from model.prompt import Turn, render_with_target
+from model.shapes import Scene, SceneObject
+
+
+def test_recall_at_k_on_hand_made_scores():
+    scores = torch.tensor([[0.9, 0.1, 0.5],   # own item first
+                           [0.2, 0.3, 0.8],   # one item above its own
+                           [0.7, 0.6, 0.1]])  # two above
+    own = torch.eye(3, dtype=torch.bool)
+    assert recall_at_k(scores, own, (1, 2, 3)) == pytest.approx({"R@1": 1 / 3, "R@2": 2 / 3, "R@3": 1.0})
+    # Several relevant items: the best-scoring one counts, and relevant items never push each other down.
+    relevant = own.clone()
+    relevant[2, 0] = relevant[1, 2] = True
+    assert recall_at_k(scores, relevant, (1,)) == {"R@1": 1.0}
+    with pytest.raises(ValueError, match="at least one relevant"):
+        recall_at_k(scores, torch.zeros(3, 3, dtype=torch.bool))
+
+
+def test_a_wrong_colour_is_wrong_for_colour_and_scene_only():
+    truth = Scene((SceneObject("circle", "red", "small", "left"),), "grey")
+    assert caption_scores([truth], ["A small red circle on the left."])["1"]["exact"] == 1.0
+    scores = caption_scores([truth], ["There is a little BLUE circle to the left!"])["1"]
+    assert scores == {"n": 1, "exact": 0.0, "count": 1.0, "shape": 1.0, "colour": 0.0, "size": 1.0, "position": 1.0}
+
+
+def test_caption_scores_are_grouped_by_number_of_objects():
+    one = Scene((SceneObject("star", "green", "large", "top"),), "beige")
+    two = Scene((SceneObject("square", "black", "small", "right"), SceneObject("cross", "white", "large", "centre")),
+                "grey")
+    result = caption_scores([one, two, two], [
+        "A big green star at the top.",
+        "A small black square on the right and a large white cross in the middle.",  # other words, same scene
+        "A small black square on the right.",                                        # one object missed
+    ])
+    assert result["1"]["n"] == 1 and result["1"]["exact"] == 1.0
+    assert result["2"]["n"] == 2 and result["2"]["exact"] == 0.5 and result["2"]["count"] == 0.5
+    assert result["2"]["shape"] == pytest.approx(0.75)  # the missed cross scores 0 on shape
+    assert result["all"]["n"] == 3 and result["all"]["exact"] == pytest.approx(2 / 3)
+    assert "3" not in result
+    nothing = caption_scores([one], ["I cannot tell."])["1"]
+    assert nothing["exact"] == nothing["shape"] == nothing["count"] == 0.0
+
+
+def test_a_caption_naming_the_background_only_matches_that_background():
+    red = (SceneObject("circle", "red", "small", "left"),)
+    scenes = [Scene(red, "grey"), Scene(red, "beige"), Scene((SceneObject("circle", "blue", "small", "left"),), "grey")]
+    relevant = same_scene(scenes[:1] * 2, scenes, ["A small red circle on the left.",
+                                                   "A small red circle on the left on a grey background."])
+    assert relevant.tolist() == [[True, True, False], [True, False, False]]
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+
+
+@pytest.fixture(scope="module")
+def eager_ret_model(tiny_lm_dir, tiny_clip_dir):
+    """A tiny model whose [RET] row points along a prompt's last hidden state: its replies emit [RET] at once
+    (the shared tiny model's never do)."""
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
+    hidden, _ = model.hidden_states(model.embed_conversation([Turn("user", [Image.new("RGB", (40, 40), "red"),
+                                                                           "describe it"])]))
+    with torch.no_grad():
+        model.ret_embedding.copy_(hidden[0, -1] / hidden[0, -1].norm())
+    return model
+
+
+def conversations(images):
+    red, green, blue = images
+    return [[Turn("user", [red, "describe it"])],
+            [Turn("user", ["what colour is the sky?"])],
+            [Turn("user", [green, "describe the image."]), Turn("assistant", ["a green one"]),
+             Turn("user", [blue, "and this one? show me a picture of a red circle"])]]
+
+
+def test_batched_greedy_replies_match_the_apps_decoding(tiny_model, eager_ret_model, colour_images):
+    convs, endings = conversations(colour_images), set()
+    for model in (tiny_model, eager_ret_model):
+        replies = greedy_replies(model, convs, max_new_tokens=10, batch_size=3, queries=True)
+        for turns, reply in zip(convs, replies):
+            queries = []
+            events = list(stream_reply(model, turns, GenerationSettings(max_new_tokens=10, max_images=1),
+                                       search=lambda q, exclude: queries.append(q) or [Hit(0)]))
+            before = events[:next((i for i, e in enumerate(events) if isinstance(e, Retrieved)), len(events))]
+            expected = "".join(e.delta for e in before if isinstance(e, Text))
+            # stream_reply holds back a trailing half character; the batched reply keeps it as U+FFFD.
+            assert reply.text.rstrip("\ufffd") == expected
+            assert reply.ret == bool(queries)
+            if reply.ret:  # the query is the hidden state where [RET] is the input, as in the app
+                assert torch.allclose(reply.query, queries[0], atol=1e-5)
+            endings.add(reply.ret)
+    assert endings == {True, False}, "replies with and without [RET] are both exercised"
+
+
+def test_a_reply_without_ret_gets_one_forced_at_its_end(tiny_model, colour_images):
+    model, convs = tiny_model, conversations(colour_images)
+    for turns, reply in zip(convs, greedy_replies(model, convs, max_new_tokens=10, queries=True)):
+        assert not reply.ret
+        ids = model.tokenizer(reply.text, add_special_tokens=False).input_ids
+        sequence = torch.cat([model.embed_conversation(turns),
+                              model.embed_ids(torch.tensor([ids + [model.ret_id]]))], 1)
+        hidden, _ = model.hidden_states(sequence)
+        assert torch.allclose(reply.query, model.ret_query(hidden[0, -1]), atol=1e-5)
+
+
+def test_teacher_forced_queries_do_not_depend_on_the_batch(tiny_model, colour_images):
+    red, green, _ = colour_images
+    convs = [[Turn("user", ["show me a red square"]), Turn("assistant", ["A red square. [RET]"])],
+             [Turn("user", [green, "describe it"]), Turn("assistant", ["A green one."]),
+              Turn("user", ["find a much longer description of a picture of a red one"]),
+              Turn("assistant", ["A red one. [RET] Here it is."])]]
+    batched = ret_queries(tiny_model, convs, batch_size=2)
+    assert batched.shape == (2, 8)
+    for turns, query in zip(convs, batched):
+        prompt, target = render_with_target(turns, tiny_model.tokenizer, "chat")
+        embeds = torch.cat([tiny_model.embed_segments(prompt), tiny_model.embed_segments(target)]).unsqueeze(0)
+        ids = [t for s in target for t in s]
+        at = len(tiny_model.embed_segments(prompt)) + ids.index(tiny_model.ret_id)
+        hidden, _ = tiny_model.hidden_states(embeds[:, :at + 1])
+        assert torch.allclose(query, tiny_model.ret_query(hidden[0, -1]), atol=1e-5)
+    with pytest.raises(ValueError, match=r"holds no \[RET\]"):
+        ret_queries(tiny_model, [[Turn("user", ["hi"]), Turn("assistant", ["hello"])]])
+
+
+def test_the_command_writes_json_a_plot_and_a_table(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "eval" / "result.json"
+    main(["--checkpoint", str(tmp_path / "ckpt"), "--split", "test", "--gallery", "12", "--limit", "4",
+          "--contexts", "3", "--device", "cpu", "--quantize", "none", "--batch-size", "6", "--max-new-tokens", "6",
+          "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["splits"]) == {"test", "holdout"}
+    test = result["splits"]["test"]
+    assert test["captioning"]["all"]["n"] == 4 and 0 <= test["captioning"]["all"]["exact"] <= 1
+    assert test["retrieval"]["gallery"] == 12
+    for key in ("text_to_image", "text_to_image_own", "image_to_text", "image_to_text_own"):
+        assert set(test["retrieval"][key]) == {"R@1", "R@5", "R@10"}
+        assert test["retrieval"][key]["R@10"] >= test["retrieval"][key]["R@1"]
+    assert result["context"]["gallery"] == 9 and set(result["context"]) >= {"with_context", "without_context"}
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "exact scene" in printed and "text -> image" in printed and "with context" in printed

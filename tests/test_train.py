@@ -1,0 +1,172 @@
+"""Stage-2 training: conversations in the app's own form, losses that fall, checkpoints that load, resume."""
+import math
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Subset
+from transformers import LlamaForCausalLM
+
+from conftest import tiny_config
+from model.config import CONFIG_NAME, WEIGHTS_NAME
+from model.data import ShapesDataset, TsvCaptionDataset
+from model.grounded import GroundedLM
+from model.prompt import render_with_target
+from model.train import (CONTEXT_EVERY, INSTRUCTIONS, REQUESTS, STATE_NAME, Conversations, load_state, main,
+                         optimizer_for, parse_args, read_state, request_phrase, run_options, sentence, validate)
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+
+
+@pytest.fixture(scope="module")
+def seeing_lm_dir(tiny_lm_dir, tmp_path_factory):
+    """The tiny LM with weights ~N(0, 0.1): with the usual 0.02 a random LM's hidden state hardly depends on
+    earlier tokens, so no [RET] vector could tell one caption from another and nothing could be learnt."""
+    folder = tmp_path_factory.mktemp("seeing_lm")
+    shutil.copytree(tiny_lm_dir, folder, dirs_exist_ok=True)
+    lm = LlamaForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.1)
+    lm.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def colour_tsv(tmp_path_factory):
+    """Image-caption pairs in FROMAGe's TSV layout: plain squares of eight colours; the last two validate."""
+    folder = tmp_path_factory.mktemp("pairs")
+    rows = ["caption\timage"]
+    for colour in COLOURS:
+        Image.new("RGB", (32, 32), colour).save(folder / f"{colour}.png")
+        rows.append(f"a {colour} square\t{colour}.png")
+    (folder / "pairs.tsv").write_text("\n".join(rows) + "\n")
+    return folder / "pairs.tsv"
+
+
+def args_for(lm_dir, clip_dir, tmp_path, *extra):
+    return ["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--lm", str(lm_dir),
+            "--visual", f"local-dir:{clip_dir}", "--n-visual-tokens", "2", "--emb-dim", "8", "--quantize", "none",
+            "--device", "cpu", "--batch-size", "8", "--val-size", "8", *extra]
+
+
+def test_captions_and_requests_are_written_as_a_user_would_read_them():
+    assert sentence("a big red star  at the top") == "A big red star at the top."
+    assert sentence("What is this?") == "What is this?"
+    assert request_phrase("There are a big red star and a small blue circle.") == \
+        "a big red star and a small blue circle"
+    assert request_phrase("A picture of a little green cross in the middle.") == "a little green cross in the middle"
+    assert request_phrase("NASA launches a rocket.") == "NASA launches a rocket"
+    with pytest.raises(ValueError, match="empty caption"):
+        sentence("  ")
+
+
+def test_conversations_are_the_apps_own_prompts_half_captioning_half_retrieval(tiny_model):
+    data = ShapesDataset("train", 1000, 32)
+    batch = Conversations(data, seed=0).batch(0, 8)
+    captioning, retrieval = batch[:4], batch[4:]
+    for example in captioning:
+        user, assistant = example.turns
+        assert isinstance(user.parts[0], Image.Image) and user.parts[1] in INSTRUCTIONS
+        assert assistant.text[0].isupper() and assistant.text.endswith(".") and "[RET]" not in assistant.text
+        assert example.ret_images == []
+    for example in retrieval:
+        user, assistant = example.turns
+        assert not user.images and any(user.text.startswith(r.split("{}")[0]) for r in REQUESTS)
+        assert assistant.text.endswith(". [RET]") and request_phrase(assistant.text[:-6]) in user.text
+        assert len(example.ret_images) == 1
+        # [RET] is the tokenizer's special token, right before the template closes the reply.
+        _, target = render_with_target(example.turns, tiny_model.tokenizer, "chat")
+        ids = [t for s in target for t in s]
+        assert ids.count(tiny_model.ret_id) == 1
+        assert tiny_model.tokenizer.decode(ids[ids.index(tiny_model.ret_id) + 1:]).startswith("<|im_end|>")
+
+
+def test_every_few_batches_carry_history_and_refer_back_to_earlier_pictures():
+    data = ShapesDataset("train", 1000, 32)
+    conversations = Conversations(data, seed=0)
+    batch = conversations.batch(CONTEXT_EVERY - 1, 16)
+    assert all(len(e.turns) >= 6 and e.turns[0].images for e in batch), "two or more captioned images first"
+    back = [e for e in batch if "like the" in e.turns[-2].text]
+    assert back, "some requests refer to an earlier picture"
+    for example in back:
+        ordinal = ("first", "second", "third").index(example.turns[-2].text.split("like the ")[1].split()[0])
+        earlier_image, earlier_caption = example.turns[2 * ordinal].images[0], example.turns[2 * ordinal + 1].text
+        assert example.turns[-1].text == f"{sentence(request_phrase(earlier_caption))} [RET]"
+        target = example.ret_images[0]  # another rendering of that scene: same size, other pixels
+        assert target.size == earlier_image.size and target.tobytes() != earlier_image.tobytes()
+    assert conversations.batch(5, 4)[0].turns[1].text == Conversations(data, seed=0).batch(5, 4)[0].turns[1].text
+    assert conversations.batch(5, 4)[0].turns[1].text != conversations.batch(6, 4)[0].turns[1].text
+
+
+def test_training_on_a_tsv_reduces_both_losses(seeing_lm_dir, tiny_clip_dir, colour_tsv, tmp_path):
+    rows = Subset(TsvCaptionDataset(colour_tsv), range(len(COLOURS) - 2))  # what it trains on
+    fit = [Conversations(rows, seed=7).batch(i, 8) for i in range(2)]
+    torch.manual_seed(0)  # train() seeds the same way: `before` is the model it starts from
+    before = validate(GroundedLM(tiny_config(seeing_lm_dir, tiny_clip_dir), quantize="none", device="cpu"), fit)
+    summary = main(args_for(seeing_lm_dir, tiny_clip_dir, tmp_path, "--tsv", str(colour_tsv), "--val-size", "2",
+                            "--steps", "80", "--lr", "1e-2", "--val-every", "40"))
+    assert summary["finished"] and summary["options"]["tsv"] == str(colour_tsv)
+    after = validate(GroundedLM.from_pretrained(tmp_path / "out", quantize="none", device="cpu"), fit)
+    assert after["caption"] < before["caption"] - 0.1
+    assert after["ret"] < before["ret"] and after["ret"] < math.log(4) - 0.2, "better than chance among 4 images"
+
+
+def test_the_checkpoint_lands_in_out_beside_what_is_already_there(tiny_lm_dir, tiny_clip_dir, tmp_path, capsys):
+    (tmp_path / "out" / "clip").mkdir(parents=True)
+    (tmp_path / "out" / "clip" / "keep.txt").write_text("the demo's encoder lives here")
+    main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path, "--steps", "2", "--val-every", "1"))
+    out = tmp_path / "out"
+    assert (out / "clip" / "keep.txt").read_text() == "the demo's encoder lives here"
+    assert {p.name for p in out.iterdir()} == {"clip", CONFIG_NAME, WEIGHTS_NAME, "training_curve.png", "training.json"}
+    assert (out / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loaded = GroundedLM.from_pretrained(out, quantize="none", device="cpu")
+    tensors, meta = read_state(tmp_path / "run" / STATE_NAME)
+    for name, value in loaded.trainable_state_dict().items():
+        assert torch.equal(value, tensors[f"model.{name}"])
+    assert meta["step"] == 2 and meta["history"]["val_step"] == [1, 2]
+    printed = capsys.readouterr().out
+    assert "step 2/2" in printed and "val caption" in printed and "summary" in printed
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tiny_lm_dir, tiny_clip_dir, tmp_path):
+    straight = main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / "straight", "--steps", "3", "--val-every", "3"))
+    assert straight["finished"]
+    cut = args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / "cut", "--steps", "3", "--val-every", "3")
+    first = main(cut + ["--time-limit", "0"])  # stops, resumable, after its first step
+    assert not first["finished"] and first["step"] == 1
+    assert not (tmp_path / "cut" / "out").exists(), "no checkpoint is exported before training ends"
+    state_path = tmp_path / "cut" / "run" / STATE_NAME
+    tensors, meta = read_state(state_path)
+    assert meta["step"] == 1 and meta["history"]["step"] == [1]
+
+    # The optimizer's moments and step count come back exactly as saved.
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
+    optimizer = optimizer_for(model, 1e-3)
+    load_state(state_path, model, optimizer, run_options(parse_args(cut)))
+    restored = optimizer.state_dict()["state"]
+    assert restored and all(torch.equal(v, tensors[f"optim.{i}.{k}"]) for i, s in restored.items() for k, v in s.items())
+    assert all(float(s["step"]) == 1 for s in restored.values())
+
+    with pytest.raises(SystemExit, match="--resume"):
+        main(cut)  # refuses to start over a saved run
+    with pytest.raises(ValueError, match="batch_size: 8 then, 4 now"):
+        main(cut + ["--resume", "--batch-size", "4"])
+    assert main(cut + ["--resume", "--time-limit", "0"])["step"] == 2
+    resumed = main(cut + ["--resume"])
+    assert resumed["finished"] and resumed["step"] == 3
+    assert read_state(state_path)[1]["history"]["step"] == [1, 2, 3]
+    a = GroundedLM.from_pretrained(tmp_path / "straight" / "out", quantize="none", device="cpu").trainable_state_dict()
+    b = GroundedLM.from_pretrained(tmp_path / "cut" / "out", quantize="none", device="cpu").trainable_state_dict()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), f"{name} differs from the uninterrupted run"
+
+
+def test_resume_without_a_saved_state_says_so(tiny_lm_dir, tiny_clip_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no state.safetensors"):
+        main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path, "--resume"))
+    with pytest.raises(ValueError, match="at least 4"):
+        main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path, "--batch-size", "2"))
