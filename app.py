@@ -88,7 +88,7 @@ from model import shapes  # noqa: E402
 from model.generate import Done, GenerationSettings, Notice, Retrieved, Text, stream_reply  # noqa: E402
 from model.grounded import GroundedLM  # noqa: E402
 from model.images import MAX_BYTES, ImageError, file_sha256, image_key, load_image  # noqa: E402
-from model.lm import cache_dir  # noqa: E402
+from model.lm import cache_dir, default_device  # noqa: E402
 from model.prompt import Turn, render_with_target  # noqa: E402
 from retrieval_index.build import build_index, read_captions  # noqa: E402
 from retrieval_index.index import (FingerprintMismatch, Hit, ImageIndex, ImageInfo, ImageRecord,  # noqa: E402
@@ -303,7 +303,8 @@ class ChatApp:
         yield session.messages(), None  # the message shows at once, the input box clears
         if exchange.user is not None:
             settings = self._settings(temperature, top_p, max_new_tokens, ret_scale, max_images)
-            yield from ((messages, gr.skip()) for messages in self._reply(session, exchange, settings))
+            for messages in self._reply(session, exchange, settings):
+                yield messages, gr.skip()
 
     def retry(self, session: Session, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 128,
               ret_scale: float = 1.0, max_images: int = 2) -> Iterator[list[dict]]:
@@ -397,6 +398,10 @@ class ChatApp:
                         break
                     self._apply(exchange, event)
                 yield session.messages()
+        except GeneratorExit:  # Gradio dropped the job (Stop, or the tab closed): the reply ends here
+            with session.lock:
+                exchange.stopped = True
+            raise
         except Exception as e:  # the model's own error, shown as it is: never a generic failure
             log.exception("generation failed")
             with session.lock:
@@ -577,10 +582,6 @@ def header_html(title: str, n_images: int) -> str:
         "from the collection, right where it says <code>[RET]</code>.</p></div></div>"
         f'<div class="badges"><span class="badge">model: {title}</span>'
         f'<span class="badge">{n_images:,} images indexed</span></div>')
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def main(args: argparse.Namespace) -> None:

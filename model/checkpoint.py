@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
 from model.grounded import GroundedLM
 from model.lm import cache_dir
+from model.visual import LOCAL_DIR
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 FROMAGE_URL = "https://github.com/kohjingyu/fromage/raw/main/fromage_model/"
@@ -97,6 +98,9 @@ def load_pretrained(folder_or_preset: str | Path, quantize: str = "4bit",
                     device: torch.device | str | None = None) -> GroundedLM:
     folder = resolve(folder_or_preset)
     config = GroundedConfig.load(folder)
+    local = config.visual.removeprefix(LOCAL_DIR)
+    if config.visual.startswith(LOCAL_DIR) and not Path(local).is_absolute() and (folder / local).is_dir():
+        config.visual = f"{LOCAL_DIR}{(folder / local).resolve()}"  # an encoder shipped inside the checkpoint
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{folder}: {WEIGHTS_NAME} is missing")

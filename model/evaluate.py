@@ -152,7 +152,8 @@ def ret_queries(model: GroundedLM, conversations: list[list[Turn]], batch_size: 
         for i, row in enumerate(rows):
             inputs[i, :len(row)], mask[i, :len(row)] = row, 1
         hidden, _ = model.hidden_states(inputs, mask)                                       # (B, T, lm_dim)
-        out.append(model.ret_query(hidden[torch.arange(len(rows)), torch.tensor(ret_at)]))
+        out.append(model.ret_query(hidden[torch.arange(len(rows), device=model.device),
+                                          torch.tensor(ret_at, device=model.device)]))
     return torch.cat(out)                                                                   # (N, emb_dim)
 
 

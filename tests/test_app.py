@@ -374,6 +374,16 @@ def test_stop_ends_the_reply_mid_way_and_keeps_what_was_said(tiny_app, session):
     assert "Stopped" not in " ".join(str(c) for c in chat[-1]["content"]), "the next reply is not stopped"
 
 
+def test_a_reply_whose_job_gradio_drops_is_marked_stopped(tiny_app, session):
+    stream = tiny_app.chat({"text": "tell me a long story", "files": []}, session, max_new_tokens=200,
+                           max_images=0)
+    for _ in range(5):
+        next(stream)
+    stream.close()  # what Gradio does to a cancelled job (Stop in the browser, a closed tab)
+    assert session.exchanges[0].stopped and session.replying is None
+    assert "Stopped" in " ".join(str(c) for c in session.messages()[-1]["content"])
+
+
 def test_retry_answers_the_last_message_again_with_new_settings(tiny_app, session):
     run(tiny_app.chat({"text": "show me a star", "files": []}, session, max_new_tokens=4, max_images=0))
     assert not session.exchanges[0].retrieved

@@ -124,3 +124,17 @@ def test_fromage_import_refuses_pickled_code(tmp_path):
     torch.save({"state_dict": Payload()}, tmp_path / "pretrained_ckpt.pth.tar")
     with pytest.raises(pickle.UnpicklingError):
         import_fromage(tmp_path / "pretrained_ckpt.pth.tar", tmp_path / "model_args.json", tmp_path / "ckpt")
+
+
+def test_an_encoder_shipped_inside_the_checkpoint_loads_from_any_working_directory(trained, tmp_path, monkeypatch,
+                                                                                     tiny_clip_dir):
+    import shutil
+    trained.save_pretrained(tmp_path / "ckpt")
+    shutil.copytree(tiny_clip_dir, tmp_path / "ckpt" / "clip")
+    config = GroundedConfig.load(tmp_path / "ckpt")
+    config.visual = "local-dir:clip"
+    config.save(tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path.parent)
+    model = GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu")
+    assert model.visual.source == f"local-dir:{(tmp_path / 'ckpt' / 'clip').resolve()}"
+    assert model.fingerprint == trained.fingerprint
