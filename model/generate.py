@@ -61,7 +61,7 @@ class GenerationSettings:
     images_per_ret: int = 1
     seed: int | None = None
     context_tokens: int | None = None
-    """Prompt budget; defaults to the LM's window minus `max_new_tokens`."""
+    """Prompt budget; defaults to the LM's window minus `max_new_tokens` (at least half the window)."""
     exclude: set = field(default_factory=set)
     """Index ids already shown in this conversation: never retrieved again."""
 
@@ -105,7 +105,7 @@ def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSetti
     start = time.perf_counter()
     tokenizer, fmt = model.tokenizer, model.config.prompt_format
     window = getattr(model.lm.config, "max_position_embeddings", 2048)
-    budget = settings.context_tokens or max(window - settings.max_new_tokens, 1)
+    budget = settings.context_tokens or max(window - settings.max_new_tokens, window // 2)
     turns, notice = fit_context(turns, tokenizer, fmt, model.config.n_visual_tokens, budget)
     if notice:
         yield Notice(notice)

@@ -113,7 +113,8 @@ def fit_context(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_fo
         text_ids = tokenizer(current.text, add_special_tokens=False).input_ids
         keep = len(text_ids) - excess
         if keep <= 0:
-            raise ValueError("the images in this message alone do not fit the context window")
+            what = "the images in this message" if current.images else "the conversation's template"
+            raise ValueError(f"{what} alone do not fit the context window of {max_tokens} tokens")
         cut_text = tokenizer.decode(text_ids[:keep])
         kept[-1] = Turn(current.role, current.images + [cut_text])
         cut = f"Your message was cut to its first {keep} tokens to fit the context window."
