@@ -64,4 +64,4 @@ def test_forced_ret_round_trip(smol):
                          ret_scale_factor=1e6, max_images=1, search=search)
     assert isinstance(events[0], Retrieved) and events[0].hits[0].id == 42
     assert queries[0].shape == (8,) and torch.isclose(queries[0].norm(), torch.tensor(1.0))
-    assert text.strip(), "the reply goes on after [RET]"
+    assert text and events[-1].stats["new_tokens"] > 1, "decoding goes on after [RET]"
