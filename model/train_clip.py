@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from model import shapes
+from model.lm import default_device
 
 MODEL_CFG = {
     "embed_dim": 128,
@@ -252,7 +253,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
     return torch.device(name)
