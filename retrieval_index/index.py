@@ -458,6 +458,13 @@ class ImageIndex:
             row = self._rows({int(id)}).get(int(id))
         return None if row is None else ImageRecord(*row)
 
+    def records(self, offset: int, limit: int) -> list[ImageRecord]:
+        """Images `offset .. offset + limit` of the collection, in the order they were added (a page)."""
+        with self._lock:
+            rows = self._conn.execute(f"SELECT {COLUMNS} FROM images ORDER BY id LIMIT ? OFFSET ?",
+                                      (max(0, int(limit)), max(0, int(offset)))).fetchall()
+        return [ImageRecord(*self._absolute(row)) for row in rows]
+
     def id_for_sha256(self, sha256: str) -> int | None:
         """The id of the image with this content hash, or None: how callers skip known images."""
         with self._lock:
@@ -483,8 +490,12 @@ class ImageIndex:
             chunk = id_list[start:start + 500]
             sql = f"SELECT {COLUMNS} FROM images WHERE id IN ({','.join('?' * len(chunk))})"
             for row in self._conn.execute(sql, chunk):
-                rows[row[0]] = (row[0], os.path.normpath(self.folder / row[1]), *row[2:])
+                rows[row[0]] = self._absolute(row)
         return rows
+
+    def _absolute(self, row: tuple) -> tuple:
+        """A metadata row with its path (stored relative to the index folder) made absolute."""
+        return (row[0], os.path.normpath(self.folder / row[1]), *row[2:])
 
     def _scan_size(self) -> float:
         """Vectors one query compares itself with: all of them, or the centroids + probed lists."""

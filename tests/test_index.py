@@ -162,6 +162,17 @@ def test_remove_takes_images_out_of_search_and_storage(filled, tmp_path):
         assert len(loaded) == 499 and loaded.get(int(ids[10])) is None
 
 
+def test_the_collection_pages_in_the_order_images_were_added(filled, tmp_path):
+    index, _, ids = filled
+    index.remove([int(ids[1]), int(ids[3])])
+    first = index.records(0, 3)
+    assert [r.id for r in first] == [int(ids[0]), int(ids[2]), int(ids[4])], "removed images are not on a page"
+    assert first[0].path == str(tmp_path / "idx" / "img" / "0.png") and first[0].caption == "caption 0"
+    pages = [index.records(offset, 48) for offset in range(0, len(index), 48)]
+    assert [r.id for page in pages for r in page] == [int(i) for i in ids if i not in (ids[1], ids[3])]
+    assert index.records(len(index), 48) == [] and index.records(0, 0) == []
+
+
 def test_unsaved_changes_are_reconciled_on_load(filled, tmp_path):
     """Rows committed after the last save (the process died before saving) do not outlive it."""
     index, vectors, ids = filled
