@@ -80,7 +80,6 @@ from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import gradio as gr  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -89,16 +88,15 @@ from model.generate import Done, GenerationSettings, Notice, Retrieved, Text, st
 from model.grounded import GroundedLM  # noqa: E402
 from model.images import MAX_BYTES, ImageError, file_sha256, image_key, load_image  # noqa: E402
 from model.lm import cache_dir, default_device  # noqa: E402
-from model.prompt import Turn, render_with_target  # noqa: E402
+from model.prompt import Turn  # noqa: E402
 from retrieval_index.build import build_index, read_captions  # noqa: E402
-from retrieval_index.index import (FingerprintMismatch, Hit, ImageIndex, ImageInfo, ImageRecord,  # noqa: E402
+from retrieval_index.index import (FingerprintMismatch, Hit, ImageIndex, ImageInfo,  # noqa: E402
                                    IndexFormatError)
 
 log = logging.getLogger("app")
 
 DEMO_GALLERY_SIZE = 1000  # the shapes world's test split: never seen in training
 GALLERY_PAGE = 48
-MAX_ID_GAP = 100_000
 DISPLAY_SIDE = 512  # chat thumbnails; the model always gets the full decoded image
 UPLOAD_SOURCE = "upload"
 SHARED_UPLOADS = "uploads"  # beside the index: uploads their owners added to the shared collection
@@ -149,45 +147,13 @@ def demo_gallery(model: GroundedLM, folder: Path | None = None, size: int = DEMO
     return index_dir
 
 
-def records(index: ImageIndex, offset: int, limit: int) -> list[ImageRecord]:
-    """Images `offset .. offset + limit` of the collection, in the order they were added.
-
-    Ids count up from 1 and are never reused, so walking them meets every image; the walk gives up
-    after MAX_ID_GAP missing ids in a row (images removed meanwhile).
-    """
-    out, found, gap, id_ = [], 0, 0, 0
-    while len(out) < limit and found < len(index) and gap < MAX_ID_GAP:
-        id_ += 1
-        record = index.get(id_)
-        gap = 0 if record is not None else gap + 1
-        if record is not None:
-            if found >= offset:
-                out.append(record)
-            found += 1
-    return out
-
-
 def collection_folders(index: ImageIndex) -> list[Path]:
     """The folders the collection's images live in (and where shared uploads go): the only folders besides
     assets/ and Gradio's upload folder that are served. The index's own files are not."""
     folders = {index.folder / SHARED_UPLOADS}
-    for record in records(index, 0, len(index)):
+    for record in index.records(0, len(index)):
         folders.add(Path(record.path).parent)
     return sorted(f for f in folders if not any(p in folders for p in f.parents))
-
-
-@torch.no_grad()
-def text_query(model: GroundedLM, text: str) -> torch.Tensor:
-    """The `[RET]` vector (emb_dim,) for a description, asked the way the model learnt to retrieve:
-    user "Show me a picture of X." -> assistant "X. [RET]"."""
-    phrase = " ".join(text.split()).rstrip(".!? ")
-    turns = [Turn("user", [f"Show me a picture of {phrase}."]),
-             Turn("assistant", [f"{phrase[:1].upper()}{phrase[1:]}. {model.config.ret_token}"])]
-    prompt, target = render_with_target(turns, model.tokenizer, model.config.prompt_format)
-    ids = [t for segment in target for t in segment]
-    segments = prompt + [ids[:ids.index(model.ret_id) + 1]]
-    hidden, _ = model.hidden_states(model.embed_segments(segments).unsqueeze(0))  # (1, T, lm_dim)
-    return model.ret_query(hidden[0, -1])
 
 
 # ---- one browser tab ---------------------------------------------------------------------------
@@ -465,7 +431,7 @@ class ChatApp:
         """One page of the collection, in the order images were added."""
         pages = max(1, -(-len(self.index) // GALLERY_PAGE))
         page = min(max(int(page), 0), pages - 1)
-        items = [(r.path, r.caption or "") for r in records(self.index, page * GALLERY_PAGE, GALLERY_PAGE)]
+        items = [(r.path, r.caption or "") for r in self.index.records(page * GALLERY_PAGE, GALLERY_PAGE)]
         first = page * GALLERY_PAGE + 1
         label = (f"Images {first}–{first + len(items) - 1} of {len(self.index)} · page {page + 1} of {pages}"
                  if items else "The collection is empty.")
@@ -477,7 +443,7 @@ class ChatApp:
         if not query:
             items, label, _ = self.browse(0)
             return items, label
-        hits = self.index.search(text_query(self.model, query), k=GALLERY_PAGE)
+        hits = self.index.search(self.model.text_query(query), k=GALLERY_PAGE)
         return ([(h.path, hit_label(h)) for h in hits],
                 f"Best {len(hits)} matches for “{query}”")
 

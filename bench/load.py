@@ -3,7 +3,7 @@
 Starts the app as users do (`python app.py`, the demo model unless told otherwise) on a free port, then
 runs one session alone (the baseline) and then N `gradio_client` sessions at once. Each session's first
 turn uploads an image only it has (a hold-out shapes scene, never in the gallery) and asks about it; the
-next turns ask for pictures with a `[RET]` scale of 1.5, so images are retrieved. Checks that every turn
+next turns ask for pictures (at the app's default `[RET]` scale), so images are retrieved. Checks that every turn
 completes and that no session ever sees another session's upload or message, and reports time to first
 token (submit -> first streamed reply token or image, as the client sees it, queueing included): median
 and p95 over all turns, alone and under load, and their ratio.
@@ -42,7 +42,6 @@ from PIL import Image  # noqa: E402
 from model import shapes  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-RET_SCALE = 1.5  # the demo model's [RET] fires on requests from about 1.2 up
 REQUESTS = ("Show me a picture of a large red circle.", "Show me a small blue square on the left.",
             "Can you show me a yellow star?", "Find an image of a green triangle at the top.")
 
@@ -119,7 +118,7 @@ class Session(threading.Thread):
                 self.texts.append(text)
                 start = time.perf_counter()
                 job = client.submit({"text": text, "files": files}, max_new_tokens=self.args.max_new_tokens,
-                                    ret_scale=RET_SCALE, max_images=1, api_name="/chat")
+                                    max_images=1, api_name="/chat")
                 first = None
                 for chat, _ in job:
                     if first is None and has_reply(chat):

@@ -6,10 +6,11 @@ retrieval through `[RET]`, with the prompts the app uses.
 
 - captioning: greedy reply to `[image, "Describe the image."]` (instructions rotate), parsed with
   `shapes.parse_caption`; exact scene and per-attribute accuracy, by number of objects.
-- text -> image: the `[RET]` hidden state of the teacher-forced conversation "Show me ... <caption>" ->
-  "<Caption>. [RET]" against the gallery's image vectors; image -> text the other way round. A hit is an
-  image of the scene the caption describes (same objects, and background when the caption names one):
-  images the caption cannot tell apart all count. `own` counts only the caption's own image.
+- text -> image: the `[RET]` hidden state of the conversation "Show me a picture of <caption>" -> "[RET]"
+  (the training format) against the gallery's image vectors; image -> text the other way round. A hit is
+  an image of the scene the caption describes (same objects, and background when the caption names one):
+  images the caption cannot tell apart all count. `own` counts only the caption's own image. Also: how
+  often greedy decoding emits that `[RET]` itself (what the app needs to show a picture at all).
 - context (in the spirit of FROMAGe's VIST test): three earlier turns, each an image and its caption,
   then "Show me another picture like the second one." (first/second/third rotate); the reply is
   generated greedily and its `[RET]` (forced at the end if the model did not emit one) queries a gallery
@@ -37,9 +38,8 @@ from model.checkpoint import resolve
 from model.data import ShapesDataset
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES
-from model.prompt import Turn, render, render_with_target
-from model.train import (CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, REQUESTS, caption_turns, request_phrase,
-                         retrieval_reply)
+from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_request
+from model.train import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns, holdout_kept_out
 from model.train_clip import resolve_device
 
 FIELDS = ("exact", "count", "shape", "colour", "size", "position")
@@ -127,11 +127,13 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
 
 
 @torch.no_grad()
-def ret_queries(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32) -> torch.Tensor:
+def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
+                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced retrieval queries (N, emb_dim): each conversation ends with an assistant turn holding
-    `[RET]`; the query is the hidden state where its first `[RET]` is the input (what decoding would use)."""
+    `[RET]`; the query is the hidden state where its first `[RET]` is the input (what decoding would use).
+    Also (N,) bool: greedy decoding would have emitted that `[RET]` itself, given the text before it."""
     tokenizer, fmt = model.tokenizer, model.config.prompt_format
-    out = []
+    out, emitted = [], []
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start:start + batch_size]
         _warm_features(model, chunk)
@@ -152,9 +154,11 @@ def ret_queries(model: GroundedLM, conversations: list[list[Turn]], batch_size: 
         for i, row in enumerate(rows):
             inputs[i, :len(row)], mask[i, :len(row)] = row, 1
         hidden, _ = model.hidden_states(inputs, mask)                                       # (B, T, lm_dim)
-        out.append(model.ret_query(hidden[torch.arange(len(rows), device=model.device),
-                                          torch.tensor(ret_at, device=model.device)]))
-    return torch.cat(out)                                                                   # (N, emb_dim)
+        rows_at = torch.arange(len(rows), device=model.device)
+        ret_at = torch.tensor(ret_at, device=model.device)
+        out.append(model.ret_query(hidden[rows_at, ret_at]))
+        emitted.append(model.logits(hidden[rows_at, ret_at - 1]).argmax(-1) == model.ret_id)
+    return torch.cat(out), torch.cat(emitted).cpu()                                         # (N, emb_dim), (N,)
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -204,25 +208,27 @@ def captioning(model: GroundedLM, items: list[shapes.Sample], batch_size: int, m
 
 def retrieval(model: GroundedLM, items: list[shapes.Sample], batch_size: int) -> dict:
     """Text -> image and image -> text over `items` as both gallery and queries."""
-    conversations = [[Turn("user", [REQUESTS[i % len(REQUESTS)].format(request_phrase(s.caption))]),
-                      Turn("assistant", [retrieval_reply(s.caption)])] for i, s in enumerate(items)]
-    queries = ret_queries(model, conversations, batch_size)                                 # (N, emb_dim)
+    conversations = [retrieval_request(s.caption, model.config.ret_token, REQUESTS[i % len(REQUESTS)])
+                     for i, s in enumerate(items)]
+    queries, emitted = ret_queries(model, conversations, batch_size)                        # (N, emb_dim), (N,)
     images = model.embed_images([s.image for s in items])                                   # (N, emb_dim)
     scores = (queries @ images.T).cpu()                                                     # (N texts, N images)
     scenes, captions = [s.scene for s in items], [s.caption for s in items]
     relevant = same_scene(scenes, scenes, captions)                                         # (N, N)
     own = torch.eye(len(items), dtype=torch.bool)
-    return {"gallery": len(items),
+    return {"gallery": len(items), "ret_emitted": emitted.float().mean().item(),
             "text_to_image": recall_at_k(scores, relevant), "text_to_image_own": recall_at_k(scores, own),
             "image_to_text": recall_at_k(scores.T, relevant.T), "image_to_text_own": recall_at_k(scores.T, own)}
 
 
-def context_conversations(split: str, n: int, image_size: int) -> tuple[list[list[Turn]], list[int], list]:
+def context_conversations(split: str, n: int, image_size: int,
+                          holdout: bool = False) -> tuple[list[list[Turn]], list[int], list]:
     """n conversations of three captioned images (instructions rotate) and the index of the one asked for."""
     conversations, targets, scenes = [], [], []
     for c in range(n):
         rng = random.Random(f"eval-context:{c}")
-        items = [shapes.sample(split, CONTEXT_OFFSET + len(ORDINALS) * c + j, image_size) for j in range(len(ORDINALS))]
+        items = [shapes.sample(split, CONTEXT_OFFSET + len(ORDINALS) * c + j, image_size, holdout)
+                 for j in range(len(ORDINALS))]
         turns = [t for s in items for t in caption_turns(s.image, s.caption, rng)]
         conversations.append(turns)
         targets.append(c % len(ORDINALS))
@@ -230,9 +236,10 @@ def context_conversations(split: str, n: int, image_size: int) -> tuple[list[lis
     return conversations, targets, scenes
 
 
-def contextual(model: GroundedLM, split: str, n: int, image_size: int, batch_size: int, max_new_tokens: int) -> dict:
+def contextual(model: GroundedLM, split: str, n: int, image_size: int, batch_size: int, max_new_tokens: int,
+               holdout: bool = False) -> dict:
     """Retrieval that depends on earlier turns: 'another picture like the second one', with and without them."""
-    history, targets, scenes = context_conversations(split, n, image_size)
+    history, targets, scenes = context_conversations(split, n, image_size, holdout)
     gallery_scenes = [s for conversation in scenes for s in conversation]                  # (3n,)
     gallery = [shapes.render(s, random.Random(f"eval-another:{i}"), image_size) for i, s in enumerate(gallery_scenes)]
     images = model.embed_images(gallery)                                                    # (3n, emb_dim)
@@ -269,7 +276,8 @@ def evaluate(model: GroundedLM, split: str, gallery: int, limit: int, contexts: 
         result["splits"][name] = section
     if contexts:
         t0 = time.time()
-        result["context"] = contextual(model, split, contexts, image_size, batch_size, max_new_tokens)
+        result["context"] = contextual(model, split, contexts, image_size, batch_size, max_new_tokens,
+                                       holdout_trained)
         log(f"context: {contexts} conversations in {time.time() - t0:.0f}s")
     return result
 
@@ -292,13 +300,17 @@ def table(result: dict) -> str:
             for field in FIELDS:
                 label = "exact scene" if field == "exact" else field
                 lines.append(f"| {label} | " + " | ".join(_pct(cap[g][field]) for g in groups) + " |")
-            lines.append(f"| [RET] emitted when asked to describe | {_pct(cap['ret_emitted'])} |" + " |" * (len(groups) - 1))
+            lines.append(f"| [RET] emitted when asked to describe | {_pct(cap['ret_emitted'])} |"
+                         + " |" * (len(groups) - 1))
             lines.append("")
         ret = section["retrieval"]
         lines += [f"| retrieval, {name}, gallery {ret['gallery']} (%) | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
-        for key, label in (("text_to_image", "text -> image"), ("text_to_image_own", "text -> image, own image only"),
-                           ("image_to_text", "image -> text"), ("image_to_text_own", "image -> text, own caption only")):
+        for key, label in (("text_to_image", "text -> image"),
+                           ("text_to_image_own", "text -> image, own image only"),
+                           ("image_to_text", "image -> text"),
+                           ("image_to_text_own", "image -> text, own caption only")):
             lines.append(f"| {label} | " + " | ".join(_pct(ret[key][f"R@{k}"]) for k in KS) + " |")
+        lines.append(f"| [RET] emitted when asked for a picture | {_pct(ret['ret_emitted'])} | | |")
         lines.append("")
     if "context" in result:
         ctx = result["context"]
@@ -306,7 +318,8 @@ def table(result: dict) -> str:
                   "[RET] emitted |", "|---|---|---|---|"]
         for key in ("with_context", "without_context"):
             c = ctx[key]
-            lines.append(f"| {key.replace('_', ' ')} | {_pct(c['R@1'])} | {_pct(c['R@5'])} | {_pct(c['ret_emitted'])} |")
+            lines.append(f"| {key.replace('_', ' ')} | {_pct(c['R@1'])} | {_pct(c['R@5'])} | "
+                         f"{_pct(c['ret_emitted'])} |")
     return "\n".join(lines)
 
 
@@ -366,8 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "not negative")
     folder = resolve(args.checkpoint)
     summary_path = folder / "training.json"
-    holdout_trained = bool(json.loads(summary_path.read_text())["options"].get("holdout")) \
-        if summary_path.is_file() else False
+    holdout_trained = summary_path.is_file() and holdout_kept_out(json.loads(summary_path.read_text()))
     t0 = time.time()
     model = GroundedLM.from_pretrained(folder, quantize=args.quantize, device=resolve_device(args.device))
     print(f"loaded {args.checkpoint} ({folder}) on {model.device}, {args.quantize}, in {time.time() - t0:.0f}s",

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers import DynamicCache
 
 from model.config import GroundedConfig
 from model.images import image_key
 from model.lm import load_lm
-from model.prompt import Segment, Turn, render, render_with_target
+from model.prompt import Segment, Turn, render, render_with_target, retrieval_request
 from model.visual import VisualEncoder
 
 FEATURE_CACHE_SIZE = 512
@@ -186,13 +187,41 @@ class GroundedLM(nn.Module):
         """Hidden state where `[RET]` is the input (..., lm_dim) -> query (..., emb_dim), L2-normalised."""
         return F.normalize(self.ret_mapping(hidden.float()), dim=-1)
 
+    @torch.no_grad()
+    def text_query(self, description: str) -> torch.Tensor:
+        """The retrieval query (emb_dim,) for a description, asked as training taught: a request for a
+        picture answered by `[RET]`, whose hidden state is the query (what decoding uses)."""
+        prompt, target = render_with_target(retrieval_request(description, self.config.ret_token),
+                                            self.tokenizer, self.config.prompt_format)
+        ids = [t for segment in target for t in segment]
+        segments = prompt + [ids[:ids.index(self.ret_id) + 1]]
+        hidden, _ = self.hidden_states(self.embed_segments(segments).unsqueeze(0))          # (1, T, lm_dim)
+        return self.ret_query(hidden[0, -1])
+
     # ---- training -------------------------------------------------------------------------------
+    def shared_prefix(self, prompts: list[list[Segment]]) -> list[int]:
+        """The token ids every prompt opens with (the system prompt and the user's header), before any image
+        or `[RET]` and short of each prompt's last token. The frozen LM's keys and values there are the same
+        for every row and need no gradient, so training computes them once per batch (about half the tokens
+        of a short conversation) instead of once per row."""
+        heads = [p[0] if p and not isinstance(p[0], Image.Image) else [] for p in prompts]
+        limit = min(sum(self.config.n_visual_tokens if isinstance(s, Image.Image) else len(s) for s in p)
+                    for p in prompts) - 1  # the last prompt token's logit predicts the reply's first token
+        common: list[int] = []
+        for column in zip(*heads):
+            if len(common) == limit or len(set(column)) > 1 or column[0] == self.ret_id:
+                break
+            common.append(column[0])
+        return common
+
     def forward(self, examples: list[Example]) -> LossOutput:
         """Caption cross-entropy on the assistant targets + symmetric InfoNCE between [RET] and images."""
+        rendered = [render_with_target(e.turns, self.tokenizer, self.config.prompt_format) for e in examples]
+        prefix = self.shared_prefix([prompt for prompt, _ in rendered])
         rows, labels = [], []
-        for example in examples:
-            prompt, target = render_with_target(example.turns, self.tokenizer, self.config.prompt_format)
-            prompt_embeds = self.embed_segments(prompt)
+        for prompt, target in rendered:
+            head = prompt[0][len(prefix):] if prefix else prompt[0]
+            prompt_embeds = self.embed_segments([head, *prompt[1:]] if head else prompt[1:])
             target_embeds = self.embed_segments(target)
             target_labels = torch.cat([
                 torch.full((self.config.n_visual_tokens,), -100) if isinstance(s, Image.Image)
@@ -202,14 +231,22 @@ class GroundedLM(nn.Module):
         length = max(len(r) for r in rows)
         lm_dim = rows[0].shape[-1]
         inputs = torch.zeros(len(rows), length, lm_dim, dtype=rows[0].dtype, device=self.device)  # (B, T, lm_dim)
-        mask = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(rows), len(prefix) + length, dtype=torch.long, device=self.device)  # (B, P + T)
         label_ids = torch.full((len(rows), length), -100, dtype=torch.long, device=self.device)
         for i, (row, lab) in enumerate(zip(rows, labels)):
-            inputs[i, :len(row)], mask[i, :len(row)], label_ids[i, :len(lab)] = row, 1, lab
+            inputs[i, :len(row)], mask[i, :len(prefix) + len(row)], label_ids[i, :len(lab)] = row, 1, lab
 
-        hidden, _ = self.hidden_states(inputs, mask)                                       # (B, T, lm_dim)
-        logits = self.logits(hidden[:, :-1])                                               # (B, T-1, V')
-        caption_loss = F.cross_entropy(logits.flatten(0, 1), label_ids[:, 1:].flatten(), ignore_index=-100)
+        cache = None
+        if prefix:
+            with torch.no_grad():
+                prefix_ids = torch.tensor(prefix, device=self.device)
+                _, cache = self.hidden_states(self.embed_ids(prefix_ids).unsqueeze(0), past_key_values=DynamicCache())
+            cache.batch_repeat_interleave(len(rows))                                        # P keys per row
+        hidden, _ = self.hidden_states(inputs, mask, past_key_values=cache)                 # (B, T, lm_dim)
+        # Logits only where a target token is predicted: the vocabulary head is the LM's widest layer.
+        predicts = label_ids[:, 1:] != -100                                                # (B, T-1)
+        logits = self.logits(hidden[:, :-1][predicts])                                     # (targets, V')
+        caption_loss = F.cross_entropy(logits, label_ids[:, 1:][predicts])
 
         ret_positions = (label_ids == self.ret_id).nonzero()                               # (R, 2)
         ret_images = [im for e in examples for im in e.ret_images]

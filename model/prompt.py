@@ -6,6 +6,7 @@ using the LM's chat template (`chat`) or FROMAGe's `Q: ...\\nA:` dialogue (`qa`)
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -16,6 +17,11 @@ Part = Union[str, Image.Image]
 Segment = Union[list[int], Image.Image]
 ROLES = ("user", "assistant")
 _IMAGE = "\uE000"  # private-use character: marks where an image goes in rendered text
+REQUESTS = ("Show me a picture of {}.", "Find an image of {}.", "Can you show me {}?", "Show me {}.",
+            "I would like to see {}.", "Do you have a picture of {}?")
+"""How a user asks for a picture; training rotates them, text search uses the first."""
+_LEADING = re.compile(r"^(there (is|are)|this (image|picture) shows|a (picture|photo|image) of|an image (of|with))\s+",
+                      re.IGNORECASE)
 
 
 @dataclass
@@ -120,3 +126,18 @@ def fit_context(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_fo
         cut = f"Your message was cut to its first {keep} tokens to fit the context window."
         notice = f"{notice} {cut}" if notice else cut
     return kept, notice
+
+
+def request_phrase(caption: str) -> str:
+    """What a user would ask for: 'There is a red circle.' -> 'a red circle'."""
+    text = " ".join(caption.split()).rstrip(".!? ")
+    text = _LEADING.sub("", text)
+    if not text:
+        raise ValueError(f"caption {caption!r} names nothing to ask for")
+    return text if text[1:2].isupper() else text[0].lower() + text[1:]  # keep acronyms: 'NASA ...'
+
+
+def retrieval_request(description: str, ret_token: str, template: str = REQUESTS[0]) -> list[Turn]:
+    """A request for a picture and the reply the model learns for it: `[RET]` alone, first. The query is
+    the hidden state where that `[RET]` is the input, so it has read the whole request."""
+    return [Turn("user", [template.format(request_phrase(description))]), Turn("assistant", [ret_token])]

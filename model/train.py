@@ -4,17 +4,22 @@ The frozen LM and the frozen CLIP stay as loaded. Training data are chat convers
 form the app sends at inference (`model.generate.stream_reply` with `Turn`s), so what is learnt here is
 what is used there:
 
-    captioning  user: [image, "Describe the image."]                 assistant: "A small red circle on the left."
-    retrieval   user: "Show me a picture of a small red circle ..."   assistant: "A small red circle .... [RET]"
+    captioning  user: [image, "Describe the image."]                assistant: "A small red circle on the left."
+    retrieval   user: "Show me a picture of a small red circle ..."  assistant: "[RET]"
     history     (every CONTEXT_EVERY-th batch) earlier image turns with their captions, then a new image or
-                request, or "Show me another picture like the second one." -> "<its caption>. [RET]"
+                request, or "Show me another picture like the second one." -> "[RET]"
 
-The `[RET]` hidden state comes right after the caption (as in FROMAGe) and is pulled towards its image
-by the contrastive loss; the caption loss teaches both the captions and when to emit `[RET]`.
+The reply to a request *starts* with `[RET]`; its hidden state (the query) has read the request and is
+pulled towards the image by the contrastive loss, and the caption loss teaches when to emit it. FROMAGe
+put `[RET]` after a caption the model writes first; with a frozen LM nothing trainable can steer text-only
+replies, and greedy SmolLM2 never ends its echo of the request where `[RET]` was trained to follow
+("A large white triangle near the top is a classic example of ..."), so `[RET]` never came. At the start
+of the reply, training and decoding see the same context, and the app's image shows with its own caption.
 
     python -m model.train --out assets/demo                 # the shapes world (the demo bundle)
     python -m model.train --out runs/mine --tsv pairs.tsv    # image-caption pairs (CC3M-style TSV)
     python -m model.train --out assets/demo --resume         # continue after an interruption
+    python -m model.train --init demo --out runs/tuned       # fine-tune a checkpoint (its weights are the start)
 
 Resumable state (weights, optimizer, step, history) lives in `--run-dir` as one safetensors file; the
 checkpoint (grounded_config.json + mappings.safetensors) and the loss curves are written into `--out`
@@ -28,7 +33,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -41,20 +45,22 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from model import shapes
+from model.checkpoint import resolve
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
 from model.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import Example, GroundedLM
 from model.lm import QUANTIZE_CHOICES
-from model.prompt import Turn
+from model.prompt import REQUESTS, Turn, retrieval_request
 from model.train_clip import lr_at, resolve_device
+from model.visual import LOCAL_DIR
 
 INSTRUCTIONS = ("Describe the image.", "What do you see?", "What is in this picture?",
                 "What does this image show?", "Write a caption for this image.", "Describe this picture.")
-REQUESTS = ("Show me a picture of {}.", "Find an image of {}.", "Can you show me {}?", "Show me {}.",
-            "I would like to see {}.", "Do you have a picture of {}?")
 CONTEXT_REQUESTS = ("Show me another picture like the {} one.", "Find another image like the {} one.",
                     "Can you show me one more like the {} picture?")
 ORDINALS = ("first", "second", "third")
+RET_TOKEN = GroundedConfig.ret_token
+"""Training writes the default `[RET]`: the checkpoint's tokenizer gets it as a special token."""
 CONTEXT_EVERY = 4
 """Every 4th batch is multi-turn: long prompts in their own batches keep the others unpadded."""
 TRAIN_SCENES = 1_000_000
@@ -65,12 +71,8 @@ STATE_FORMAT = "grounded-train-state/1"
 CURVE_NAME = "training_curve.png"
 SUMMARY_NAME = "training.json"
 RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "emb_dim", "batch_size", "lr", "warmup", "seed", "tsv",
-               "holdout", "val_size")
+               "holdout", "val_size", "init")
 """Options a resumed run must share with the run it continues: they shape the weights or the data order."""
-
-_LEADING = re.compile(r"^(there (is|are)|this (image|picture) shows|a (picture|photo|image) of|an image (of|with))\s+",
-                      re.IGNORECASE)
-
 
 # --- conversations --------------------------------------------------------------------------------
 
@@ -83,27 +85,12 @@ def sentence(text: str) -> str:
     return text if text[-1] in ".!?" else text + "."
 
 
-def request_phrase(caption: str) -> str:
-    """What a user would ask for: 'There is a red circle.' -> 'a red circle'."""
-    text = " ".join(caption.split()).rstrip(".!? ")
-    text = _LEADING.sub("", text)
-    if not text:
-        raise ValueError(f"caption {caption!r} names nothing to ask for")
-    return text if text[1:2].isupper() else text[0].lower() + text[1:]  # keep acronyms: 'NASA ...'
-
-
 def caption_turns(image: Image.Image, caption: str, rng: random.Random) -> list[Turn]:
     return [Turn("user", [image, rng.choice(INSTRUCTIONS)]), Turn("assistant", [sentence(caption)])]
 
 
-def retrieval_reply(caption: str) -> str:
-    """The assistant names what it retrieves, then `[RET]`: the query is the hidden state right after it."""
-    return f"{sentence(request_phrase(caption))} [RET]"
-
-
 def retrieval_turns(caption: str, rng: random.Random) -> list[Turn]:
-    return [Turn("user", [rng.choice(REQUESTS).format(request_phrase(caption))]),
-            Turn("assistant", [retrieval_reply(caption)])]
+    return retrieval_request(caption, RET_TOKEN, rng.choice(REQUESTS))
 
 
 def context_request(ordinal: int, rng: random.Random) -> str:
@@ -157,7 +144,7 @@ class Conversations:
             if retrieval and rng.random() < 0.5:  # refer back to an earlier picture
                 k = rng.randrange(len(history))
                 index, image, caption = history[k]
-                turns += [Turn("user", [context_request(k, rng)]), Turn("assistant", [retrieval_reply(caption)])]
+                turns += [Turn("user", [context_request(k, rng)]), Turn("assistant", [RET_TOKEN])]
                 examples.append(Example(turns, [self.another_view(index, image)]))
             elif retrieval:
                 index, image, caption = draw()
@@ -302,13 +289,27 @@ def plot_curves(history: dict, path: Path) -> None:
 
 
 def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
-    """The checkpoint into `out`, file by file: whatever else `out` holds (the demo's clip/) stays."""
+    """The checkpoint into `out`, file by file: whatever else `out` holds (the demo's clip/) stays. An
+    encoder folder inside `out` is named relative to it, so the checkpoint loads from anywhere."""
     checkpoint = run_dir / "checkpoint"
     model.save_pretrained(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    for source in (checkpoint / WEIGHTS_NAME, checkpoint / CONFIG_NAME, run_dir / CURVE_NAME):
+    config = GroundedConfig.load(checkpoint)
+    encoder = Path(config.visual.removeprefix(LOCAL_DIR)).resolve()
+    if config.visual.startswith(LOCAL_DIR) and encoder.is_relative_to(out.resolve()):
+        config.visual = LOCAL_DIR + encoder.relative_to(out.resolve()).as_posix()
+    for source in (checkpoint / WEIGHTS_NAME, run_dir / CURVE_NAME):
         _replace_atomically(out / source.name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    _replace_atomically(out / CONFIG_NAME,
+                        lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n"))
     _replace_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def holdout_kept_out(summary: dict) -> bool:
+    """Whether a checkpoint's weights never saw the shapes world's hold-out pairs, from its training.json:
+    trained with --holdout, and so was the checkpoint it was fine-tuned from (--init)."""
+    options = summary.get("options", {})
+    return summary.get("holdout_kept_out", bool(options.get("holdout")) and not options.get("init"))
 
 
 def mean_tail(values: list[float], n: int = 50) -> float | None:
@@ -333,9 +334,18 @@ def train(args: argparse.Namespace) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
-                            n_visual_tokens=args.n_visual_tokens, emb_dim=args.emb_dim)
-    model = GroundedLM(config, quantize=args.quantize, device=device)
+    kept_out = args.holdout
+    if args.init:  # fine-tune: the checkpoint's model, and its weights to start from
+        init_summary = resolve(args.init) / SUMMARY_NAME
+        kept_out = kept_out and init_summary.is_file() and holdout_kept_out(json.loads(init_summary.read_text()))
+        model = GroundedLM.from_pretrained(args.init, quantize=args.quantize, device=device)
+        config = model.config
+        args.lm, args.visual, args.visual_pretrained = config.lm, config.visual, config.visual_pretrained
+        args.n_visual_tokens, args.emb_dim = config.n_visual_tokens, config.emb_dim
+    else:
+        config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
+                                n_visual_tokens=args.n_visual_tokens, emb_dim=args.emb_dim)
+        model = GroundedLM(config, quantize=args.quantize, device=device)
     train_set, val_set = datasets(args, model.visual.image_size[0])
     train_data = Conversations(train_set, args.seed)
     val_data = Conversations(val_set, args.seed + 1)
@@ -397,7 +407,7 @@ def train(args: argparse.Namespace) -> dict:
     seconds = seconds_before + time.time() - t_start
     summary = {
         "finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0, "options": options,
-        "device": str(device), "quantize": args.quantize, "seconds": round(seconds, 1),
+        "holdout_kept_out": kept_out, "device": str(device), "quantize": args.quantize, "seconds": round(seconds, 1),
         "seconds_per_step": round((time.time() - t_start) / steps_here, 3) if steps_here else None,
         "train_caption_loss": mean_tail(history["caption"]), "train_ret_loss": mean_tail(history["ret"]),
         "val_caption_loss": history["val_caption"][-1] if history["val_caption"] else None,
@@ -425,6 +435,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  "instead of the shapes world; its last --val-size rows validate")
     p.add_argument("--holdout", action="store_true",
                    help="shapes world: keep the hold-out (shape, colour) pairs out of training")
+    p.add_argument("--init", help="fine-tune this checkpoint (folder or preset): its model and weights are the "
+                                  "start, and its config replaces --lm, --visual, --n-visual-tokens, --emb-dim")
     p.add_argument("--lm", default="smollm2-135m-instruct")
     p.add_argument("--visual", default="local-dir:assets/demo/clip")
     p.add_argument("--visual-pretrained", default=None, help="open_clip tag, for a named --visual model")

@@ -427,6 +427,6 @@ def test_gallery_search_ranks_the_collection_by_the_models_retrieval_vector(tiny
     assert "a large red circle" in label and len(items) == min(len(tiny_app.index), app.GALLERY_PAGE)
     scores = [float(caption.rsplit("score ", 1)[1]) for _, caption in items]
     assert scores == sorted(scores, reverse=True)
-    query = app.text_query(tiny_app.model, "a large red circle")
+    query = tiny_app.model.text_query("a large red circle")
     assert items[0][0] == tiny_app.index.search(query, k=1)[0].path
     assert tiny_app.search("  ")[1].startswith("Images 1–"), "an empty search shows the collection"

@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from docs.screenshot import CHROMIUM, FLAGS, REPLY_DONE
 from test_app import make_tiny_app, serve
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "red-hexagon.png"
 TIMEOUT_MS = 30_000
 expect.set_options(timeout=TIMEOUT_MS)  # generous: CI machines are slow and shared
@@ -94,8 +92,7 @@ def test_type_upload_and_see_the_reply_stream_with_a_retrieved_image_inline(page
     expect(caption).to_contain_text(re.compile(r"score -?\d\.\d\d"))
     expect(bot_messages(page).locator("img").first).to_be_visible()
     expect(page.locator("#stop")).to_be_visible()
-    page.wait_for_function("!document.querySelector('#chatbot .pending') && "
-                           "!document.querySelector('#message .generating')", timeout=TIMEOUT_MS)
+    page.wait_for_function(REPLY_DONE, timeout=TIMEOUT_MS)
     page.screenshot(path=shots / "chat.png", full_page=True)
 
 

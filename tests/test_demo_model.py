@@ -1,17 +1,18 @@
 """The bundled demo (assets/demo) on its shipped weights: it loads offline from any working directory,
-describes pictures through the decoding the app uses (`stream_reply`), and its `[RET]` queries find the
-described picture. SmolLM2 in 4 bits on the CPU."""
+describes pictures, and answers a request for a picture by emitting `[RET]` whose query finds that
+picture, through the decoding the app uses (`stream_reply`). SmolLM2 in 4 bits on the CPU."""
+from dataclasses import dataclass
+
 import pytest
 from safetensors import safe_open
 
 from model import shapes
 from model.checkpoint import ASSETS
 from model.config import WEIGHTS_NAME
+from model.evaluate import ret_queries
 from model.generate import GenerationSettings, Retrieved, Text, stream_reply
 from model.grounded import GroundedLM
-from model.evaluate import ret_queries
-from model.prompt import Turn
-from model.train import request_phrase, retrieval_reply
+from model.prompt import Turn, request_phrase, retrieval_request
 
 DEMO = ASSETS / "demo"
 pytestmark = pytest.mark.skipif(
@@ -59,15 +60,28 @@ def test_the_demo_describes_test_images_exactly(demo, gallery):
     assert sum(right for *_, right in outcomes) >= 4, outcomes
 
 
-def test_the_demo_retrieves_the_described_picture(demo, gallery):
-    """FROMAGe's protocol: the [RET] hidden state after "<caption>" in the reply queries the gallery.
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float
 
-    (Whether the shipped demo *emits* [RET] on its own at the default scale is weaker; see the README.)
-    """
+
+def test_the_demo_answers_requests_with_the_described_picture(demo, gallery):
+    """20 requests, teacher-forced in one batch: does greedy decoding open the reply with [RET], and does its
+    query rank first a picture with the requested objects? Then one request through the app's decoding."""
     items, vectors = gallery
     requests = items[:20]
-    conversations = [[Turn("user", [f"Show me a picture of {request_phrase(s.caption)}."]),
-                      Turn("assistant", [retrieval_reply(s.caption)])] for s in requests]
-    best = (ret_queries(demo, conversations) @ vectors.T).argmax(1)                    # (20,)
+    queries, emitted = ret_queries(demo, [retrieval_request(s.caption, demo.config.ret_token) for s in requests])
+    best = (queries @ vectors.T).argmax(1)                                               # (20,)
     right = [items[int(b)].scene.objects == s.scene.objects for b, s in zip(best, requests)]
+    assert emitted.sum() >= 18, [s.caption for s, e in zip(requests, emitted) if not e]
     assert sum(right) >= 16, list(zip([s.caption for s in requests], right))
+
+    def search(query, exclude):
+        scores = vectors @ query
+        return [Hit(int(i), float(scores[i])) for i in scores.argsort(descending=True) if int(i) not in exclude]
+
+    asked = next(s for s, e, r in zip(requests, emitted, right) if e and r)
+    text, retrieved = reply(demo, [Turn("user", [f"Find an image of {request_phrase(asked.caption)}."])], search)
+    assert retrieved is not None, f"no [RET] in the reply {text!r}"
+    assert items[retrieved.hits[0].id].scene.objects == asked.scene.objects

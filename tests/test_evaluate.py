@@ -120,11 +120,11 @@ def test_a_reply_without_ret_gets_one_forced_at_its_end(tiny_model, colour_image
 
 def test_teacher_forced_queries_do_not_depend_on_the_batch(tiny_model, colour_images):
     red, green, _ = colour_images
-    convs = [[Turn("user", ["show me a red square"]), Turn("assistant", ["A red square. [RET]"])],
+    convs = [[Turn("user", ["show me a red square"]), Turn("assistant", ["[RET]"])],
              [Turn("user", [green, "describe it"]), Turn("assistant", ["A green one."]),
               Turn("user", ["find a much longer description of a picture of a red one"]),
               Turn("assistant", ["A red one. [RET] Here it is."])]]
-    batched = ret_queries(tiny_model, convs, batch_size=2)
+    batched, _ = ret_queries(tiny_model, convs, batch_size=2)
     assert batched.shape == (2, 8)
     for turns, query in zip(convs, batched):
         prompt, target = render_with_target(turns, tiny_model.tokenizer, "chat")
@@ -137,6 +137,21 @@ def test_teacher_forced_queries_do_not_depend_on_the_batch(tiny_model, colour_im
         ret_queries(tiny_model, [[Turn("user", ["hi"]), Turn("assistant", ["hello"])]])
 
 
+def test_a_reply_opening_with_ret_is_scored_as_decoding_would_go(tiny_model, eager_ret_model, colour_images):
+    """The teacher-forced query of "[RET]" is the app's query, and `emitted` says whether greedy decoding
+    would have opened the reply with [RET] itself."""
+    prompts = conversations(colour_images)
+    for model in (tiny_model, eager_ret_model):
+        queries, emitted = ret_queries(model, [p + [Turn("assistant", ["[RET]"])] for p in prompts])
+        replies = greedy_replies(model, prompts, max_new_tokens=4, queries=True)
+        assert emitted.tolist() == [r.ret and r.text == "" for r in replies]
+        for query, reply, was_emitted in zip(queries, replies, emitted):
+            if was_emitted:
+                assert torch.allclose(query, reply.query, atol=1e-5)
+    assert not ret_queries(tiny_model, [prompts[0] + [Turn("assistant", ["[RET]"])]])[1].any()
+    assert ret_queries(eager_ret_model, [prompts[0] + [Turn("assistant", ["[RET]"])]])[1].all()
+
+
 def test_the_command_writes_json_a_plot_and_a_table(tiny_model, tmp_path, capsys):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "eval" / "result.json"
@@ -147,7 +162,7 @@ def test_the_command_writes_json_a_plot_and_a_table(tiny_model, tmp_path, capsys
     assert set(result["splits"]) == {"test", "holdout"}
     test = result["splits"]["test"]
     assert test["captioning"]["all"]["n"] == 4 and 0 <= test["captioning"]["all"]["exact"] <= 1
-    assert test["retrieval"]["gallery"] == 12
+    assert test["retrieval"]["gallery"] == 12 and 0 <= test["retrieval"]["ret_emitted"] <= 1
     for key in ("text_to_image", "text_to_image_own", "image_to_text", "image_to_text_own"):
         assert set(test["retrieval"][key]) == {"R@1", "R@5", "R@10"}
         assert test["retrieval"][key]["R@10"] >= test["retrieval"][key]["R@1"]
@@ -155,3 +170,4 @@ def test_the_command_writes_json_a_plot_and_a_table(tiny_model, tmp_path, capsys
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "exact scene" in printed and "text -> image" in printed and "with context" in printed
+    assert "[RET] emitted when asked for a picture" in printed

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from model.grounded import Example, GroundedLM
-from model.prompt import Turn, render
+from model.prompt import Turn, render, render_with_target, retrieval_request
 
 
 def test_images_are_spliced_as_mapped_visual_tokens(tiny_model, colour_images):
@@ -85,6 +85,55 @@ def test_losses_match_their_definitions(tiny_lm_dir, tiny_clip_dir, colour_image
         model([Example(examples(colour_images)[0].turns, [])])
 
 
+def mixed_examples(images):
+    """Captioning with [RET] after the caption, requests answered by [RET] alone, and a one-word request."""
+    red, green, blue = images
+    return [*examples([red])[:1],
+            Example([Turn("user", ["show me a picture of a green triangle at the top"]), Turn("assistant", ["[RET]"])],
+                    [green]),
+            Example([Turn("user", ["show"]), Turn("assistant", ["[RET]"])], [blue])]
+
+
+def reference_loss(model, batch):
+    """The loss from each conversation run whole and alone: no padding, no shared prefix."""
+    nll, count, queries = 0.0, 0, []
+    for example in batch:
+        prompt, target = render_with_target(example.turns, model.tokenizer, "chat")
+        embeds = model.embed_segments(prompt + target)                                     # (T, lm_dim)
+        n_prompt = len(model.embed_segments(prompt))
+        labels = torch.tensor([-100] * n_prompt + [t for s in target for t in s])
+        hidden, _ = model.hidden_states(embeds.unsqueeze(0))
+        predicts = labels[1:] != -100
+        nll = nll + F.cross_entropy(model.logits(hidden[0, :-1][predicts]), labels[1:][predicts], reduction="sum")
+        count += int(predicts.sum())
+        queries.append(model.ret_query(hidden[0, (labels == model.ret_id).nonzero()[0, 0]]))
+    keys = F.normalize(model.image_mapping(model.visual_features([im for e in batch for im in e.ret_images])), dim=-1)
+    scores = model.logit_scale.exp() * torch.stack(queries) @ keys.T
+    target = torch.arange(len(batch))
+    return nll / count + (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2
+
+
+def test_a_batch_shares_its_opening_tokens_without_changing_the_loss(tiny_model, colour_images):
+    """Rows are padded and their common opening runs once, with no gradient; loss and gradients are those
+    of each conversation run whole."""
+    batch = mixed_examples(colour_images)
+    prompts = [render_with_target(e.turns, tiny_model.tokenizer, "chat")[0] for e in batch]
+    header = tiny_model.tokenizer("<|im_start|>user\n", add_special_tokens=False).input_ids
+    assert tiny_model.shared_prefix(prompts) == header
+    alone = prompts[2][0]
+    assert tiny_model.shared_prefix([prompts[2], prompts[2]]) == alone[:-1], "the last prompt token stays in the rows"
+
+    grads = []
+    for loss in (tiny_model(batch).loss, reference_loss(tiny_model, batch)):
+        tiny_model.zero_grad()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
+        grads[-1]["loss"] = loss.detach()
+    assert set(grads[0]) == set(grads[1])
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
 def test_a_training_step_moves_only_the_small_layers(tiny_lm_dir, tiny_clip_dir, colour_images):
     model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("lm.", "visual."))}
@@ -105,3 +154,14 @@ def test_a_training_step_moves_only_the_small_layers(tiny_lm_dir, tiny_clip_dir,
             assert torch.equal(v, frozen[k]), f"frozen weight {k} changed"
     changed = [k for k, v in model.trainable_state_dict().items() if not torch.equal(v, trainable_before[k])]
     assert set(changed) == set(trainable_before)
+
+
+def test_a_text_query_is_the_ret_state_of_a_request_answered_by_ret(tiny_model):
+    """What gallery search sends the index: the query of the reply "[RET]" to "Show me a picture of ...",
+    as teacher-forced evaluation (and greedy decoding, when it opens the reply with [RET]) computes it."""
+    from model.evaluate import ret_queries
+    request = retrieval_request("A large red circle.", tiny_model.config.ret_token)
+    assert request[0].text == "Show me a picture of a large red circle." and request[1].text == "[RET]"
+    query = tiny_model.text_query("A large red circle.")
+    assert query.shape == (8,) and torch.allclose(query, ret_queries(tiny_model, [request])[0][0], atol=1e-5)
+    assert not torch.allclose(query, tiny_model.text_query("a small blue square"), atol=1e-3)

@@ -1,0 +1,51 @@
+"""The README's picture of the chat: a running app, driven in Debian's Chromium through Playwright.
+
+    python app.py &                                   # the demo, on http://127.0.0.1:7860
+    python docs/screenshot.py --out docs/screenshot.png
+
+It sends the chat's messages in one conversation, with the app's default settings, and captures the
+whole page once every reply is complete. (A picture is requested first: after earlier turns the demo
+model copies from them rather than retrieving or looking; the README says how often.)
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+MESSAGES = (("Find an image of a large blue circle in the centre.", None),)
+REPLY_DONE = "!document.querySelector('#chatbot .pending') && !document.querySelector('#message .generating')"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:7860/")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshot.png")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for each reply")
+    args = p.parse_args()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1360, "height": 1000})
+        page.goto(args.url)
+        page.wait_for_selector("#message textarea")
+        for text, image in MESSAGES:
+            shown = page.locator("#chatbot .message.bot").count()
+            if image is not None:
+                page.locator("#message input[type=file]").set_input_files(str(image))
+                page.wait_for_selector("#message img")
+            page.locator("#message textarea").fill(text)
+            page.locator("#message textarea").press("Enter")
+            page.wait_for_function(f"document.querySelectorAll('#chatbot .message.bot').length > {shown} && "
+                                   f"{REPLY_DONE}", timeout=args.timeout * 1000)
+        page.screenshot(path=args.out, full_page=True)
+        browser.close()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
