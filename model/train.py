@@ -339,9 +339,9 @@ def train(args: argparse.Namespace) -> dict:
         init_summary = resolve(args.init) / SUMMARY_NAME
         kept_out = kept_out and init_summary.is_file() and holdout_kept_out(json.loads(init_summary.read_text()))
         model = GroundedLM.from_pretrained(args.init, quantize=args.quantize, device=device)
-        config = model.config
-        args.lm, args.visual, args.visual_pretrained = config.lm, config.visual, config.visual_pretrained
-        args.n_visual_tokens, args.emb_dim = config.n_visual_tokens, config.emb_dim
+        named = GroundedConfig.load(resolve(args.init))  # as the checkpoint names them, not resolved paths
+        args.lm, args.visual, args.visual_pretrained = named.lm, named.visual, named.visual_pretrained
+        args.n_visual_tokens, args.emb_dim = named.n_visual_tokens, named.emb_dim
     else:
         config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
                                 n_visual_tokens=args.n_visual_tokens, emb_dim=args.emb_dim)
