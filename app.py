@@ -443,7 +443,11 @@ class ChatApp:
         if not query:
             items, label, _ = self.browse(0)
             return items, label
-        hits = self.index.search(self.model.text_query(query), k=GALLERY_PAGE)
+        try:
+            vector = self.model.text_query(query)
+        except ValueError:  # only punctuation: nothing to ask for
+            return [], f"“{query}” names nothing to search for."
+        hits = self.index.search(vector, k=GALLERY_PAGE)
         return ([(h.path, hit_label(h)) for h in hits],
                 f"Best {len(hits)} matches for “{query}”")
 

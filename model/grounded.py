@@ -220,8 +220,10 @@ class GroundedLM(nn.Module):
         prefix = self.shared_prefix([prompt for prompt, _ in rendered])
         rows, labels = [], []
         for prompt, target in rendered:
-            head = prompt[0][len(prefix):] if prefix else prompt[0]
-            prompt_embeds = self.embed_segments([head, *prompt[1:]] if head else prompt[1:])
+            if prefix:  # the shared opening runs once, below
+                rest = prompt[0][len(prefix):]
+                prompt = [rest, *prompt[1:]] if rest else prompt[1:]
+            prompt_embeds = self.embed_segments(prompt)
             target_embeds = self.embed_segments(target)
             target_labels = torch.cat([
                 torch.full((self.config.n_visual_tokens,), -100) if isinstance(s, Image.Image)

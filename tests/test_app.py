@@ -430,3 +430,4 @@ def test_gallery_search_ranks_the_collection_by_the_models_retrieval_vector(tiny
     query = tiny_app.model.text_query("a large red circle")
     assert items[0][0] == tiny_app.index.search(query, k=1)[0].path
     assert tiny_app.search("  ")[1].startswith("Images 1–"), "an empty search shows the collection"
+    assert tiny_app.search(" ?! ") == ([], "“?!” names nothing to search for.")
