@@ -336,10 +336,11 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     kept_out = args.holdout
     if args.init:  # fine-tune: the checkpoint's model, and its weights to start from
-        init_summary = resolve(args.init) / SUMMARY_NAME
+        init_dir = resolve(args.init)
+        init_summary = init_dir / SUMMARY_NAME
         kept_out = kept_out and init_summary.is_file() and holdout_kept_out(json.loads(init_summary.read_text()))
-        model = GroundedLM.from_pretrained(args.init, quantize=args.quantize, device=device)
-        named = GroundedConfig.load(resolve(args.init))  # as the checkpoint names them, not resolved paths
+        model = GroundedLM.from_pretrained(init_dir, quantize=args.quantize, device=device)
+        named = GroundedConfig.load(init_dir)  # as the checkpoint names them, not resolved paths
         args.lm, args.visual, args.visual_pretrained = named.lm, named.visual, named.visual_pretrained
         args.n_visual_tokens, args.emb_dim = named.n_visual_tokens, named.emb_dim
     else:
