@@ -108,7 +108,7 @@ def main() -> None:
     model = build(args.quantize, args.device)
     image = Image.new("RGB", (128, 128), "beige")
     turns = [Turn("user", [image, QUESTION])]
-    length = count_tokens(render(turns, model.tokenizer, "chat"), model.config.n_visual_tokens)
+    length = count_tokens(render(turns, model.tokenizer, "chat"), model.config.tokens_per_image)
     text_ids = [t for s in render([Turn("user", [QUESTION])], model.tokenizer, "chat") for t in s]
     filler = model.tokenizer(" picture" * (length - len(text_ids)), add_special_tokens=False).input_ids
     ids = torch.tensor([filler[:length - len(text_ids)] + text_ids], device=model.device)  # same length

@@ -94,10 +94,15 @@ def download(url: str, path: Path) -> None:
     partial.rename(path)
 
 
-def load_pretrained(folder_or_preset: str | Path, quantize: str = "4bit",
-                    device: torch.device | str | None = None) -> GroundedLM:
+def load_pretrained(folder_or_preset: str | Path, quantize: str = "4bit", device: torch.device | str | None = None,
+                    region_grid: int | None = None) -> GroundedLM:
+    """`region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint without region
+    tokens then gets a new, untrained region mapping (the shared per-cell mapping fits any grid)."""
     folder = resolve(folder_or_preset)
     config = GroundedConfig.load(folder)
+    new_regions = config.region_grid == 0 and bool(region_grid)
+    if region_grid is not None:
+        config.region_grid = region_grid
     local = config.visual.removeprefix(LOCAL_DIR)
     if config.visual.startswith(LOCAL_DIR) and not Path(local).is_absolute() and (folder / local).is_dir():
         config.visual = f"{LOCAL_DIR}{(folder / local).resolve()}"  # an encoder shipped inside the checkpoint
@@ -107,7 +112,8 @@ def load_pretrained(folder_or_preset: str | Path, quantize: str = "4bit",
     weights = load_file(weights_path)
     model = GroundedLM(config, quantize, device)
     expected = model.trainable_state_dict()
-    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems = [f"missing {k}" for k in expected
+                if k not in weights and not (new_regions and k.startswith("region_mapping."))]
     problems += [f"unexpected {k}" for k in weights if k not in expected]
     problems += [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
                  for k, v in expected.items() if k in weights and weights[k].shape != v.shape]

@@ -24,6 +24,10 @@ class GroundedConfig:
     visual_pretrained: str | None = "openai"
     """open_clip pretrained tag for a named model; None for local-dir/hf-hub sources."""
     n_visual_tokens: int = 1
+    region_grid: int = 0
+    """Region tokens: the encoder's patch features average-pooled to a grid x grid of cells, each mapped to
+    one more LM input token after the CLS tokens (0: none, FROMAGe's CLS-only input). A single CLS vector
+    cannot say which colour goes with which shape once a scene has several objects; the cells can."""
     emb_dim: int = 256
     prompt_format: str = "chat"
     """`chat`: the LM's chat template; `qa`: FROMAGe's `Q: ...\\nA:` dialogue turns."""
@@ -39,6 +43,13 @@ class GroundedConfig:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         if self.n_visual_tokens < 1 or self.emb_dim < 1:
             raise ValueError("n_visual_tokens and emb_dim must be positive")
+        if self.region_grid < 0:
+            raise ValueError(f"region_grid must be 0 (none) or positive, got {self.region_grid}")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """LM input positions one image takes: its CLS tokens, then its region tokens."""
+        return self.n_visual_tokens + self.region_grid ** 2
 
     def save(self, folder: str | Path) -> None:
         path = Path(folder) / CONFIG_NAME

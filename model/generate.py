@@ -106,11 +106,11 @@ def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSetti
     tokenizer, fmt = model.tokenizer, model.config.prompt_format
     window = getattr(model.lm.config, "max_position_embeddings", 2048)
     budget = settings.context_tokens or max(window - settings.max_new_tokens, window // 2)
-    turns, notice = fit_context(turns, tokenizer, fmt, model.config.n_visual_tokens, budget)
+    turns, notice = fit_context(turns, tokenizer, fmt, model.config.tokens_per_image, budget)
     if notice:
         yield Notice(notice)
     segments = render(turns, tokenizer, fmt)
-    prompt_tokens = count_tokens(segments, model.config.n_visual_tokens)
+    prompt_tokens = count_tokens(segments, model.config.tokens_per_image)
     generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
 
     eos_ids = {tokenizer.eos_token_id}

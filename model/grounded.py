@@ -1,6 +1,7 @@
 """The grounded LM: a frozen causal LM and a frozen CLIP visual encoder joined by small trained layers.
 
     image --CLIP--> pooled (visual_dim) --input_mapping--> n_visual_tokens x lm_dim   (spliced into the LM input)
+          --CLIP--> patches pooled to region_grid^2 cells --region_mapping--> one lm_dim token per cell (after them)
     image --CLIP--> pooled (visual_dim) --image_mapping--> emb_dim, L2-normalised       (what the index stores)
     [RET] hidden state (lm_dim)          --ret_mapping---> emb_dim, L2-normalised       (the retrieval query)
 
@@ -25,7 +26,7 @@ from transformers import DynamicCache
 from model.config import GroundedConfig
 from model.images import image_key
 from model.lm import load_lm
-from model.prompt import Segment, Turn, render, render_with_target, retrieval_request
+from model.prompt import Segment, Turn, count_tokens, render, render_with_target, retrieval_request
 from model.visual import VisualEncoder
 
 FEATURE_CACHE_SIZE = 512
@@ -66,12 +67,16 @@ class GroundedLM(nn.Module):
                 raise ValueError(f"checkpoint expects {name}={expected} but {source} has {actual}: "
                                  f"the checkpoint was trained with a different model than its config names")
         config.lm_dim, config.visual_dim = lm_dim, visual_dim
+        if config.region_grid > min(self.visual.grid_size):
+            raise ValueError(f"region_grid={config.region_grid} is finer than the {self.visual.grid_size[0]}x"
+                             f"{self.visual.grid_size[1]} patches of {self.visual.source}")
 
         self.ret_id: int = self.tokenizer.convert_tokens_to_ids(config.ret_token)
         self.vocab_size: int = self.lm.get_output_embeddings().out_features
         self.tied = self.lm.get_output_embeddings().weight is embeddings.weight
         n = config.n_visual_tokens
         self.input_mapping = nn.Linear(visual_dim, n * lm_dim)        # (B, visual_dim) -> (B, n * lm_dim)
+        self.region_mapping = nn.Linear(visual_dim, lm_dim) if config.region_grid else None  # per cell, shared
         self.ret_mapping = nn.Linear(lm_dim, config.emb_dim)
         self.image_mapping = nn.Linear(visual_dim, config.emb_dim)
         # [RET] starts as the mean embedding row: a plausible token the LM has never seen.
@@ -79,8 +84,9 @@ class GroundedLM(nn.Module):
         self.ret_output = None if self.tied else nn.Parameter(
             self.lm.get_output_embeddings().weight.detach().float().mean(0).clone())
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        for module in (self.input_mapping, self.ret_mapping, self.image_mapping):
-            module.to(self.device)
+        for module in (self.input_mapping, self.region_mapping, self.ret_mapping, self.image_mapping):
+            if module is not None:
+                module.to(self.device)
         self.ret_embedding.data = self.ret_embedding.data.to(self.device)
         if self.ret_output is not None:
             self.ret_output.data = self.ret_output.data.to(self.device)
@@ -91,9 +97,9 @@ class GroundedLM(nn.Module):
     # ---- checkpoints --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder_or_preset: str | Path, quantize: str = "4bit",
-                        device: torch.device | str | None = None) -> "GroundedLM":
+                        device: torch.device | str | None = None, region_grid: int | None = None) -> "GroundedLM":
         from model.checkpoint import load_pretrained
-        return load_pretrained(folder_or_preset, quantize, device)
+        return load_pretrained(folder_or_preset, quantize, device, region_grid)
 
     def save_pretrained(self, folder: str | Path) -> None:
         from model.checkpoint import save_pretrained
@@ -118,14 +124,18 @@ class GroundedLM(nn.Module):
 
     # ---- images ---------------------------------------------------------------------------------
     def visual_features(self, images: list[Image.Image]) -> torch.Tensor:
-        """Pooled CLIP features (N, visual_dim), cached by pixel hash: the encoder is frozen."""
+        """CLIP features (N, 1 + region_grid^2, visual_dim): the pooled CLS feature, then the region cells.
+        Cached by pixel hash: the encoder is frozen."""
         keys = [image_key(im) for im in images]
         with self._features_lock:
             found = {k: self._features[k] for k in keys if k in self._features}
         missing = {k: im for k, im in zip(keys, images) if k not in found}
         if missing:
-            pooled, _ = self.visual.encode(list(missing.values()))
-            found.update(zip(missing, pooled))
+            pooled, patches = self.visual.encode(list(missing.values()))
+            features = pooled.unsqueeze(1)                                                # (M, 1, D)
+            if self.config.region_grid:
+                features = torch.cat([features, self.visual.regions(patches, self.config.region_grid)], 1)
+            found.update(zip(missing, features))
         with self._features_lock:
             for k in keys:
                 self._features[k] = found[k]
@@ -141,9 +151,12 @@ class GroundedLM(nn.Module):
         return F.normalize(self.image_mapping(pooled.float()), dim=-1)
 
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, visual_dim) -> (N, n_visual_tokens, lm_dim), in the LM's dtype."""
+        """(N, 1 + region_grid^2, visual_dim) -> (N, tokens_per_image, lm_dim), in the LM's dtype."""
         n, dtype = self.config.n_visual_tokens, self.lm.get_input_embeddings().weight.dtype
-        return self.input_mapping(features).view(features.shape[0], n, -1).to(dtype)
+        tokens = self.input_mapping(features[:, 0]).view(features.shape[0], n, -1)        # (N, n, lm_dim)
+        if self.region_mapping is not None:
+            tokens = torch.cat([tokens, self.region_mapping(features[:, 1:])], 1)         # (N, n + grid^2, lm_dim)
+        return tokens.to(dtype)
 
     # ---- text -----------------------------------------------------------------------------------
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -205,8 +218,8 @@ class GroundedLM(nn.Module):
         for every row and need no gradient, so training computes them once per batch (about half the tokens
         of a short conversation) instead of once per row."""
         heads = [p[0] if p and not isinstance(p[0], Image.Image) else [] for p in prompts]
-        limit = min(sum(self.config.n_visual_tokens if isinstance(s, Image.Image) else len(s) for s in p)
-                    for p in prompts) - 1  # the last prompt token's logit predicts the reply's first token
+        # the last prompt token's logit predicts the reply's first token: it stays in the rows
+        limit = min(count_tokens(p, self.config.tokens_per_image) for p in prompts) - 1
         common: list[int] = []
         for column in zip(*heads):
             if len(common) == limit or len(set(column)) > 1 or column[0] == self.ret_id:
@@ -226,7 +239,7 @@ class GroundedLM(nn.Module):
             prompt_embeds = self.embed_segments(prompt)
             target_embeds = self.embed_segments(target)
             target_labels = torch.cat([
-                torch.full((self.config.n_visual_tokens,), -100) if isinstance(s, Image.Image)
+                torch.full((self.config.tokens_per_image,), -100) if isinstance(s, Image.Image)
                 else torch.tensor(s) for s in target]).to(self.device)
             rows.append(torch.cat([prompt_embeds, target_embeds]))
             labels.append(torch.cat([torch.full((len(prompt_embeds),), -100, device=self.device), target_labels]))
@@ -258,7 +271,7 @@ class GroundedLM(nn.Module):
             zero = caption_loss.new_zeros(())
             return LossOutput(caption_loss, caption_loss.detach(), zero, 0.0)
         queries = self.ret_query(hidden[ret_positions[:, 0], ret_positions[:, 1]])        # (R, emb_dim)
-        keys = F.normalize(self.image_mapping(self.visual_features(ret_images)), dim=-1)  # (R, emb_dim)
+        keys = F.normalize(self.image_mapping(self.visual_features(ret_images)[:, 0]), dim=-1)  # (R, emb_dim)
         scores = self.logit_scale.exp().clamp(max=100) * queries @ keys.T                                # (R, R)
         target = torch.arange(len(keys), device=self.device)
         ret_loss = (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2

@@ -96,12 +96,12 @@ def render_with_target(turns: list[Turn], tokenizer: PreTrainedTokenizerBase,
     return _segments(prompt, history_images, tokenizer), _segments(target, turns[-1].images, tokenizer)
 
 
-def count_tokens(segments: list[Segment], n_visual_tokens: int) -> int:
-    return sum(n_visual_tokens if isinstance(s, Image.Image) else len(s) for s in segments)
+def count_tokens(segments: list[Segment], tokens_per_image: int) -> int:
+    return sum(tokens_per_image if isinstance(s, Image.Image) else len(s) for s in segments)
 
 
 def fit_context(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format: str,
-                n_visual_tokens: int, max_tokens: int) -> tuple[list[Turn], str | None]:
+                tokens_per_image: int, max_tokens: int) -> tuple[list[Turn], str | None]:
     """Drop the oldest turns until the prompt fits `max_tokens`; never the current (last) turn.
 
     If the current turn alone is too long its text is cut at the end. Returns the turns that fit
@@ -109,11 +109,11 @@ def fit_context(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_fo
     """
     kept = list(turns)
     dropped = 0
-    while len(kept) > 1 and count_tokens(render(kept, tokenizer, prompt_format), n_visual_tokens) > max_tokens:
+    while len(kept) > 1 and count_tokens(render(kept, tokenizer, prompt_format), tokens_per_image) > max_tokens:
         kept.pop(0)
         dropped += 1
     notice = f"Left out the {dropped} oldest turn(s) to fit the context window." if dropped else None
-    excess = count_tokens(render(kept, tokenizer, prompt_format), n_visual_tokens) - max_tokens
+    excess = count_tokens(render(kept, tokenizer, prompt_format), tokens_per_image) - max_tokens
     if excess > 0:
         current = kept[-1]
         text_ids = tokenizer(current.text, add_special_tokens=False).input_ids

@@ -61,6 +61,8 @@ CONTEXT_REQUESTS = ("Show me another picture like the {} one.", "Find another im
 ORDINALS = ("first", "second", "third")
 RET_TOKEN = GroundedConfig.ret_token
 """Training writes the default `[RET]`: the checkpoint's tokenizer gets it as a special token."""
+DEFAULT_REGION_GRID = 3
+"""3 x 3 cells: the shapes world's five positions each fall in one cell of the demo encoder's 8 x 8 patches."""
 CONTEXT_EVERY = 4
 """Every 4th batch is multi-turn: long prompts in their own batches keep the others unpadded."""
 TRAIN_SCENES = 1_000_000
@@ -70,8 +72,8 @@ STATE_NAME = "state.safetensors"
 STATE_FORMAT = "grounded-train-state/1"
 CURVE_NAME = "training_curve.png"
 SUMMARY_NAME = "training.json"
-RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "emb_dim", "batch_size", "lr", "warmup", "seed", "tsv",
-               "holdout", "val_size", "init")
+RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "region_grid", "emb_dim", "batch_size", "lr", "warmup", "seed",
+               "tsv", "holdout", "val_size", "init")
 """Options a resumed run must share with the run it continues: they shape the weights or the data order."""
 
 # --- conversations --------------------------------------------------------------------------------
@@ -339,13 +341,16 @@ def train(args: argparse.Namespace) -> dict:
         init_dir = resolve(args.init)
         init_summary = init_dir / SUMMARY_NAME
         kept_out = kept_out and init_summary.is_file() and holdout_kept_out(json.loads(init_summary.read_text()))
-        model = GroundedLM.from_pretrained(init_dir, quantize=args.quantize, device=device)
+        model = GroundedLM.from_pretrained(init_dir, quantize=args.quantize, device=device,
+                                           region_grid=args.region_grid)
         named = GroundedConfig.load(init_dir)  # as the checkpoint names them, not resolved paths
         args.lm, args.visual, args.visual_pretrained = named.lm, named.visual, named.visual_pretrained
         args.n_visual_tokens, args.emb_dim = named.n_visual_tokens, named.emb_dim
+        args.region_grid = model.config.region_grid
     else:
         config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
-                                n_visual_tokens=args.n_visual_tokens, emb_dim=args.emb_dim)
+                                n_visual_tokens=args.n_visual_tokens, region_grid=args.region_grid,
+                                emb_dim=args.emb_dim)
         model = GroundedLM(config, quantize=args.quantize, device=device)
     train_set, val_set = datasets(args, model.visual.image_size[0])
     train_data = Conversations(train_set, args.seed)
@@ -437,11 +442,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout", action="store_true",
                    help="shapes world: keep the hold-out (shape, colour) pairs out of training")
     p.add_argument("--init", help="fine-tune this checkpoint (folder or preset): its model and weights are the "
-                                  "start, and its config replaces --lm, --visual, --n-visual-tokens, --emb-dim")
+                                  "start, and its config replaces --lm, --visual, --n-visual-tokens, --emb-dim "
+                                  "(and --region-grid unless given: a grid it lacks starts untrained)")
     p.add_argument("--lm", default="smollm2-135m-instruct")
     p.add_argument("--visual", default="local-dir:assets/demo/clip")
     p.add_argument("--visual-pretrained", default=None, help="open_clip tag, for a named --visual model")
     p.add_argument("--n-visual-tokens", type=int, default=4)
+    p.add_argument("--region-grid", type=int, default=None,
+                   help=f"region tokens: patch features pooled to an N x N grid, one token per cell (0: none; "
+                        f"default {DEFAULT_REGION_GRID}, or the --init checkpoint's)")
     p.add_argument("--emb-dim", type=int, default=256)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=16)
@@ -455,7 +464,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="4bit")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.region_grid is None and args.init is None:
+        args.region_grid = DEFAULT_REGION_GRID
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

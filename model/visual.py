@@ -13,6 +13,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from huggingface_hub import is_offline_mode
 from open_clip.pretrained import download_pretrained_from_hf
 from open_clip.transformer import VisionTransformer
@@ -39,7 +40,8 @@ class VisualEncoder(nn.Module):
         self.transform = transform
         self.source = source
         self.visual_dim: int = visual.transformer.width
-        self.n_patches: int = visual.grid_size[0] * visual.grid_size[1]
+        self.grid_size: tuple[int, int] = tuple(visual.grid_size)
+        self.n_patches: int = self.grid_size[0] * self.grid_size[1]
         self.image_size: tuple[int, int] = tuple(visual.image_size)
         self.train(False)
 
@@ -83,6 +85,13 @@ class VisualEncoder(nn.Module):
         pooled = out["image_intermediates_prefix"][0][:, 0]  # (B, 1, D) -> (B, D): ln_post(CLS)
         patches = out["image_intermediates"][0]  # (B, P, D): ln_post(patch tokens)
         return pooled, patches
+
+    def regions(self, patches: torch.Tensor, grid: int) -> torch.Tensor:
+        """Patch features (B, n_patches, D) -> (B, grid * grid, D): the mean of each cell of a grid x grid
+        split of the image, row by row from the top left."""
+        rows, cols = self.grid_size
+        cells = patches.transpose(1, 2).reshape(patches.shape[0], -1, rows, cols)     # (B, D, rows, cols)
+        return F.adaptive_avg_pool2d(cells, grid).flatten(2).transpose(1, 2)           # (B, grid * grid, D)
 
     @torch.no_grad()
     def encode(self, images: list[Image.Image], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,6 +62,18 @@ def test_weights_of_the_wrong_shape_are_refused(trained, tmp_path, tiny_lm_dir, 
         GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu")
 
 
+def test_a_checkpoint_grows_region_tokens_to_be_fine_tuned(trained, tmp_path):
+    trained.save_pretrained(tmp_path / "ckpt")
+    grown = GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu", region_grid=2)
+    assert grown.config.region_grid == 2 and grown.region_mapping is not None
+    for name, value in trained.trainable_state_dict().items():
+        assert torch.equal(grown.trainable_state_dict()[name], value), name
+    grown.save_pretrained(tmp_path / "grown")
+    assert GroundedLM.from_pretrained(tmp_path / "grown", quantize="none", device="cpu").config.region_grid == 2
+    with pytest.raises(ValueError, match="unexpected region_mapping.weight"):
+        GroundedLM.from_pretrained(tmp_path / "grown", quantize="none", device="cpu", region_grid=0)
+
+
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         GroundedLM.from_pretrained(tmp_path, quantize="none")

@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from model.grounded import Example, GroundedLM
-from model.prompt import Turn, render, render_with_target, retrieval_request
+from model.prompt import Turn, count_tokens, render, render_with_target, retrieval_request
 
 
 def test_images_are_spliced_as_mapped_visual_tokens(tiny_model, colour_images):
@@ -29,6 +29,25 @@ def test_images_are_spliced_as_mapped_visual_tokens(tiny_model, colour_images):
             assert torch.equal(embeds[0, position:position + len(s)], tiny_model.lm.get_input_embeddings()(torch.tensor(s)))
             position += len(s)
     assert torch.allclose(torch.stack(found), expected)
+
+
+def test_region_tokens_follow_the_cls_tokens_one_per_cell(tiny_lm_dir, tiny_clip_dir, colour_images):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2), quantize="none", device="cpu")
+    assert model.config.tokens_per_image == 2 + 4
+    pooled, patches = model.visual.encode(colour_images[:2])
+    tokens = model.visual_tokens(model.visual_features(colour_images[:2]))   # (2, 6, lm_dim)
+    assert tokens.shape == (2, 6, 32)
+    torch.testing.assert_close(tokens[:, :2], model.input_mapping(pooled).view(2, 2, 32))
+    torch.testing.assert_close(tokens[:, 2:], model.region_mapping(model.visual.regions(patches, 2)))
+    turns = [Turn("user", [colour_images[0], "describe the image."])]
+    segments = render(turns, model.tokenizer, "chat")
+    assert model.embed_conversation(turns).shape[1] == count_tokens(segments, 6)
+    assert {"region_mapping.weight", "region_mapping.bias"} <= set(model.trainable_state_dict())
+
+
+def test_a_region_grid_finer_than_the_patches_is_refused(tiny_lm_dir, tiny_clip_dir):
+    with pytest.raises(ValueError, match="region_grid=5 is finer than the 4x4 patches"):
+        GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=5), quantize="none", device="cpu")
 
 
 def test_ret_token_has_its_own_input_row_and_output_logit(tiny_model):
@@ -107,7 +126,7 @@ def reference_loss(model, batch):
         nll = nll + F.cross_entropy(model.logits(hidden[0, :-1][predicts]), labels[1:][predicts], reduction="sum")
         count += int(predicts.sum())
         queries.append(model.ret_query(hidden[0, (labels == model.ret_id).nonzero()[0, 0]]))
-    keys = F.normalize(model.image_mapping(model.visual_features([im for e in batch for im in e.ret_images])), dim=-1)
+    keys = F.normalize(model.image_mapping(model.visual_features([im for e in batch for im in e.ret_images])[:, 0]), dim=-1)
     scores = model.logit_scale.exp() * torch.stack(queries) @ keys.T
     target = torch.arange(len(batch))
     return nll / count + (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2

@@ -49,7 +49,8 @@ def colour_tsv(tmp_path_factory):
 
 def args_for(lm_dir, clip_dir, tmp_path, *extra):
     return ["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--lm", str(lm_dir),
-            "--visual", f"local-dir:{clip_dir}", "--n-visual-tokens", "2", "--emb-dim", "8", "--quantize", "none",
+            "--visual", f"local-dir:{clip_dir}", "--n-visual-tokens", "2", "--region-grid", "2", "--emb-dim", "8",
+            "--quantize", "none",
             "--device", "cpu", "--batch-size", "8", "--val-size", "8", *extra]
 
 
@@ -153,7 +154,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_lm_dir, tiny_clip_dir,
     assert meta["step"] == 1 and meta["history"]["step"] == [1]
 
     # The optimizer's moments and step count come back exactly as saved.
-    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2), quantize="none", device="cpu")
     optimizer = optimizer_for(model, 1e-3)
     load_state(state_path, model, optimizer, run_options(parse_args(cut)))
     restored = optimizer.state_dict()["state"]
@@ -176,16 +177,20 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_lm_dir, tiny_clip_dir,
 
 
 def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_shape(tiny_lm_dir, tiny_clip_dir, tmp_path):
-    main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / "first", "--steps", "2", "--val-every", "2"))
+    main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / "first", "--steps", "2", "--val-every", "2",
+                  "--region-grid", "0"))
     first = GroundedLM.from_pretrained(tmp_path / "first" / "out", quantize="none", device="cpu")
-    # lr 0: nothing moves, so the result is exactly where fine-tuning started; --emb-dim is the checkpoint's
+    # lr 0: nothing moves, so the result is exactly where fine-tuning started; --emb-dim is the checkpoint's,
+    # and --region-grid 2 gives it region tokens
     summary = main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / "tuned", "--init", str(tmp_path / "first" / "out"),
                             "--lr", "0", "--steps", "1", "--val-every", "1", "--emb-dim", "16", "--holdout"))
     assert summary["options"]["emb_dim"] == 8 and summary["options"]["init"] == str(tmp_path / "first" / "out")
+    assert summary["options"]["region_grid"] == 2
     assert summary["options"]["holdout"] and not summary["holdout_kept_out"], "its start saw the hold-out pairs"
     tuned = GroundedLM.from_pretrained(tmp_path / "tuned" / "out", quantize="none", device="cpu")
-    before = first.trainable_state_dict()
-    assert all(torch.equal(value, before[name]) for name, value in tuned.trainable_state_dict().items())
+    after = tuned.trainable_state_dict()
+    assert all(torch.equal(value, after[name]) for name, value in first.trainable_state_dict().items())
+    assert tuned.config.region_grid == 2 and "region_mapping.weight" in after
 
 
 def test_the_hold_out_counts_as_unseen_only_if_no_run_behind_a_checkpoint_saw_it():

@@ -137,6 +137,17 @@ def test_encode_batches_and_returns_float32(encoder: VisualEncoder):
     torch.testing.assert_close(patches, expected_patches)
 
 
+def test_regions_are_cell_means_of_the_patch_grid_row_by_row(encoder: VisualEncoder):
+    rows, cols = encoder.grid_size                                             # 4 x 4 patches
+    patches = torch.randn(2, rows * cols, encoder.visual_dim)
+    cells = encoder.regions(patches, 2)
+    assert cells.shape == (2, 4, encoder.visual_dim)
+    grid = patches.view(2, rows, cols, -1)
+    for index, (top, left) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+        torch.testing.assert_close(cells[:, index], grid[:, top:top + 2, left:left + 2].mean((1, 2)))
+    torch.testing.assert_close(encoder.regions(patches, rows), patches), "one cell per patch is the patches"
+
+
 def test_encode_of_no_images_is_empty(encoder: VisualEncoder):
     pooled, patches = encoder.encode([])
     assert pooled.shape == (0, encoder.visual_dim) and patches.shape == (0, encoder.n_patches, encoder.visual_dim)
