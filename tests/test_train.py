@@ -113,7 +113,8 @@ def test_training_on_a_tsv_reduces_both_losses(seeing_lm_dir, tiny_clip_dir, col
     rows = Subset(TsvCaptionDataset(colour_tsv), range(len(COLOURS) - 2))  # what it trains on
     fit = [Conversations(rows, seed=7).batch(i, 8) for i in range(2)]
     torch.manual_seed(0)  # train() seeds the same way: `before` is the model it starts from
-    before = validate(GroundedLM(tiny_config(seeing_lm_dir, tiny_clip_dir), quantize="none", device="cpu"), fit)
+    start = GroundedLM(tiny_config(seeing_lm_dir, tiny_clip_dir, region_grid=2), quantize="none", device="cpu")
+    before = validate(start, fit)
     summary = main(args_for(seeing_lm_dir, tiny_clip_dir, tmp_path, "--tsv", str(colour_tsv), "--val-size", "2",
                             "--steps", "80", "--lr", "1e-2", "--val-every", "40"))
     assert summary["finished"] and summary["options"]["tsv"] == str(colour_tsv)
