@@ -145,7 +145,7 @@ def test_regions_are_cell_means_of_the_patch_grid_row_by_row(encoder: VisualEnco
     grid = patches.view(2, rows, cols, -1)
     for index, (top, left) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
         torch.testing.assert_close(cells[:, index], grid[:, top:top + 2, left:left + 2].mean((1, 2)))
-    torch.testing.assert_close(encoder.regions(patches, rows), patches), "one cell per patch is the patches"
+    torch.testing.assert_close(encoder.regions(patches, rows), patches)  # one cell per patch: the patches
 
 
 def test_encode_of_no_images_is_empty(encoder: VisualEncoder):
