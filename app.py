@@ -83,7 +83,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from model import shapes  # noqa: E402
+from model.world import shapes  # noqa: E402
 from model.generate import Done, GenerationSettings, Notice, Retrieved, Text, stream_reply  # noqa: E402
 from model.grounded import GroundedLM  # noqa: E402
 from model.images import MAX_BYTES, ImageError, file_sha256, image_key, load_image  # noqa: E402

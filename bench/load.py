@@ -39,7 +39,7 @@ import httpx  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from model import shapes  # noqa: E402
+from model.world import shapes  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 REQUESTS = ("Show me a picture of a large red circle.", "Show me a small blue square on the left.",

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from model import shapes
-from model.data import ShapesDataset, TsvCaptionDataset, collate
+from model.world import shapes
+from model.world.data import ShapesDataset, TsvCaptionDataset, collate
 from model.images import ImageError
 
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import pytest
 from safetensors import safe_open
 
-from model import shapes
+from model.world import shapes
 from model.checkpoint import ASSETS
 from model.config import WEIGHTS_NAME
-from model.evaluate import ret_queries
+from model.training.evaluate import ret_queries
 from model.generate import GenerationSettings, Retrieved, Text, stream_reply
 from model.grounded import GroundedLM
 from model.prompt import Turn, request_phrase, retrieval_request
@@ -17,7 +17,7 @@ from model.prompt import Turn, request_phrase, retrieval_request
 DEMO = ASSETS / "demo"
 pytestmark = pytest.mark.skipif(
     not (DEMO / WEIGHTS_NAME).is_file(),
-    reason=f"{DEMO / WEIGHTS_NAME} does not exist yet: train it with `python -m model.train --out assets/demo`")
+    reason=f"{DEMO / WEIGHTS_NAME} does not exist yet: train it with `python -m model.training.train --out assets/demo`")
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from model import shapes
-from model.evaluate import caption_scores, greedy_replies, main, recall_at_k, ret_queries, same_scene
+from model.world import shapes
+from model.training.evaluate import caption_scores, greedy_replies, main, recall_at_k, ret_queries, same_scene
 from model.generate import GenerationSettings, Retrieved, Text, stream_reply
 from model.grounded import GroundedLM
 from model.prompt import Turn, render_with_target
-from model.shapes import Scene, SceneObject
+from model.world.shapes import Scene, SceneObject
 
 
 def test_recall_at_k_on_hand_made_scores():

@@ -178,7 +178,7 @@ def test_a_training_step_moves_only_the_small_layers(tiny_lm_dir, tiny_clip_dir,
 def test_a_text_query_is_the_ret_state_of_a_request_answered_by_ret(tiny_model):
     """What gallery search sends the index: the query of the reply "[RET]" to "Show me a picture of ...",
     as teacher-forced evaluation (and greedy decoding, when it opens the reply with [RET]) computes it."""
-    from model.evaluate import ret_queries
+    from model.training.evaluate import ret_queries
     request = retrieval_request("A large red circle.", tiny_model.config.ret_token)
     assert request[0].text == "Show me a picture of a large red circle." and request[1].text == "[RET]"
     query = tiny_model.text_query("A large red circle.")

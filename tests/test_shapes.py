@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from model import shapes
-from model.shapes import Scene, SceneObject, parse_caption, score_scene
+from model.world import shapes
+from model.world.shapes import Scene, SceneObject, parse_caption, score_scene
 
 N_SEEDS = 3000
 

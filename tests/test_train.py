@@ -10,10 +10,10 @@ from transformers import LlamaForCausalLM
 
 from conftest import tiny_config
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
-from model.data import ShapesDataset, TsvCaptionDataset
+from model.world.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import GroundedLM
 from model.prompt import REQUESTS, render_with_target, request_phrase
-from model.train import (CONTEXT_EVERY, INSTRUCTIONS, STATE_NAME, Conversations, holdout_kept_out, load_state, main,
+from model.training.train import (CONTEXT_EVERY, INSTRUCTIONS, STATE_NAME, Conversations, holdout_kept_out, load_state, main,
                          optimizer_for, parse_args, read_state, run_options, sentence, validate)
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")

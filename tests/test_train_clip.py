@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model import shapes
-from model import train_clip as tc
+from model.world import shapes
+from model.training import train_clip as tc
 
 TINY_CFG = {
     "embed_dim": 32,

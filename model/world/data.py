@@ -1,6 +1,6 @@
 """Datasets shared by all training code. Items are `(image: PIL RGB, caption: str)`; the model preprocesses.
 
-`ShapesDataset` serves the synthetic shapes world (see model/shapes.py); `TsvCaptionDataset` serves real
+`ShapesDataset` serves the synthetic shapes world (see model/world/shapes.py); `TsvCaptionDataset` serves real
 image-caption pairs in FROMAGe's CC3M format.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from model import shapes
+from model.world import shapes
 from model.images import ImageError, load_image
 
 log = logging.getLogger(__name__)

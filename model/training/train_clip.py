@@ -7,7 +7,7 @@ object's shape, colour, size and position; the figures printed at the end measur
 Built from open_clip's own classes (`open_clip.CLIP` from a config dict, `open_clip.ClipLoss`, its bundled
 SimpleTokenizer) and saved in open_clip's `local-dir:` format, which is how the app loads it:
 
-    python -m model.train_clip --out assets/demo/clip
+    python -m model.training.train_clip --out assets/demo/clip
     open_clip.create_model_and_transforms("local-dir:assets/demo/clip")
 
 Scenes are rendered once into a uint8 tensor cache (in worker processes); batches index into it, so data
@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import shapes
+from model.world import shapes
 from model.lm import default_device
 
 MODEL_CFG = {

@@ -16,10 +16,10 @@ replies, and greedy SmolLM2 never ends its echo of the request where `[RET]` was
 ("A large white triangle near the top is a classic example of ..."), so `[RET]` never came. At the start
 of the reply, training and decoding see the same context, and the app's image shows with its own caption.
 
-    python -m model.train --out assets/demo                 # the shapes world (the demo bundle)
-    python -m model.train --out runs/mine --tsv pairs.tsv    # image-caption pairs (CC3M-style TSV)
-    python -m model.train --out assets/demo --resume         # continue after an interruption
-    python -m model.train --init demo --out runs/tuned       # fine-tune a checkpoint (its weights are the start)
+    python -m model.training.train --out assets/demo                 # the shapes world (the demo bundle)
+    python -m model.training.train --out runs/mine --tsv pairs.tsv    # image-caption pairs (CC3M-style TSV)
+    python -m model.training.train --out assets/demo --resume         # continue after an interruption
+    python -m model.training.train --init demo --out runs/tuned       # fine-tune a checkpoint (its weights are the start)
 
 Resumable state (weights, optimizer, step, history) lives in `--run-dir` as one safetensors file; the
 checkpoint (grounded_config.json + mappings.safetensors) and the loss curves are written into `--out`
@@ -44,14 +44,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from model import shapes
+from model.world import shapes
 from model.checkpoint import resolve
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
-from model.data import ShapesDataset, TsvCaptionDataset
+from model.world.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import Example, GroundedLM
 from model.lm import QUANTIZE_CHOICES
 from model.prompt import REQUESTS, Turn, retrieval_request
-from model.train_clip import lr_at, resolve_device
+from model.training.train_clip import lr_at, resolve_device
 from model.visual import LOCAL_DIR
 
 INSTRUCTIONS = ("Describe the image.", "What do you see?", "What is in this picture?",
@@ -208,7 +208,7 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     with safe_open(path, "pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a training state written by model/train.py ({STATE_FORMAT})")
+        raise ValueError(f"{path} is not a training state written by model/training/train.py ({STATE_FORMAT})")
     decoded = {"step": int(metadata["step"]), "seconds": float(metadata["seconds"])}
     decoded.update({k: json.loads(metadata[k]) for k in ("history", "param_groups", "options")})
     return load_file(path), decoded

@@ -1,8 +1,8 @@
 """Measure a grounded checkpoint exactly, on the shapes world: captions read back into attributes, and
 retrieval through `[RET]`, with the prompts the app uses.
 
-    python -m model.evaluate --checkpoint assets/demo --split test            # full: 1,000 images
-    python -m model.evaluate --checkpoint assets/demo --split test --limit 200  # fewer captions (CPU)
+    python -m model.training.evaluate --checkpoint assets/demo --split test            # full: 1,000 images
+    python -m model.training.evaluate --checkpoint assets/demo --split test --limit 200  # fewer captions (CPU)
 
 - captioning: greedy reply to `[image, "Describe the image."]` (instructions rotate), parsed with
   `shapes.parse_caption`; exact scene and per-attribute accuracy, by number of objects.
@@ -33,14 +33,14 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from model import shapes
+from model.world import shapes
 from model.checkpoint import resolve
-from model.data import ShapesDataset
+from model.world.data import ShapesDataset
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES
 from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_request
-from model.train import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns, holdout_kept_out
-from model.train_clip import resolve_device
+from model.training.train import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns, holdout_kept_out
+from model.training.train_clip import resolve_device
 
 FIELDS = ("exact", "count", "shape", "colour", "size", "position")
 KS = (1, 5, 10)
