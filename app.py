@@ -33,10 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--index", type=Path, metavar="FOLDER",
                         help="image index to retrieve from (made by `python -m retrieval_index.build`); "
                              "default: the demo gallery, built in the cache on first start")
-    parser.add_argument("--quantize", choices=("4bit", "8bit", "none"), default="4bit",
-                        help="how to load the frozen LM (bitsandbytes). Default: 4bit, as the demo mappings "
-                             "were trained; none decodes about 3x faster on a CPU but shifts the hidden "
-                             "states those mappings expect")
+    parser.add_argument("--quantize", choices=("4bit", "8bit", "none"), default=None,
+                        help="how to load the frozen LM (bitsandbytes). Default: as the checkpoint was trained "
+                             "(4bit for the demo); another choice shifts the hidden states its mappings expect")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all). "
                                                              "Default: 127.0.0.1")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on. Default: 7860")

@@ -1,7 +1,9 @@
-"""Checkpoint folders: save/load the small trained layers, resolve presets, import FROMAGe's weights.
+"""Checkpoint folders as files: write and read the small trained layers, resolve presets, import FROMAGe's
+weights.
 
 A checkpoint is `grounded_config.json` + `mappings.safetensors` (trainable weights only); the frozen
-LM and encoder are named by the config and loaded from their own sources.
+LM and encoder are named by the config and loaded from their own sources. This module knows the files,
+not the model: `GroundedLM.from_pretrained` / `save_pretrained` build on it (arrows point down).
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
-from model.grounded import GroundedLM
 from model.lm import cache_dir
 from model.visual import LOCAL_DIR
 
@@ -38,15 +39,15 @@ def versions() -> dict[str, str]:
             "open_clip": open_clip.__version__}
 
 
-def save_pretrained(model: GroundedLM, folder: str | Path) -> None:
+def write_checkpoint(folder: str | Path, config: GroundedConfig, weights: dict[str, torch.Tensor],
+                     metadata: dict[str, str]) -> None:
     """Write the checkpoint atomically: a reader sees the old folder or the new one, never half."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    model.config.versions = versions()
-    model.config.save(staging)
-    weights = {k: v.float().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    save_file(weights, staging / WEIGHTS_NAME, metadata={"fingerprint": model.fingerprint})
+    config.versions = versions()
+    config.save(staging)
+    save_file({k: v.float().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS_NAME, metadata=metadata)
     for path in staging.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
@@ -94,34 +95,18 @@ def download(url: str, path: Path) -> None:
     partial.rename(path)
 
 
-def load_pretrained(folder_or_preset: str | Path, quantize: str = "4bit", device: torch.device | str | None = None,
-                    region_grid: int | None = None) -> GroundedLM:
-    """`region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint without region
-    tokens then gets a new, untrained region mapping (the shared per-cell mapping fits any grid)."""
+def read_checkpoint(folder_or_preset: str | Path) -> tuple[GroundedConfig, dict[str, torch.Tensor]]:
+    """The config and the trained weights of a checkpoint folder or preset. An encoder shipped inside the
+    folder (`local-dir:` relative to it) is named by its absolute path, so the checkpoint loads from anywhere."""
     folder = resolve(folder_or_preset)
     config = GroundedConfig.load(folder)
-    new_regions = config.region_grid == 0 and bool(region_grid)
-    if region_grid is not None:
-        config.region_grid = region_grid
     local = config.visual.removeprefix(LOCAL_DIR)
     if config.visual.startswith(LOCAL_DIR) and not Path(local).is_absolute() and (folder / local).is_dir():
-        config.visual = f"{LOCAL_DIR}{(folder / local).resolve()}"  # an encoder shipped inside the checkpoint
+        config.visual = f"{LOCAL_DIR}{(folder / local).resolve()}"
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{folder}: {WEIGHTS_NAME} is missing")
-    weights = load_file(weights_path)
-    model = GroundedLM(config, quantize, device)
-    expected = model.trainable_state_dict()
-    problems = [f"missing {k}" for k in expected
-                if k not in weights and not (new_regions and k.startswith("region_mapping."))]
-    problems += [f"unexpected {k}" for k in weights if k not in expected]
-    problems += [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if problems:
-        raise ValueError(f"{weights_path} does not match the model its config describes "
-                         f"(LM {config.lm}, encoder {model.visual.source}): " + "; ".join(problems))
-    model.load_state_dict(weights, strict=False)
-    return model
+    return config, load_file(weights_path)
 
 
 def import_fromage(ckpt_path: str | Path, model_args_path: str | Path, out: str | Path) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 CONFIG_NAME = "grounded_config.json"
 WEIGHTS_NAME = "mappings.safetensors"
 PROMPT_FORMATS = ("chat", "qa")
+PROJECTORS = ("linear", "mlp")
 
 
 @dataclass
@@ -28,10 +29,19 @@ class GroundedConfig:
     """Region tokens: the encoder's patch features average-pooled to a grid x grid of cells, each mapped to
     one more LM input token after the CLS tokens (0: none, FROMAGe's CLS-only input). A single CLS vector
     cannot say which colour goes with which shape once a scene has several objects; the cells can."""
+    projector: str = "linear"
+    """How CLIP features become LM tokens: `linear` (FROMAGe) or `mlp` (Linear-GELU-Linear, as LLaVA-1.5 found
+    better), for the CLS and the region mapping alike."""
     emb_dim: int = 256
     prompt_format: str = "chat"
     """`chat`: the LM's chat template; `qa`: FROMAGe's `Q: ...\\nA:` dialogue turns."""
     ret_token: str = "[RET]"
+    quantize: str | None = None
+    """How the frozen LM was loaded when the mappings were trained (`4bit`, `8bit`, `none`); the model loads the
+    same unless told otherwise. None (older checkpoints): 4bit."""
+    compute_dtype: str | None = None
+    """The LM's compute dtype in training (`bfloat16`, `float32`); loaded the same where the device runs it
+    natively. None (older checkpoints): bf16 where native, else fp32."""
     lm_dim: int | None = None
     """Filled in from the LM when the model is built; checked when a checkpoint is loaded."""
     visual_dim: int | None = None
@@ -41,6 +51,8 @@ class GroundedConfig:
     def __post_init__(self) -> None:
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         if self.n_visual_tokens < 1 or self.emb_dim < 1:
             raise ValueError("n_visual_tokens and emb_dim must be positive")
         if self.region_grid < 0:

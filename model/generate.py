@@ -1,7 +1,7 @@
 """Streaming decoding with a KV cache that retrieves images when the LM emits `[RET]`.
 
-`stream_reply` yields events as they happen: `Text(delta)`, `Retrieved(hits)`, `Notice(message)`
-and finally `Done(stats)`. When `[RET]` is sampled it is fed back as the next input; the hidden
+`stream_reply` yields events as they happen: `Text(delta)`, `Retrieved(hits)`, `Notice(message)` (the
+context was cut; a new image is unlike the training images) and finally `Done(stats)`. When `[RET]` is sampled it is fed back as the next input; the hidden
 state of that step is the retrieval query, and the same step's logits continue the text
 (FROMAGe recomputed the whole sequence each step and dropped text after the last `[RET]`).
 """
@@ -109,6 +109,12 @@ def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSetti
     turns, notice = fit_context(turns, tokenizer, fmt, model.config.tokens_per_image, budget)
     if notice:
         yield Notice(notice)
+    new_images = turns[-1].images if turns and turns[-1].role == "user" else []
+    for number, unfamiliar in enumerate(model.unfamiliar(new_images), 1):
+        if unfamiliar:
+            which = f"Image {number} of {len(new_images)}" if len(new_images) > 1 else "This image"
+            yield Notice(f"{which} looks unlike the images this model was trained on "
+                         f"({model.familiarity.trained_on}): what it says about it will not be reliable.")
     segments = render(turns, tokenizer, fmt)
     prompt_tokens = count_tokens(segments, model.config.tokens_per_image)
     generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None

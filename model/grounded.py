@@ -2,6 +2,7 @@
 
     image --CLIP--> pooled (visual_dim) --input_mapping--> n_visual_tokens x lm_dim   (spliced into the LM input)
           --CLIP--> patches pooled to region_grid^2 cells --region_mapping--> one lm_dim token per cell (after them)
+    (input and region mappings: a Linear, or an MLP when the config's projector is `mlp`)
     image --CLIP--> pooled (visual_dim) --image_mapping--> emb_dim, L2-normalised       (what the index stores)
     [RET] hidden state (lm_dim)          --ret_mapping---> emb_dim, L2-normalised       (the retrieval query)
 
@@ -23,7 +24,9 @@ from PIL import Image
 from torch import nn
 from transformers import DynamicCache
 
+from model.checkpoint import read_checkpoint, resolve, write_checkpoint
 from model.config import GroundedConfig
+from model.familiarity import Familiarity
 from model.images import image_key
 from model.lm import load_lm
 from model.prompt import Segment, Turn, count_tokens, render, render_with_target, retrieval_request
@@ -51,12 +54,23 @@ class LossOutput:
     """Share of [RET] vectors whose nearest image in the batch is their own (a cheap training signal)."""
 
 
+def projector(kind: str, in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """CLIP features -> LM input tokens: one Linear (FROMAGe), or Linear-GELU-Linear (LLaVA-1.5's MLP)."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+
 class GroundedLM(nn.Module):
-    def __init__(self, config: GroundedConfig, quantize: str = "4bit", device: torch.device | str | None = None):
+    def __init__(self, config: GroundedConfig, quantize: str | None = None, device: torch.device | str | None = None,
+                 compute_dtype: str | None = None):
+        """`quantize` and `compute_dtype` default to the config's: a checkpoint loads as it was trained."""
         super().__init__()
         self.config = config
-        self.quantize = quantize
-        self.lm, self.tokenizer = load_lm(config.lm, quantize, device, config.ret_token)
+        quantize = quantize or config.quantize or "4bit"
+        self.lm, self.tokenizer = load_lm(config.lm, quantize, device, config.ret_token,
+                                          compute_dtype or config.compute_dtype)
+        config.quantize, config.compute_dtype = quantize, str(self.lm.dtype).removeprefix("torch.")
         embeddings = self.lm.get_input_embeddings()
         self.device = embeddings.weight.device
         self.visual = VisualEncoder.from_source(config.visual, config.visual_pretrained, self.device)
@@ -75,8 +89,9 @@ class GroundedLM(nn.Module):
         self.vocab_size: int = self.lm.get_output_embeddings().out_features
         self.tied = self.lm.get_output_embeddings().weight is embeddings.weight
         n = config.n_visual_tokens
-        self.input_mapping = nn.Linear(visual_dim, n * lm_dim)        # (B, visual_dim) -> (B, n * lm_dim)
-        self.region_mapping = nn.Linear(visual_dim, lm_dim) if config.region_grid else None  # per cell, shared
+        self.input_mapping = projector(config.projector, visual_dim, lm_dim, n * lm_dim)  # (B, visual_dim) -> (B, n * lm_dim)
+        self.region_mapping = (projector(config.projector, visual_dim, lm_dim, lm_dim)    # per cell, shared
+                               if config.region_grid else None)
         self.ret_mapping = nn.Linear(lm_dim, config.emb_dim)
         self.image_mapping = nn.Linear(visual_dim, config.emb_dim)
         # [RET] starts as the mean embedding row: a plausible token the LM has never seen.
@@ -91,19 +106,43 @@ class GroundedLM(nn.Module):
         if self.ret_output is not None:
             self.ret_output.data = self.ret_output.data.to(self.device)
         self.logit_scale.data = self.logit_scale.data.to(self.device)
+        self.familiarity: Familiarity | None = None
+        """Which images are like the training images (`familiarity.safetensors` in the checkpoint), if known."""
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._features_lock = threading.Lock()  # sessions share one model
 
     # ---- checkpoints --------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder_or_preset: str | Path, quantize: str = "4bit",
-                        device: torch.device | str | None = None, region_grid: int | None = None) -> "GroundedLM":
-        from model.checkpoint import load_pretrained
-        return load_pretrained(folder_or_preset, quantize, device, region_grid)
+    def from_pretrained(cls, folder_or_preset: str | Path, quantize: str | None = None,
+                        device: torch.device | str | None = None, region_grid: int | None = None,
+                        compute_dtype: str | None = None) -> "GroundedLM":
+        """A checkpoint folder or preset, loaded as it was trained unless `quantize` / `compute_dtype` say
+        otherwise. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
+        without region tokens then gets a new, untrained region mapping (the shared per-cell mapping fits
+        any grid)."""
+        folder = resolve(folder_or_preset)
+        config, weights = read_checkpoint(folder)
+        new_regions = config.region_grid == 0 and bool(region_grid)
+        if region_grid is not None:
+            config.region_grid = region_grid
+        model = cls(config, quantize, device, compute_dtype)
+        expected = model.trainable_state_dict()
+        problems = [f"missing {k}" for k in expected
+                    if k not in weights and not (new_regions and k.startswith("region_mapping."))]
+        problems += [f"unexpected {k}" for k in weights if k not in expected]
+        problems += [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+                     for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+        if problems:
+            raise ValueError(f"the checkpoint {folder_or_preset} does not match the model its config describes "
+                             f"(LM {config.lm}, encoder {model.visual.source}): " + "; ".join(problems))
+        model.load_state_dict(weights, strict=False)
+        model.familiarity = Familiarity.load(folder, model.device)
+        return model
 
     def save_pretrained(self, folder: str | Path) -> None:
-        from model.checkpoint import save_pretrained
-        save_pretrained(self, folder)
+        write_checkpoint(folder, self.config, self.trainable_state_dict(), {"fingerprint": self.fingerprint})
+        if self.familiarity is not None:
+            self.familiarity.save(folder)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint stores: the mappings, the [RET] rows and the logit scale."""
@@ -145,6 +184,13 @@ class GroundedLM(nn.Module):
         return torch.stack([found[k] for k in keys]).float()
 
     @torch.no_grad()
+    def unfamiliar(self, images: list[Image.Image]) -> list[bool]:
+        """Which images are unlike those the checkpoint was trained on (none, when it does not know)."""
+        if self.familiarity is None or not images:
+            return [False] * len(images)
+        return self.familiarity.unfamiliar(self.visual_features(images)[:, 0]).tolist()
+
+    @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Index vectors (N, emb_dim), L2-normalised."""
         pooled, _ = self.visual.encode(images)
@@ -180,10 +226,11 @@ class GroundedLM(nn.Module):
 
     # ---- the LM ---------------------------------------------------------------------------------
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      past_key_values=None) -> tuple[torch.Tensor, object]:
+                      past_key_values=None, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
         """(B, T, lm_dim) -> last-layer hidden states (B, T, lm_dim) and the updated KV cache."""
         out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                 past_key_values=past_key_values, use_cache=past_key_values is not None)
+                                 past_key_values=past_key_values, use_cache=past_key_values is not None,
+                                 position_ids=position_ids)
         return out.last_hidden_state, out.past_key_values
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -227,50 +274,104 @@ class GroundedLM(nn.Module):
             common.append(column[0])
         return common
 
-    def forward(self, examples: list[Example]) -> LossOutput:
-        """Caption cross-entropy on the assistant targets + symmetric InfoNCE between [RET] and images."""
+    def _run_rows(self, rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]], prefix: list[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of (context embeds (C_i, lm_dim) or None, rest embeds (R_i, lm_dim), rest labels (R_i,)) after the
+        shared `prefix` -> the rest's hidden states (B, R, lm_dim), the hidden state just before each rest
+        (B, lm_dim) and the labels (B, R), right-padded with -100. Position ids skip the padding, so every row
+        sees the positions it would have alone."""
+        n_rows, n_prefix, lm_dim, dtype = len(rows), len(prefix), rows[0][1].shape[-1], rows[0][1].dtype
+        context_lengths = [0 if context is None else len(context) for context, _, _ in rows]
+        n_context, n_rest = max(context_lengths), max(len(rest) for _, rest, _ in rows)
+        mask = torch.zeros(n_rows, n_prefix + n_context + n_rest, dtype=torch.long, device=self.device)
+        mask[:, :n_prefix] = 1
+        for i, (c, (_, rest, _)) in enumerate(zip(context_lengths, rows)):
+            mask[i, n_prefix:n_prefix + c] = 1
+            mask[i, n_prefix + n_context:n_prefix + n_context + len(rest)] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)                                      # (B, P + C + R)
+
+        before = torch.zeros(n_rows, lm_dim, dtype=dtype, device=self.device)
+        cache = None
+        with torch.no_grad():
+            if prefix:
+                prefix_ids = torch.tensor(prefix, device=self.device)
+                hidden, cache = self.hidden_states(self.embed_ids(prefix_ids).unsqueeze(0), past_key_values=DynamicCache())
+                before[:] = hidden[0, -1]
+                cache.batch_repeat_interleave(n_rows)                                       # P keys per row
+            if n_context:
+                inputs = torch.zeros(n_rows, n_context, lm_dim, dtype=dtype, device=self.device)  # (B, C, lm_dim)
+                for i, (context, _, _) in enumerate(rows):
+                    if context is not None:
+                        inputs[i, :len(context)] = context
+                hidden, cache = self.hidden_states(inputs, mask[:, :n_prefix + n_context],
+                                                   cache if cache is not None else DynamicCache(),
+                                                   positions[:, n_prefix:n_prefix + n_context])
+                for i, c in enumerate(context_lengths):
+                    if c:
+                        before[i] = hidden[i, c - 1]
+        inputs = torch.zeros(n_rows, n_rest, lm_dim, dtype=dtype, device=self.device)      # (B, R, lm_dim)
+        labels = torch.full((n_rows, n_rest), -100, dtype=torch.long, device=self.device)
+        for i, (_, rest, rest_labels) in enumerate(rows):
+            inputs[i, :len(rest)], labels[i, :len(rest_labels)] = rest, rest_labels
+            if not n_prefix and not context_lengths[i]:
+                labels[i, 0] = -100  # nothing before a row's first token predicts it
+        hidden, _ = self.hidden_states(inputs, mask, cache, positions[:, n_prefix + n_context:])  # (B, R, lm_dim)
+        return hidden, before, labels
+
+    def forward(self, examples: list[Example], context_grad: bool = False) -> LossOutput:
+        """Caption cross-entropy on the assistant targets + symmetric InfoNCE between [RET] and images.
+
+        Each conversation runs in three parts, the KV cache growing from one to the next; only the last pays
+        for a backward pass:
+            opening   the tokens every row opens with (`shared_prefix`): once, no gradient;
+            context   the prompt up to the last user turn's image, or all of it when that turn has none: no
+                      gradient (earlier turns and their images are context here, trained where they are last);
+            rest      from there to the end of the target: with gradient.
+        Rows whose last user turn has an image (a long rest) and rows whose has none (a long context, a short
+        rest) run as two sub-batches, so neither pads to the other's length. A conversation with no image or
+        `[RET]` before its last user turn gets exactly the loss and gradients of the conversation run whole.
+        `context_grad=True` runs every row whole, with gradient, in one batch (slower; bench/training.py's baseline).
+        """
         rendered = [render_with_target(e.turns, self.tokenizer, self.config.prompt_format) for e in examples]
         prefix = self.shared_prefix([prompt for prompt, _ in rendered])
-        rows, labels = [], []
-        for prompt, target in rendered:
-            if prefix:  # the shared opening runs once, below
+        rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        for example, (prompt, target) in zip(examples, rendered):
+            if prefix:  # the shared opening runs once per sub-batch
                 rest = prompt[0][len(prefix):]
                 prompt = [rest, *prompt[1:]] if rest else prompt[1:]
-            prompt_embeds = self.embed_segments(prompt)
-            target_embeds = self.embed_segments(target)
+            images_at = [i for i, s in enumerate(prompt) if isinstance(s, Image.Image)]
+            cut = 0 if context_grad else images_at[-1] if example.turns[-2].images else len(prompt)
+            with torch.no_grad():
+                context = self.embed_segments(prompt[:cut]) if cut else None
+            rest_embeds = self.embed_segments(prompt[cut:] + target)
             target_labels = torch.cat([
                 torch.full((self.config.tokens_per_image,), -100) if isinstance(s, Image.Image)
                 else torch.tensor(s) for s in target]).to(self.device)
-            rows.append(torch.cat([prompt_embeds, target_embeds]))
-            labels.append(torch.cat([torch.full((len(prompt_embeds),), -100, device=self.device), target_labels]))
-        length = max(len(r) for r in rows)
-        lm_dim = rows[0].shape[-1]
-        inputs = torch.zeros(len(rows), length, lm_dim, dtype=rows[0].dtype, device=self.device)  # (B, T, lm_dim)
-        mask = torch.zeros(len(rows), len(prefix) + length, dtype=torch.long, device=self.device)  # (B, P + T)
-        label_ids = torch.full((len(rows), length), -100, dtype=torch.long, device=self.device)
-        for i, (row, lab) in enumerate(zip(rows, labels)):
-            inputs[i, :len(row)], mask[i, :len(prefix) + len(row)], label_ids[i, :len(lab)] = row, 1, lab
-
-        cache = None
-        if prefix:
-            with torch.no_grad():
-                prefix_ids = torch.tensor(prefix, device=self.device)
-                _, cache = self.hidden_states(self.embed_ids(prefix_ids).unsqueeze(0), past_key_values=DynamicCache())
-            cache.batch_repeat_interleave(len(rows))                                        # P keys per row
-        hidden, _ = self.hidden_states(inputs, mask, past_key_values=cache)                 # (B, T, lm_dim)
+            rows.append((context, rest_embeds, torch.cat([
+                torch.full((len(rest_embeds) - len(target_labels),), -100, device=self.device), target_labels])))
+        predictors, label_ids, ret_hidden = [], [], {}
+        groups = ([list(range(len(examples)))] if context_grad else
+                  [[i for i, e in enumerate(examples) if e.turns[-2].images],
+                   [i for i, e in enumerate(examples) if not e.turns[-2].images]])
+        for group in groups:
+            if group:
+                hidden, before, labels = self._run_rows([rows[i] for i in group], prefix)  # (G, R, lm_dim) ...
+                predicts = labels != -100                                                   # (G, R)
+                predictors.append(torch.cat([before.unsqueeze(1), hidden[:, :-1]], 1)[predicts])
+                label_ids.append(labels[predicts])
+                for g, position in (labels == self.ret_id).nonzero().tolist():
+                    ret_hidden[group[g], position] = hidden[g, position]
         # Logits only where a target token is predicted: the vocabulary head is the LM's widest layer.
-        predicts = label_ids[:, 1:] != -100                                                # (B, T-1)
-        logits = self.logits(hidden[:, :-1][predicts])                                     # (targets, V')
-        caption_loss = F.cross_entropy(logits, label_ids[:, 1:][predicts])
+        logits = self.logits(torch.cat(predictors))                                         # (targets, V')
+        caption_loss = F.cross_entropy(logits, torch.cat(label_ids))
 
-        ret_positions = (label_ids == self.ret_id).nonzero()                               # (R, 2)
         ret_images = [im for e in examples for im in e.ret_images]
-        if len(ret_positions) != len(ret_images):
-            raise ValueError(f"{len(ret_positions)} [RET] tokens in the targets but {len(ret_images)} ret_images")
+        if len(ret_hidden) != len(ret_images):
+            raise ValueError(f"{len(ret_hidden)} [RET] tokens in the targets but {len(ret_images)} ret_images")
         if not ret_images:
             zero = caption_loss.new_zeros(())
             return LossOutput(caption_loss, caption_loss.detach(), zero, 0.0)
-        queries = self.ret_query(hidden[ret_positions[:, 0], ret_positions[:, 1]])        # (R, emb_dim)
+        queries = self.ret_query(torch.stack([ret_hidden[k] for k in sorted(ret_hidden)]))  # (R, emb_dim), in order
         keys = F.normalize(self.image_mapping(self.visual_features(ret_images)[:, 0]), dim=-1)  # (R, emb_dim)
         scores = self.logit_scale.exp().clamp(max=100) * queries @ keys.T                                # (R, R)
         target = torch.arange(len(keys), device=self.device)

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="'auto' (exact below 100k images, IVF above), 'Flat', or an IVF factory string")
     parser.add_argument("--source", help="stored with each image (default: the folder's name)")
     parser.add_argument("--quantize", default="4bit", choices=("none", "4bit", "8bit"),
-                        help="how to load the checkpoint's LM (unused here; 4bit is the smallest)")
+                        help="how to load the checkpoint's LM (unused here: image vectors do not pass through it; "
+                             "4bit is the smallest)")
     parser.add_argument("--device", help="torch device for the encoder (default: CUDA if available)")
     args = parser.parse_args(argv)
 

@@ -125,10 +125,10 @@ def reference_loss(model, batch):
         predicts = labels[1:] != -100
         nll = nll + F.cross_entropy(model.logits(hidden[0, :-1][predicts]), labels[1:][predicts], reduction="sum")
         count += int(predicts.sum())
-        queries.append(model.ret_query(hidden[0, (labels == model.ret_id).nonzero()[0, 0]]))
+        queries += [model.ret_query(hidden[0, at]) for at in (labels == model.ret_id).nonzero()[:, 0]]
     keys = F.normalize(model.image_mapping(model.visual_features([im for e in batch for im in e.ret_images])[:, 0]), dim=-1)
     scores = model.logit_scale.exp() * torch.stack(queries) @ keys.T
-    target = torch.arange(len(batch))
+    target = torch.arange(len(queries))
     return nll / count + (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2
 
 
@@ -151,6 +151,28 @@ def test_a_batch_shares_its_opening_tokens_without_changing_the_loss(tiny_model,
     assert set(grads[0]) == set(grads[1])
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_earlier_turns_are_context_computed_without_gradient(tiny_model, colour_images):
+    """Multi-turn rows of different lengths, split where the last user turn's image starts (or at the reply): the
+    loss is that of each conversation run whole; earlier images are not trained through it."""
+    red, green, blue = colour_images
+    history = [Turn("user", [red, "describe the image."]), Turn("assistant", ["a red square."]),
+               Turn("user", [green, "and this one?"]), Turn("assistant", ["a green square."])]
+    batch = [Example(history + [Turn("user", ["show me a blue one"]), Turn("assistant", ["[RET]"])], [blue]),
+             Example(history[:2] + [Turn("user", [blue, "describe it"]), Turn("assistant", ["a blue square."])]),
+             *mixed_examples(colour_images)[1:]]
+    assert torch.allclose(tiny_model(batch).loss, reference_loss(tiny_model, batch), atol=1e-5)
+    assert torch.allclose(tiny_model(batch, context_grad=True).loss, reference_loss(tiny_model, batch), atol=1e-5)
+
+    grads = []
+    for context_grad in (False, True):
+        tiny_model.zero_grad()
+        tiny_model(batch[:1], context_grad=context_grad).loss.backward()  # its images are all in earlier turns
+        grads.append(tiny_model.input_mapping.weight.grad)
+    tiny_model.zero_grad()
+    assert grads[0] is None, "earlier turns' images are context, not trained through a later reply"
+    assert grads[1].abs().sum() > 0, "with context_grad they are"
 
 
 def test_a_training_step_moves_only_the_small_layers(tiny_lm_dir, tiny_clip_dir, colour_images):
