@@ -14,6 +14,8 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed
 	$(PY) bench/generation.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/training.py
+	$(PY) bench/training.py
 
 $(VENV)/.installed: requirements.txt requirements-models.txt
 	$(PYTHON) -m venv $(VENV)

@@ -3,8 +3,9 @@
 Ours: `stream_reply` with one image spliced into the prompt (KV cache, [RET] logit, event stream).
 Baseline: transformers' `generate` on the same LM with a text prompt of the same token length.
 Reports decode tokens/s and time to first token for both and their ratios (medians over
-alternating repetitions, so both see the same machine load), and resident memory of a process
-that loaded the model with `--quantize none` vs `4bit`.
+alternating repetitions, so both see the same machine load), and the memory of a process that loaded
+the model with `--quantize none` vs `4bit` and generated a few tokens: resident in all, and what loading
+the model added to what the imports took.
 
     python bench/generation.py [--device cpu|cuda] [--reps 5] [--new-tokens 48]
 """
@@ -80,21 +81,16 @@ def baseline(model: GroundedLM, ids: torch.Tensor, new_tokens: int) -> tuple[flo
     return times[0] - start, rate, len(times)
 
 
-def resident_mb(quantize: str, device: str) -> float:
-    """Memory held by a fresh process once it has loaded the model (GPU: allocated on the device)."""
+def resident_mb(quantize: str, device: str) -> dict[str, float]:
+    """Memory of a fresh process that loads the model and generates a few tokens (so the weights' pages are
+    touched): resident in all, and what loading the model added to the process its imports made (on a GPU:
+    allocated on the device)."""
     code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-            f"from generation import build, memory_mb; m = build({quantize!r}, {device!r}); print(memory_mb({device!r}))")
+            f"from generation import *; before = memory_mb({device!r}); m = build({quantize!r}, {device!r});"
+            f"ours(m, [Turn('user', [Image.new('RGB', (64, 64)), 'Hi'])], 4); print(before, memory_mb({device!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.memory_allocated() / 2**20
-    import gc
-    gc.collect()
-    with open("/proc/self/status") as status:  # resident now, not the peak while weights were quantised
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+    before, after = map(float, out.stdout.strip().splitlines()[-1].split())
+    return {"process": after, "model": after - before}
 
 
 def main() -> None:
@@ -121,6 +117,7 @@ def main() -> None:
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
                statistics.median(r[2] for r in v)) for k, v in runs.items()}
     memory = {q: resident_mb(q, args.device) for q in ("none", "4bit")}
+    ratios = {k: memory["4bit"][k] / memory["none"][k] for k in ("process", "model")}
     result = {
         "device": args.device, "quantize": args.quantize, "prompt_tokens": length, "reps": args.reps,
         "ours": {"first_token_s": med["ours"][0], "tokens_per_s": med["ours"][1], "new_tokens": med["ours"][2]},
@@ -128,7 +125,7 @@ def main() -> None:
                      "new_tokens": med["baseline"][2]},
         "decode_ratio": med["ours"][1] / med["baseline"][1],
         "first_token_ratio": med["ours"][0] / med["baseline"][0],
-        "memory_mb": memory, "memory_ratio_4bit_vs_none": memory["4bit"] / memory["none"],
+        "memory_mb": memory, "memory_ratio_4bit_vs_none": ratios,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"generation-{args.device}.json").write_text(json.dumps(result, indent=2))
@@ -139,8 +136,10 @@ def main() -> None:
     print(f"| `model.generate` (text) | {med['baseline'][1]:.1f} | {med['baseline'][0]:.3f} |")
     print(f"| ratio (target) | {result['decode_ratio']:.2f} (>= 0.95) | {result['first_token_ratio']:.2f} (<= 1.2) |")
     peak = "GPU MB allocated" if args.device == "cuda" else "resident MB"
-    print(f"\n| quantize | {peak} |\n|---|---|\n| none | {memory['none']:.0f} |\n| 4bit | {memory['4bit']:.0f} |")
-    print(f"| ratio 4bit/none | {result['memory_ratio_4bit_vs_none']:.2f} |")
+    print(f"\n| quantize | {peak}: process | loading the model added |\n|---|---|---|")
+    for q in ("none", "4bit"):
+        print(f"| {q} | {memory[q]['process']:.0f} | {memory[q]['model']:.0f} |")
+    print(f"| 4bit / none | {ratios['process']:.2f} | {ratios['model']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -166,8 +166,8 @@ def test_the_command_writes_json_a_plot_and_a_table(tiny_model, tmp_path, capsys
     for key in ("text_to_image", "text_to_image_own", "image_to_text", "image_to_text_own"):
         assert set(test["retrieval"][key]) == {"R@1", "R@5", "R@10"}
         assert test["retrieval"][key]["R@10"] >= test["retrieval"][key]["R@1"]
-    assert result["context"]["gallery"] == 9 and set(result["context"]) >= {"with_context", "without_context"}
+    assert result["context"]["gallery"] == 9 and set(result["context"]) >= {"with_context", "without_context", "new_request", "new_image"}
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "exact scene" in printed and "text -> image" in printed and "with context" in printed
+    assert "exact scene" in printed and "text -> image" in printed and "a request for a new scene after three images" in printed
     assert "[RET] emitted when asked for a picture" in printed

@@ -10,11 +10,12 @@ from transformers import LlamaForCausalLM
 
 from conftest import tiny_config
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
-from model.world.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import GroundedLM
 from model.prompt import REQUESTS, render_with_target, request_phrase
-from model.training.train import (CONTEXT_EVERY, INSTRUCTIONS, STATE_NAME, Conversations, holdout_kept_out, load_state, main,
-                         optimizer_for, parse_args, read_state, run_options, sentence, validate)
+from model.training.train import (CONTEXT_EVERY, INSTRUCTIONS, STATE_NAME, Conversations, holdout_kept_out, load_state,
+                                  main, optimizer_for, parse_args, read_state, run_options, sentence, validate)
+from model.world import shapes
+from model.world.data import ShapesDataset, TsvCaptionDataset
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 
@@ -73,6 +74,8 @@ def test_conversations_are_the_apps_own_prompts_half_captioning_half_retrieval(t
         user, assistant = example.turns
         assert isinstance(user.parts[0], Image.Image) and user.parts[1] in INSTRUCTIONS
         assert assistant.text[0].isupper() and assistant.text.endswith(".") and "[RET]" not in assistant.text
+        scene = shapes.parse_caption(assistant.text)
+        assert assistant.text == shapes.plain_caption(scene), "one description per scene: the model's own"
         assert example.ret_images == []
     for example in retrieval:
         user, assistant = example.turns
@@ -155,7 +158,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_lm_dir, tiny_clip_dir,
     assert meta["step"] == 1 and meta["history"]["step"] == [1]
 
     # The optimizer's moments and step count come back exactly as saved.
-    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2), quantize="none", device="cpu")
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, projector="mlp"), quantize="none",
+                       device="cpu")
     optimizer = optimizer_for(model, 1e-3)
     load_state(state_path, model, optimizer, run_options(parse_args(cut)))
     restored = optimizer.state_dict()["state"]
@@ -191,7 +195,8 @@ def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_shape(tiny_lm_dir, t
     tuned = GroundedLM.from_pretrained(tmp_path / "tuned" / "out", quantize="none", device="cpu")
     after = tuned.trainable_state_dict()
     assert all(torch.equal(value, after[name]) for name, value in first.trainable_state_dict().items())
-    assert tuned.config.region_grid == 2 and "region_mapping.weight" in after
+    assert tuned.config.region_grid == 2 and tuned.config.projector == first.config.projector == "mlp"
+    assert "region_mapping.0.weight" in after, "the new region mapping is an MLP, as the checkpoint's CLS mapping"
 
 
 def test_the_hold_out_counts_as_unseen_only_if_no_run_behind_a_checkpoint_saw_it():

@@ -37,7 +37,7 @@ from model.world import shapes
 from model.checkpoint import resolve
 from model.world.data import ShapesDataset
 from model.grounded import GroundedLM
-from model.lm import QUANTIZE_CHOICES
+from model.lm import QUANTIZE_CHOICES, dequantized
 from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_request
 from model.training.train import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns, holdout_kept_out
 from model.training.train_clip import resolve_device
@@ -223,13 +223,14 @@ def retrieval(model: GroundedLM, items: list[shapes.Sample], batch_size: int) ->
 
 def context_conversations(split: str, n: int, image_size: int,
                           holdout: bool = False) -> tuple[list[list[Turn]], list[int], list]:
-    """n conversations of three captioned images (instructions rotate) and the index of the one asked for."""
+    """n conversations of three images described as the model describes them (instructions rotate), and the
+    index of the one asked for."""
     conversations, targets, scenes = [], [], []
     for c in range(n):
         rng = random.Random(f"eval-context:{c}")
         items = [shapes.sample(split, CONTEXT_OFFSET + len(ORDINALS) * c + j, image_size, holdout)
                  for j in range(len(ORDINALS))]
-        turns = [t for s in items for t in caption_turns(s.image, s.caption, rng)]
+        turns = [t for s in items for t in caption_turns(s.image, shapes.plain_caption(s.scene), rng)]
         conversations.append(turns)
         targets.append(c % len(ORDINALS))
         scenes.append([s.scene for s in items])
@@ -237,8 +238,9 @@ def context_conversations(split: str, n: int, image_size: int,
 
 
 def contextual(model: GroundedLM, split: str, n: int, image_size: int, batch_size: int, max_new_tokens: int,
-               holdout: bool = False) -> dict:
-    """Retrieval that depends on earlier turns: 'another picture like the second one', with and without them."""
+               items: list[shapes.Sample], holdout: bool = False) -> dict:
+    """Turns after three described images: 'another picture like the second one' (with and without the
+    history), a request for a new scene (ranked over the gallery `items`), and a new image to describe."""
     history, targets, scenes = context_conversations(split, n, image_size, holdout)
     gallery_scenes = [s for conversation in scenes for s in conversation]                  # (3n,)
     gallery = [shapes.render(s, random.Random(f"eval-another:{i}"), image_size) for i, s in enumerate(gallery_scenes)]
@@ -255,6 +257,25 @@ def contextual(model: GroundedLM, split: str, n: int, image_size: int, batch_siz
         result[name] = {**recall_at_k(scores, relevant, (1, 5)),
                         "ret_emitted": sum(r.ret for r in replies) / n,
                         "examples": [r.text for r in replies[:5]]}
+
+    new = [items[c % len(items)] for c in range(n)]
+    requests = [retrieval_request(s.caption, model.config.ret_token, REQUESTS[c % len(REQUESTS)])[:1]
+                for c, s in enumerate(new)]
+    replies = greedy_replies(model, [h + r for h, r in zip(history, requests)], max_new_tokens, batch_size,
+                             queries=True)
+    scores = (torch.stack([r.query for r in replies]) @ model.embed_images([s.image for s in items]).T).cpu()
+    relevant = same_scene([s.scene for s in new], [s.scene for s in items], [s.caption for s in items])
+    first = scores.argmax(1)
+    result["new_request"] = {"gallery": len(items), "ret_emitted": sum(r.ret for r in replies) / n,
+                             "right_first_when_emitted": sum(bool(r.ret and relevant[i, first[i]])
+                                                             for i, r in enumerate(replies)) / n,
+                             **recall_at_k(scores, relevant, (1, 5)), "examples": [r.text for r in replies[:5]]}
+    describe = [h + [Turn("user", [s.image, INSTRUCTIONS[c % len(INSTRUCTIONS)]])] for c, (h, s) in
+                enumerate(zip(history, new))]
+    replies = greedy_replies(model, describe, max_new_tokens, batch_size)
+    result["new_image"] = {**caption_scores([s.scene for s in new], [r.text for r in replies]),
+                           "ret_emitted": sum(r.ret for r in replies) / n,
+                           "examples": [{"truth": s.caption, "reply": r.text} for s, r in zip(new[:5], replies)]}
     return result
 
 
@@ -276,7 +297,8 @@ def evaluate(model: GroundedLM, split: str, gallery: int, limit: int, contexts: 
         result["splits"][name] = section
     if contexts:
         t0 = time.time()
-        result["context"] = contextual(model, split, contexts, image_size, batch_size, max_new_tokens,
+        items = [ShapesDataset(split, gallery, image_size, holdout=holdout_trained).sample(i) for i in range(gallery)]
+        result["context"] = contextual(model, split, contexts, image_size, batch_size, max_new_tokens, items,
                                        holdout_trained)
         log(f"context: {contexts} conversations in {time.time() - t0:.0f}s")
     return result
@@ -316,10 +338,17 @@ def table(result: dict) -> str:
         ctx = result["context"]
         lines += [f"| context, {ctx['conversations']} conversations, gallery {ctx['gallery']} (%) | R@1 | R@5 | "
                   "[RET] emitted |", "|---|---|---|---|"]
-        for key in ("with_context", "without_context"):
+        for key, label in (("with_context", "'another picture like the k-th one', after three images"),
+                           ("without_context", "the same request without the history"),
+                           ("new_request", f"a request for a new scene after three images (gallery "
+                                           f"{ctx['new_request']['gallery']})")):
             c = ctx[key]
-            lines.append(f"| {key.replace('_', ' ')} | {_pct(c['R@1'])} | {_pct(c['R@5'])} | "
-                         f"{_pct(c['ret_emitted'])} |")
+            lines.append(f"| {label} | {_pct(c['R@1'])} | {_pct(c['R@5'])} | {_pct(c['ret_emitted'])} |")
+        lines.append(f"| ... [RET] emitted and the right scene first | {_pct(ctx['new_request']['right_first_when_emitted'])} "
+                     f"| | |")
+        new = ctx["new_image"]
+        lines.append(f"| a new image to describe after three: exact scene / [RET] emitted | {_pct(new['all']['exact'])} "
+                     f"| | {_pct(new['ret_emitted'])} |")
     return "\n".join(lines)
 
 
@@ -349,6 +378,7 @@ def plot(result: dict, path: Path) -> None:
     if "context" in result:
         bars["context\nwith"] = result["context"]["with_context"]
         bars["context\nwithout"] = result["context"]["without_context"]
+        bars["new request\nafter 3"] = result["context"]["new_request"]
     for j, k in enumerate((1, 5)):
         ax.bar([i + j * 0.4 for i in range(len(bars))], [b[f"R@{k}"] for b in bars.values()], 0.4, label=f"R@{k}")
     ax.set_xticks([i + 0.2 for i in range(len(bars))], list(bars), fontsize=7)
@@ -370,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest reply generated")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="4bit")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help="default: as the checkpoint was trained")
     p.add_argument("--out", type=Path, default=None, help="JSON to write (default: <checkpoint>/eval_<split>.json); "
                                                           "the plot goes beside it as .png")
     args = p.parse_args(argv)
@@ -382,12 +412,16 @@ def main(argv: list[str] | None = None) -> dict:
     holdout_trained = summary_path.is_file() and holdout_kept_out(json.loads(summary_path.read_text()))
     t0 = time.time()
     model = GroundedLM.from_pretrained(folder, quantize=args.quantize, device=resolve_device(args.device))
-    print(f"loaded {args.checkpoint} ({folder}) on {model.device}, {args.quantize}, in {time.time() - t0:.0f}s",
+    if model.config.quantize == "4bit":
+        model.lm = dequantized(model.lm)  # what the 4-bit weights compute on a batch, without per-call dequantising
+    print(f"loaded {args.checkpoint} ({folder}) on {model.device}, {model.config.quantize} with "
+          f"{model.config.compute_dtype} compute, in {time.time() - t0:.0f}s",
           flush=True)
     limit = args.gallery if args.limit is None else min(args.limit, args.gallery)
     result = evaluate(model, args.split, args.gallery, limit, args.contexts, args.batch_size, args.max_new_tokens,
                       holdout_trained, log=lambda m: print(m, flush=True))
-    result.update(checkpoint=str(args.checkpoint), device=str(model.device), quantize=args.quantize,
+    result.update(checkpoint=str(args.checkpoint), device=str(model.device), quantize=model.config.quantize,
+                  compute_dtype=model.config.compute_dtype,
                   seconds=round(time.time() - t0, 1))
     out = args.out or folder / f"eval_{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,9 @@ def describe(scene: Scene, rng: random.Random) -> str:
 
 
 def plain_caption(scene: Scene) -> str:
-    """The grammar's plainest caption: objects in canonical order, first wording of each word."""
+    """The grammar's plainest caption: objects in canonical order, first wording of each word. It is also how the
+    demo model describes a scene: a model learning to describe needs no guess at which of many equally good
+    orders and wordings comes next (requests for a picture keep the grammar's variety)."""
     phrases = [f"a {o.size} {o.colour} {o.shape} {_POSITION_PHRASES[o.position][0]}" for o in scene.objects]
     listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{listed[0].upper()}{listed[1:]}."
