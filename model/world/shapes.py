@@ -276,6 +276,19 @@ for _p in ("left", "right", "top", "bottom"):
 for _w in ("centre", "center", "middle"):
     _WORDS[_w] = ("position", "centre")
 
+
+
+def word_meaning(word: str) -> tuple[str, str] | None:
+    """A word's (attribute, value) in the grammar, synonyms and plurals included ("big" -> ("size", "large"),
+    "middle" -> ("position", "centre"), "circles" -> ("shape", "circle")); None for other words."""
+    return _WORDS.get(word.lower())
+
+
+def centre_of(position: str) -> tuple[float, float]:
+    """(x, y) of a position's centre, as fractions of the canvas side (y grows downwards)."""
+    return _CENTRES[position]
+
+
 _BACKGROUND_NAMES = {name.replace(" ", r"\s+"): name for name in BACKGROUNDS}
 _BACKGROUND_RE = re.compile(r"([a-z]+(?:\s+[a-z]+)?)\s+background")
 _FIELDS = ("shape", "colour", "size", "position")

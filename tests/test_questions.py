@@ -1,0 +1,89 @@
+"""Shapes-world questions: exact answers, varied wording, readable replies, splits and hold-out respected."""
+import random
+from collections import Counter
+
+import pytest
+
+from model.world import shapes
+from model.world.questions import (COMPOUND_KINDS, KINDS, SIMPLE_KINDS, Question, ask, is_right, question,
+                                   reference, relation_holds, reply_answer)
+from model.world.shapes import Scene, SceneObject
+
+RED_CIRCLE = SceneObject("circle", "red", "small", "left")
+BLUE_SQUARE = SceneObject("square", "blue", "large", "centre")
+RED_STAR = SceneObject("star", "red", "large", "right")
+SCENE = Scene((RED_CIRCLE, BLUE_SQUARE, RED_STAR), "grey")
+
+
+def asked(kind, scene=SCENE, n=200):
+    """Questions of one kind about a scene, over many wordings."""
+    return [ask(scene, random.Random(i), (kind,)) for i in range(n)]
+
+
+def test_answers_follow_from_the_scene():
+    for q in asked("compare"):
+        assert q.answer in ("yes", "no") and len(q.steps) == 2
+        field = next(f for f in ("colour", "size") if f in q.text)
+        named = sorted((o for o in SCENE.objects if reference(SCENE, o) in q.text),
+                       key=lambda o: q.text.index(reference(SCENE, o)))
+        assert q.answer == ("yes" if getattr(named[0], field) == getattr(named[1], field) else "no"), q
+        assert [answer for _, answer in q.steps] == [getattr(named[0], field), getattr(named[1], field)]
+    for q in asked("location"):
+        obj = next(o for o in SCENE.objects if reference(SCENE, o) in q.text)
+        assert q.answer == obj.position
+    for q in asked("count_where"):
+        if q.text.startswith("How many red") and q.text.endswith("the square?"):
+            assert q.answer == ("1" if any(w in q.text for w in ("left", "right")) else "0"), q
+    assert relation_holds("left", RED_CIRCLE, BLUE_SQUARE) and not relation_holds("above", RED_CIRCLE, BLUE_SQUARE)
+    assert {q.answer for q in asked("existence")} == {"yes", "no"}
+
+
+def test_objects_are_named_by_what_tells_them_apart():
+    two_circles = Scene((RED_CIRCLE, SceneObject("circle", "blue", "small", "right")))
+    assert reference(SCENE, RED_CIRCLE) == "the circle"
+    assert reference(two_circles, RED_CIRCLE) == "the red circle"
+    twins = Scene((RED_CIRCLE, SceneObject("circle", "red", "small", "right")))
+    assert reference(twins, RED_CIRCLE) is None
+    fallback = [ask(twins, random.Random(i), ("location", "compare")) for i in range(20)]
+    assert all(q.kind == "attribute" for q in fallback), "when no object can be named apart, the question every " \
+                                                          "scene supports"
+
+
+@pytest.mark.parametrize("reply, answer_type, expected", [
+    ("Yes, there is one.", "yes/no", "yes"), ("There isn't.", "yes/no", "no"), ("No.", "yes/no", "no"),
+    ("There are two of them.", "number", "2"), ("3", "number", "3"), ("None.", "number", "0"),
+    ("It is in the middle.", "position", "centre"), ("It's big.", "size", "large"),
+    ("The shape on the left is violet.", "colour", "purple"), ("Circles!", "shape", "circle"),
+    ("I cannot tell.", "colour", None),
+])
+def test_free_replies_read_back_to_canonical_answers(reply, answer_type, expected):
+    assert reply_answer(reply, answer_type) == expected
+
+
+def test_scoring_reads_the_answer_of_the_type_asked_for():
+    q = Question("What colour is the shape on the left?", "red", "attribute")
+    assert q.answer_type == "colour"
+    assert is_right("The small circle on the left is red.", q)
+    assert not is_right("It is blue, not red.", q)
+    assert Question("How many stars?", "2", "count").answer_type == "number"
+
+
+def test_questions_are_a_pure_function_of_the_split_and_index_and_cover_every_kind():
+    assert question("train", 7)[1] == question("train", 7)[1]
+    found = [question("test", i, image_size=32)[1] for i in range(300)]
+    kinds = Counter(q.kind for q in found)
+    assert set(kinds) == set(KINDS) and min(kinds.values()) >= 15, kinds
+    assert len({q.text for q in found}) > 200, "varied wording"
+    assert all(q.steps for q in found if q.kind in COMPOUND_KINDS)
+    assert not any(q.steps for q in found if q.kind in SIMPLE_KINDS)
+    simple = [question("val", i, image_size=32, kinds=SIMPLE_KINDS)[1] for i in range(50)]
+    assert {q.kind for q in simple} <= set(SIMPLE_KINDS)
+
+
+def test_with_holdout_no_question_names_a_held_out_pair():
+    held = [f"{colour} {shape}" for shape, colour in shapes.HOLDOUT_PAIRS]
+    for i in range(400):
+        sample, q = question("train", i, image_size=32, holdout=True, kinds=("existence", "count"))
+        assert not any(pair in q.text for pair in held), q.text
+    texts = [question("holdout", i, image_size=32, holdout=True, kinds=("existence",))[1].text for i in range(100)]
+    assert any(pair in t for t in texts for pair in held), "the hold-out split asks about its own pairs"
