@@ -4,8 +4,9 @@
     python docs/screenshot.py --out docs/screenshot.png
 
 It sends the chat's messages in one conversation, with the app's default settings, and captures the
-whole page once every reply is complete. (A picture is requested first: after earlier turns the demo
-model copies from them rather than retrieving or looking; the README says how often.)
+whole page once every reply is complete: an uploaded scene described, a picture requested and shown
+inline, and a photograph (scikit-image's sample cat) answered with the note that the demo was trained on
+another kind of image.
 """
 from __future__ import annotations
 
@@ -18,7 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
-MESSAGES = (("Find an image of a large blue circle in the centre.", None),)
+def cat_photograph() -> Path:
+    import skimage.data
+    return Path(skimage.data.__file__).parent / "chelsea.png"
+
+
+MESSAGES = (("Describe this picture.", ROOT / "assets" / "examples" / "two-shapes.png"),
+            ("Now find an image of a large blue circle in the centre.", None),
+            ("And what is in this one?", cat_photograph()))
 REPLY_DONE = "!document.querySelector('#chatbot .pending') && !document.querySelector('#message .generating')"
 
 

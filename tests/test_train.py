@@ -199,6 +199,14 @@ def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_shape(tiny_lm_dir, t
     assert "region_mapping.0.weight" in after, "the new region mapping is an MLP, as the checkpoint's CLS mapping"
 
 
+def test_a_4bit_run_trains_only_the_small_layers_on_the_dequantised_lm(tiny_lm_dir, tiny_clip_dir, tmp_path):
+    runs = {q: main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / q, "--steps", "1", "--val-every", "1",
+                             "--quantize", q)) for q in ("none", "4bit")}  # the last --quantize counts
+    assert runs["4bit"]["trained_parameters"] == runs["none"]["trained_parameters"], "the LM stays frozen"
+    tuned = GroundedLM.from_pretrained(tmp_path / "4bit" / "out", device="cpu")
+    assert tuned.config.quantize == "4bit", "the checkpoint loads as it was trained"
+
+
 def test_the_hold_out_counts_as_unseen_only_if_no_run_behind_a_checkpoint_saw_it():
     assert holdout_kept_out({"options": {"holdout": True, "init": None}})
     assert not holdout_kept_out({"options": {"holdout": False, "init": None}})

@@ -431,7 +431,7 @@ def train(args: argparse.Namespace) -> dict:
     summary = {
         "finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0, "options": options,
         "holdout_kept_out": kept_out, "device": str(device), "quantize": args.quantize,
-        "compute_dtype": args.compute_dtype, "seconds": round(seconds, 1),
+        "compute_dtype": args.compute_dtype, "trained_parameters": n_trainable, "seconds": round(seconds, 1),
         "seconds_per_step": round((time.time() - t_start) / steps_here, 3) if steps_here else None,
         "train_caption_loss": mean_tail(history["caption"]), "train_ret_loss": mean_tail(history["ret"]),
         "val_caption_loss": history["val_caption"][-1] if history["val_caption"] else None,
