@@ -1,9 +1,12 @@
 """Whether an image is like the ones a checkpoint was trained on, so the chat can say when it is not.
 
 A model trained on the shapes world describes a photograph of a cat as confidently as a scene ("a large green
-triangle ..."). The encoder's pooled feature of a training image lies in a small, well-described region of
-feature space; a photograph lies far from it. The distance is Mahalanobis's, from the mean and (slightly
-shrunk) covariance of training images' features, and the threshold is set on other images of the same kind.
+triangle ..."). The encoder's pooled feature cannot tell: an encoder trained on one world maps everything
+into it (the demo's pooled features of scikit-image's photographs lie as close to the training scenes as
+other scenes do). Its patch features can: each patch of a photograph is textured in ways no patch of a scene
+is. An image's distance is the mean over its patches of their Mahalanobis distance from the training
+images' patches (mean and slightly shrunk covariance), and the threshold is set on other images of the
+same kind.
 
 Stored in a checkpoint folder as `familiarity.safetensors` (mean, whitening matrix, threshold, and in its
 metadata what the images were); a checkpoint without one checks nothing. Made by
@@ -37,10 +40,10 @@ class Familiarity:
 
     @classmethod
     def fit(cls, features: torch.Tensor, calibration: torch.Tensor, trained_on: str,
-            quantile: float = 0.999, margin: float = 1.25) -> "Familiarity":
-        """Mean and covariance from `features` (N, D) of training images; the threshold from `calibration` (M, D),
-        other images of the same kind: its `quantile` distance times `margin`."""
-        features = features.double()
+            quantile: float = 0.999, margin: float = 1.05) -> "Familiarity":
+        """Mean and covariance from the patch features (N, P, D) of training images; the threshold from
+        `calibration` (M, P, D), other images of the same kind: its `quantile` distance times `margin`."""
+        features = features.reshape(-1, features.shape[-1]).double()                        # (N * P, D)
         mean = features.mean(0)
         centred = features - mean
         covariance = centred.T @ centred / max(1, len(features) - 1)                        # (D, D)
@@ -52,12 +55,12 @@ class Familiarity:
         return familiarity
 
     def distance(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, D) pooled encoder features -> (N,) Mahalanobis distances from the training images."""
+        """(N, P, D) patch features -> (N,) the mean Mahalanobis distance of each image's patches."""
         centred = features.float().to(self.mean.device) - self.mean
-        return (centred @ self.whiten.T).norm(dim=-1)
+        return (centred @ self.whiten.T).norm(dim=-1).mean(-1)
 
     def unfamiliar(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N,) bool: unlike the training images."""
+        """(N, P, D) patch features -> (N,) bool: unlike the training images."""
         return self.distance(features) > self.threshold
 
     def save(self, folder: str | Path, measured: dict | None = None) -> None:

@@ -188,7 +188,7 @@ class GroundedLM(nn.Module):
         """Which images are unlike those the checkpoint was trained on (none, when it does not know)."""
         if self.familiarity is None or not images:
             return [False] * len(images)
-        return self.familiarity.unfamiliar(self.visual_features(images)[:, 0]).tolist()
+        return self.familiarity.unfamiliar(self.visual.encode(images)[1]).tolist()
 
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:

@@ -9,10 +9,11 @@ from model.grounded import GroundedLM
 from model.prompt import Turn
 
 
-def gaussian(n: int, dim: int = 16, seed: int = 0, shift: float = 0.0) -> torch.Tensor:
+def gaussian(n: int, patches: int = 4, dim: int = 16, seed: int = 0, shift: float = 0.0) -> torch.Tensor:
+    """(n, patches, dim) features of n images."""
     generator = torch.Generator().manual_seed(seed)
     scales = torch.linspace(0.1, 2.0, dim)  # anisotropic: Mahalanobis, not Euclidean, distance matters
-    return torch.randn(n, dim, generator=generator) * scales + shift
+    return torch.randn(n, patches, dim, generator=generator) * scales + shift
 
 
 def test_far_features_are_unfamiliar_and_the_training_kind_is_not():
@@ -20,8 +21,8 @@ def test_far_features_are_unfamiliar_and_the_training_kind_is_not():
     assert familiarity.unfamiliar(gaussian(1000, seed=2)).float().mean() <= 0.01
     assert familiarity.unfamiliar(gaussian(100, seed=3, shift=3.0)).all()
     # a step along the direction training never varied in is further than a larger step along a varied one
-    narrow, wide = torch.zeros(1, 16), torch.zeros(1, 16)
-    narrow[0, 0], wide[0, -1] = 1.0, 3.0
+    narrow, wide = torch.zeros(1, 1, 16), torch.zeros(1, 1, 16)
+    narrow[0, 0, 0], wide[0, 0, -1] = 1.0, 3.0
     assert familiarity.distance(narrow) > familiarity.distance(wide)
 
 
@@ -32,9 +33,9 @@ def test_it_travels_with_the_checkpoint(tiny_lm_dir, tiny_clip_dir, colour_image
     assert not (tmp_path / "plain" / FAMILIARITY_NAME).exists()
     assert GroundedLM.from_pretrained(tmp_path / "plain", device="cpu").familiarity is None
 
-    features = model.visual_features(colour_images)[:, 0]
-    model.familiarity = Familiarity.fit(features.repeat(50, 1) + 0.01 * gaussian(150, features.shape[1]),
-                                        features, "three colours")
+    patches = model.visual.encode(colour_images)[1]                                         # (3, P, D)
+    model.familiarity = Familiarity.fit(patches.repeat(50, 1, 1) + 0.01 * gaussian(150, *patches.shape[1:]),
+                                        patches, "three colours")
     model.save_pretrained(tmp_path / "ckpt")
     loaded = GroundedLM.from_pretrained(tmp_path / "ckpt", device="cpu")
     assert loaded.familiarity.threshold == model.familiarity.threshold
@@ -45,9 +46,9 @@ def test_it_travels_with_the_checkpoint(tiny_lm_dir, tiny_clip_dir, colour_image
 def test_an_unfamiliar_upload_gets_a_note_and_still_a_reply(tiny_lm_dir, tiny_clip_dir, colour_images):
     model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
     red, green, _ = colour_images
-    features = model.visual_features([red])[:, 0]
-    model.familiarity = Familiarity.fit(features + 0.01 * gaussian(200, features.shape[1]),
-                                        features + 0.01 * gaussian(50, features.shape[1], seed=1), "red squares")
+    patches = model.visual.encode([red])[1]                                                 # (1, P, D)
+    model.familiarity = Familiarity.fit(patches + 0.01 * gaussian(200, *patches.shape[1:]),
+                                        patches + 0.01 * gaussian(50, *patches.shape[1:], seed=1), "red squares")
     odd = Image.effect_mandelbrot((40, 40), (-2, -1.5, 1, 1.5), 50).convert("RGB")
     assert model.unfamiliar([red, odd]) == [False, True]
 

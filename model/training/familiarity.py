@@ -3,7 +3,7 @@
     python -m model.training.familiarity --checkpoint assets/demo              # the shapes world
     python -m model.training.familiarity --checkpoint runs/mine --images photos/
 
-Features of training images give the mean and covariance; other images of the same kind set the threshold
+Patch features of training images give the mean and covariance; other images of the same kind set the threshold
 (the shapes world's validation split, or a fifth of `--images`). Then it measures what the chat will do:
 the share of the shapes world's test split flagged, and of real photographs (the sample photographs inside
 the scikit-image wheel, where it is installed, or `--photos FOLDER`). Writes `familiarity.safetensors` into
@@ -55,11 +55,11 @@ def folder_images(folder: Path) -> tuple[list[Image.Image], list[str]]:
 
 
 @torch.no_grad()
-def pooled_features(model: GroundedLM, images: list[Image.Image], desc: str) -> torch.Tensor:
-    """(N, visual_dim) pooled encoder features, in batches, with progress."""
+def patch_features(model: GroundedLM, images: list[Image.Image], desc: str) -> torch.Tensor:
+    """(N, patches, visual_dim) encoder patch features, in batches, with progress."""
     out = []
     for start in tqdm(range(0, len(images), BATCH), desc=desc, unit="batch"):
-        out.append(model.visual.encode(images[start:start + BATCH])[0].float().cpu())
+        out.append(model.visual.encode(images[start:start + BATCH])[1].float().cpu())
     return torch.cat(out)
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (or preset) to write it into")
     p.add_argument("--images", type=Path, help="the training images (default: the shapes world)")
-    p.add_argument("--count", type=int, default=4000, help="shapes-world training scenes to fit on")
+    p.add_argument("--count", type=int, default=2000, help="shapes-world training scenes to fit on")
     p.add_argument("--photos", type=Path, help="photographs to measure on (default: scikit-image's samples)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args(argv)
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     size = model.visual.image_size[0]
     if args.images is None:
         trained_on = "the shapes world's scenes"
-        train = pooled_features(model, shapes_images("train", args.count, size), "train scenes")
-        calibration = pooled_features(model, shapes_images("val", max(1, args.count // 4), size), "val scenes")
+        train = patch_features(model, shapes_images("train", args.count, size), "train scenes")
+        calibration = patch_features(model, shapes_images("val", max(1, args.count // 4), size), "val scenes")
     else:
         images, skipped = folder_images(args.images)
         for line in skipped:
@@ -91,18 +91,18 @@ def main(argv: list[str] | None = None) -> dict:
         if len(images) < 10:
             raise SystemExit(f"{args.images} has {len(images)} usable images: need at least 10")
         trained_on = f"the images in {args.images.name}"
-        features = pooled_features(model, images, args.images.name)
+        features = patch_features(model, images, args.images.name)
         cut = len(features) - max(2, len(features) // 5)
         train, calibration = features[:cut], features[cut:]
     familiarity = Familiarity.fit(train, calibration, trained_on)
 
     report: dict[str, object] = {"threshold": familiarity.threshold, "fit_images": len(train)}
-    test = pooled_features(model, shapes_images("test", 1000, size), "test scenes")
+    test = patch_features(model, shapes_images("test", 1000, size), "test scenes")
     report["flagged_test_scenes"] = familiarity.unfamiliar(test).float().mean().item()
     photos = sorted(p for p in args.photos.rglob("*") if p.is_file()) if args.photos else skimage_photographs()
     if photos:
         images = [load_image(path) for path in photos]
-        flagged = familiarity.unfamiliar(pooled_features(model, images, "photographs"))
+        flagged = familiarity.unfamiliar(patch_features(model, images, "photographs"))
         report["flagged_photographs"] = flagged.float().mean().item()
         report["photographs_not_flagged"] = [path.name for path, f in zip(photos, flagged) if not f]
     familiarity.save(folder, report)
