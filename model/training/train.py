@@ -12,7 +12,7 @@ what is used there:
 In the shapes world the model's own descriptions are the grammar's plain captions (one order and wording per
 scene: nothing to guess but the scene), while requests keep the grammar's variety. Earlier turns are context
 without gradient (`GroundedLM.forward`), and a 4-bit LM is dequantised once (`model.lm.dequantized`): on a CPU
-both together train about twice as fast as before (bench/training.py).
+both together train about 1.7x as fast as before on this CPU (README; bench/training.py).
 
 The reply to a request *starts* with `[RET]`; its hidden state (the query) has read the request and is
 pulled towards the image by the contrastive loss, and the caption loss teaches when to emit it. FROMAGe
