@@ -285,10 +285,11 @@ def evaluate(model: GroundedLM, split: str, gallery: int, limit: int, contexts: 
     pairs, so the main split is drawn without them too (as in training)."""
     image_size = model.visual.image_size[0]
     result: dict = {"split": split, "holdout_pairs_seen_in_training": not holdout_trained, "splits": {}}
+    galleries = {}
     for name in dict.fromkeys((split, "holdout")):
         t0 = time.time()
         data = ShapesDataset(name, gallery, image_size, holdout=holdout_trained)
-        items = [data.sample(i) for i in range(gallery)]
+        items = galleries[name] = [data.sample(i) for i in range(gallery)]
         section = {"captioning": captioning(model, items[:limit], batch_size, max_new_tokens) if limit else None}
         log(f"{name}: captioned {min(limit, gallery)} images in {time.time() - t0:.0f}s")
         t0 = time.time()
@@ -297,9 +298,8 @@ def evaluate(model: GroundedLM, split: str, gallery: int, limit: int, contexts: 
         result["splits"][name] = section
     if contexts:
         t0 = time.time()
-        items = [ShapesDataset(split, gallery, image_size, holdout=holdout_trained).sample(i) for i in range(gallery)]
-        result["context"] = contextual(model, split, contexts, image_size, batch_size, max_new_tokens, items,
-                                       holdout_trained)
+        result["context"] = contextual(model, split, contexts, image_size, batch_size, max_new_tokens,
+                                       galleries[split], holdout_trained)
         log(f"context: {contexts} conversations in {time.time() - t0:.0f}s")
     return result
 
