@@ -15,7 +15,6 @@ bench: $(VENV)/.installed
 	$(PY) bench/generation.py
 	$(PY) bench/retrieval.py
 	$(PY) bench/training.py
-	$(PY) bench/training.py
 
 $(VENV)/.installed: requirements.txt requirements-models.txt
 	$(PYTHON) -m venv $(VENV)

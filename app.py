@@ -70,6 +70,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import copy  # noqa: E402
+import hashlib  # noqa: E402
 import html  # noqa: E402
 import io  # noqa: E402
 import logging  # noqa: E402
@@ -83,10 +84,11 @@ from PIL import Image  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from model.world import shapes  # noqa: E402
-from model.generate import Done, GenerationSettings, Notice, Retrieved, Text, stream_reply  # noqa: E402
+from model.generate import Done, GenerationSettings, Looked, Notice, Retrieved, Text, stream_reply  # noqa: E402
 from model.grounded import GroundedLM  # noqa: E402
 from model.images import MAX_BYTES, ImageError, file_sha256, image_key, load_image  # noqa: E402
 from model.lm import cache_dir, default_device  # noqa: E402
+from model.perception import heat_map  # noqa: E402
 from model.prompt import Turn  # noqa: E402
 from retrieval_index.build import build_index, read_captions  # noqa: E402
 from retrieval_index.index import (FingerprintMismatch, Hit, ImageIndex, ImageInfo,  # noqa: E402
@@ -159,9 +161,11 @@ def collection_folders(index: ImageIndex) -> list[Path]:
 
 @dataclass
 class Shown:
-    """A retrieved image as the chat shows it: a thumbnail, then its caption and score."""
+    """An image in the reply as the chat shows it: a thumbnail, then its label (a retrieved image's caption and
+    score; where the model looked, `looked`)."""
     path: str
     label: str
+    kind: str = "ret"
 
 
 @dataclass
@@ -183,7 +187,7 @@ class Exchange:
         for piece in self.reply_view:
             if isinstance(piece, Shown):
                 content += [{"path": piece.path, "alt_text": piece.label},
-                            f'<span class="ret-caption">{html.escape(piece.label)}</span>']
+                            f'<span class="{piece.kind}-caption">{html.escape(piece.label)}</span>']
             else:
                 content.append(piece)
         if self.stopped:
@@ -255,8 +259,9 @@ class ChatApp:
     # ---- chat ------------------------------------------------------------------------------------
     def chat(self, message: dict | None, session: Session, temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 128, ret_scale: float = 1.0, max_images: int = 2,
-             share_uploads: bool = False) -> Iterator[tuple[list[dict], dict | None]]:
-        """Add the user's message (text and any number of images) and stream the reply."""
+             share_uploads: bool = False, interactive: bool = True) -> Iterator[tuple[list[dict], dict | None]]:
+        """Add the user's message (text and any number of images) and stream the reply. `interactive`: a model
+        with a request module looks at the images asked about first, and the reply shows where (LMEye)."""
         text = ((message or {}).get("text") or "").strip()
         files = list((message or {}).get("files") or [])
         if not text and not files:
@@ -267,12 +272,12 @@ class ChatApp:
             session.exchanges.append(exchange)
         yield session.messages(), None  # the message shows at once, the input box clears
         if exchange.user is not None:
-            settings = self._settings(temperature, top_p, max_new_tokens, ret_scale, max_images)
+            settings = self._settings(temperature, top_p, max_new_tokens, ret_scale, max_images, interactive)
             for messages in self._reply(session, exchange, settings):
                 yield messages, gr.skip()
 
     def retry(self, session: Session, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 128,
-              ret_scale: float = 1.0, max_images: int = 2) -> Iterator[list[dict]]:
+              ret_scale: float = 1.0, max_images: int = 2, interactive: bool = True) -> Iterator[list[dict]]:
         """Answer the last message again (with the current settings)."""
         with session.lock:
             exchange = session.exchanges[-1] if session.exchanges else None
@@ -281,8 +286,8 @@ class ChatApp:
                 exchange.retrieved, exchange.stopped = [], False
         yield session.messages()
         if exchange is not None and exchange.user is not None:
-            yield from self._reply(session, exchange,
-                                   self._settings(temperature, top_p, max_new_tokens, ret_scale, max_images))
+            yield from self._reply(session, exchange, self._settings(temperature, top_p, max_new_tokens, ret_scale,
+                                                                     max_images, interactive))
 
     def undo(self, session: Session) -> tuple[list[dict], dict | None]:
         """Take back the last message and its reply; its text and images go back into the input box."""
@@ -308,9 +313,10 @@ class ChatApp:
             return session.messages()
 
     def _settings(self, temperature: float, top_p: float, max_new_tokens: int, ret_scale: float,
-                  max_images: int) -> GenerationSettings:
+                  max_images: int, interactive: bool) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                  top_p=float(top_p), ret_scale_factor=float(ret_scale), max_images=int(max_images))
+                                  top_p=float(top_p), ret_scale_factor=float(ret_scale), max_images=int(max_images),
+                                  look=bool(interactive))
 
     def _exchange(self, text: str, files: list[str], share_uploads: bool) -> Exchange:
         """Decode the uploads once; a bad one becomes a notice in the chat and the rest goes on."""
@@ -377,10 +383,15 @@ class ChatApp:
                     session.replying = None
         yield session.messages()
 
-    def _apply(self, exchange: Exchange, event: Text | Retrieved | Notice | Done) -> None:
+    def _apply(self, exchange: Exchange, event: Looked | Text | Retrieved | Notice | Done) -> None:
         """One generation event into the reply: the model's turn and the chat's view grow together."""
         parts, view = exchange.reply.parts, exchange.reply_view
-        if isinstance(event, Text):
+        if isinstance(event, Looked):  # shown, not said: the model's turn does not hold it
+            picture = heat_map(event.image, event.attention)
+            key = hashlib.sha256(image_key(event.image).encode() + event.attention.numpy().tobytes()).hexdigest()
+            view.append(Shown(self._display_copy(picture, f"looked-{key}"),
+                              "Looked here first (brighter: where the question sent the model's attention)", "looked"))
+        elif isinstance(event, Text):
             for pieces in (parts, view):
                 if pieces and isinstance(pieces[-1], str):
                     pieces[-1] += event.delta
@@ -487,6 +498,11 @@ class ChatApp:
                                                       elem_id="ret-scale")
                                 max_images = gr.Slider(0, 3, value=2, step=1, label="Max images per reply",
                                                        elem_id="max-images")
+                                looks = self.model.perception is not None
+                                interactive = gr.Checkbox(
+                                    looks, label="Look before answering", elem_id="interactive", interactive=looks,
+                                    info="The model asks the image for what the question needs and shows where it "
+                                         "looked (LMEye)" if looks else "This model has no request module")
                             share_uploads = gr.Checkbox(
                                 False, label="Add my uploads to the shared collection", elem_id="share-uploads",
                                 info="Off: your images stay in this session. On: everyone can be shown them.")
@@ -505,10 +521,10 @@ class ChatApp:
 
             settings = [temperature, top_p, max_new_tokens, ret_scale, max_images]
             generate = {"concurrency_id": "generate", "concurrency_limit": max_concurrency}
-            chat_event = textbox.submit(self.chat, [textbox, session, *settings, share_uploads], [chatbot, textbox],
-                                        api_name="chat", **generate)
-            retry_event = gr.on([retry_btn.click, chatbot.retry], self.retry, [session, *settings], chatbot,
-                                api_name="retry", **generate)
+            chat_event = textbox.submit(self.chat, [textbox, session, *settings, share_uploads, interactive],
+                                        [chatbot, textbox], api_name="chat", **generate)
+            retry_event = gr.on([retry_btn.click, chatbot.retry], self.retry, [session, *settings, interactive],
+                                chatbot, api_name="retry", **generate)
             chatbot.example_select(example_message, None, textbox, api_name="example")  # fills the input box
             gr.on([stop_btn.click], self.stop, session, chatbot, api_name="stop", concurrency_limit=None,
                   cancels=[chat_event, retry_event])

@@ -1,17 +1,21 @@
 """Streaming grounded generation vs plain `model.generate`, on SmolLM2, in one run.
 
-Ours: `stream_reply` with one image spliced into the prompt (KV cache, [RET] logit, event stream).
+Ours: `stream_reply` on a checkpoint (the demo unless told otherwise) with one image spliced into the prompt
+(KV cache, [RET] logit, event stream).
 Baseline: transformers' `generate` on the same LM with a text prompt of the same token length.
 Reports decode tokens/s and time to first token for both and their ratios (medians over
-alternating repetitions, so both see the same machine load), and the memory of a process that loaded
+alternating repetitions, so both see the same machine load); for a checkpoint with LMEye's request module,
+the same stream again looking at the image first (its two passes share the prefix: target <= 1.15x the
+first token of the stream without it, on the same model and prompt); and the memory of a process that loaded
 the model with `--quantize none` vs `4bit` and generated a few tokens: resident in all, and what loading
 the model added to what the imports took.
 
-    python bench/generation.py [--device cpu|cuda] [--reps 5] [--new-tokens 48]
+    python bench/generation.py [--checkpoint demo] [--device cpu|cuda] [--reps 5] [--new-tokens 48]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -27,8 +31,7 @@ import torch
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
-from model.config import GroundedConfig
-from model.generate import GenerationSettings, Text, stream_reply
+from model.generate import GenerationSettings, stream_reply
 from model.grounded import GroundedLM
 from model.prompt import Turn, count_tokens, render
 
@@ -51,21 +54,14 @@ class TokenClock(BaseStreamer):
         pass
 
 
-def visual_source() -> tuple[str, str | None]:
-    demo_clip = Path(__file__).resolve().parent.parent / "assets" / "demo" / "clip"
-    if (demo_clip / "open_clip_config.json").is_file():
-        return f"local-dir:{demo_clip}", None
-    sys.exit("bench/generation.py needs the demo CLIP in assets/demo/clip")
+def build(checkpoint: str, quantize: str, device: str) -> GroundedLM:
+    """A checkpoint as the app runs it (the demo's image takes 4 CLS + 9 region tokens), loaded with `quantize`."""
+    return GroundedLM.from_pretrained(checkpoint, quantize=quantize, device=device)
 
 
-def build(quantize: str, device: str) -> GroundedLM:
-    visual, pretrained = visual_source()
-    config = GroundedConfig(lm="smollm2-135m-instruct", visual=visual, visual_pretrained=pretrained, n_visual_tokens=4)
-    return GroundedLM(config, quantize=quantize, device=device)
-
-
-def ours(model: GroundedLM, turns: list[Turn], new_tokens: int) -> tuple[float, float, int]:
-    stats = [e for e in stream_reply(model, turns, GenerationSettings(max_new_tokens=new_tokens))][-1].stats
+def ours(model: GroundedLM, turns: list[Turn], new_tokens: int, look: bool = False) -> tuple[float, float, int]:
+    settings = GenerationSettings(max_new_tokens=new_tokens, look=look)
+    stats = [e for e in stream_reply(model, turns, settings)][-1].stats
     return stats["first_token_s"], stats["tokens_per_s"], stats["new_tokens"]
 
 
@@ -81,60 +77,80 @@ def baseline(model: GroundedLM, ids: torch.Tensor, new_tokens: int) -> tuple[flo
     return times[0] - start, rate, len(times)
 
 
-def resident_mb(quantize: str, device: str) -> dict[str, float]:
+def resident_mb(checkpoint: str, quantize: str, device: str) -> dict[str, float]:
     """Memory of a fresh process that loads the model and generates a few tokens (so the weights' pages are
     touched): resident in all, and what loading the model added to the process its imports made (on a GPU:
     allocated on the device)."""
     code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-            f"from generation import *; before = memory_mb({device!r}); m = build({quantize!r}, {device!r});"
+            f"from generation import *; before = memory_mb({device!r}); m = build({checkpoint!r}, {quantize!r}, {device!r});"
             f"ours(m, [Turn('user', [Image.new('RGB', (64, 64)), 'Hi'])], 4); print(before, memory_mb({device!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, after = map(float, out.stdout.strip().splitlines()[-1].split())
     return {"process": after, "model": after - before}
 
 
+def memory_mb(device: str) -> float:
+    """Resident memory of this process now (on a GPU: allocated on the device), in MB."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    gc.collect()
+    with open("/proc/self/status") as status:  # resident now, not the peak while weights were quantised
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="demo", help="preset or checkpoint folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quantize", default="4bit")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=48)
     args = parser.parse_args()
 
-    model = build(args.quantize, args.device)
+    model = build(args.checkpoint, args.quantize, args.device)
+    looks = model.perception is not None
     image = Image.new("RGB", (128, 128), "beige")
     turns = [Turn("user", [image, QUESTION])]
     length = count_tokens(render(turns, model.tokenizer, "chat"), model.config.tokens_per_image)
     text_ids = [t for s in render([Turn("user", [QUESTION])], model.tokenizer, "chat") for t in s]
     filler = model.tokenizer(" picture" * (length - len(text_ids)), add_special_tokens=False).input_ids
     ids = torch.tensor([filler[:length - len(text_ids)] + text_ids], device=model.device)  # same length
-    ours(model, turns, 4), baseline(model, ids, 4)  # warm-up
+    ours(model, turns, 4), ours(model, turns, 4, look=looks), baseline(model, ids, 4)  # warm-up
 
-    runs = {"ours": [], "baseline": []}
+    runs = {"ours": [], "baseline": []} | ({"looking": []} if looks else {})
     for _ in range(args.reps):
         runs["ours"].append(ours(model, turns, args.new_tokens))
+        if looks:
+            runs["looking"].append(ours(model, turns, args.new_tokens, look=True))
         runs["baseline"].append(baseline(model, ids, args.new_tokens))
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
                statistics.median(r[2] for r in v)) for k, v in runs.items()}
-    memory = {q: resident_mb(q, args.device) for q in ("none", "4bit")}
+    memory = {q: resident_mb(args.checkpoint, q, args.device) for q in ("none", "4bit")}
     ratios = {k: memory["4bit"][k] / memory["none"][k] for k in ("process", "model")}
     result = {
-        "device": args.device, "quantize": args.quantize, "prompt_tokens": length, "reps": args.reps,
-        "ours": {"first_token_s": med["ours"][0], "tokens_per_s": med["ours"][1], "new_tokens": med["ours"][2]},
-        "baseline": {"first_token_s": med["baseline"][0], "tokens_per_s": med["baseline"][1],
-                     "new_tokens": med["baseline"][2]},
+        "checkpoint": args.checkpoint, "device": args.device, "quantize": args.quantize, "prompt_tokens": length,
+        "reps": args.reps,
+        **{k: {"first_token_s": m[0], "tokens_per_s": m[1], "new_tokens": m[2]} for k, m in med.items()},
         "decode_ratio": med["ours"][1] / med["baseline"][1],
         "first_token_ratio": med["ours"][0] / med["baseline"][0],
         "memory_mb": memory, "memory_ratio_4bit_vs_none": ratios,
     }
+    if looks:
+        result["looking_first_token_ratio"] = med["looking"][0] / med["ours"][0]
+        result["looking_decode_ratio"] = med["looking"][1] / med["ours"][1]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"generation-{args.device}.json").write_text(json.dumps(result, indent=2))
     print(f"\nSmolLM2-135M-Instruct ({args.quantize}, {args.device}), prompt {length} tokens, "
           f"{args.new_tokens} new tokens, median of {args.reps}")
-    print(f"| | tokens/s | first token (s) |\n|---|---|---|")
+    print("| | tokens/s | first token (s) |\n|---|---|---|")
     print(f"| grounded stream (1 image) | {med['ours'][1]:.1f} | {med['ours'][0]:.3f} |")
     print(f"| `model.generate` (text) | {med['baseline'][1]:.1f} | {med['baseline'][0]:.3f} |")
     print(f"| ratio (target) | {result['decode_ratio']:.2f} (>= 0.95) | {result['first_token_ratio']:.2f} (<= 1.2) |")
+    if looks:
+        print(f"| grounded stream, looking first (LMEye, {model.config.request_tokens} request tokens) | "
+              f"{med['looking'][1]:.1f} | {med['looking'][0]:.3f} |")
+        print(f"| looking / not (target) | {result['looking_decode_ratio']:.2f} (~1) | "
+              f"{result['looking_first_token_ratio']:.2f} (<= 1.15) |")
     peak = "GPU MB allocated" if args.device == "cuda" else "resident MB"
     print(f"\n| quantize | {peak}: process | loading the model added |\n|---|---|---|")
     for q in ("none", "4bit"):

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from model.config import GroundedConfig
 from model.grounded import GroundedLM
 from model.lm import dequantized, native_bf16
-from model.training.train import CONTEXT_EVERY, Conversations, images_of, optimizer_for
+from model.training.conversations import CONTEXT_EVERY, Conversations
+from model.training.train import images_of, optimizer_for
 from model.world.data import ShapesDataset
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -4,8 +4,8 @@
     python docs/screenshot.py --out docs/screenshot.png
 
 It sends the chat's messages in one conversation, with the app's default settings, and captures the
-whole page once every reply is complete: an uploaded scene described, a picture requested and shown
-inline, and a photograph (scikit-image's sample cat) answered with the note that the demo was trained on
+whole page once every reply is complete: a picture requested and shown inline, an uploaded scene
+described, and a photograph (scikit-image's sample cat) answered with the note that the demo was trained on
 another kind of image.
 """
 from __future__ import annotations
@@ -19,13 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
+
+
 def cat_photograph() -> Path:
     import skimage.data
     return Path(skimage.data.__file__).parent / "chelsea.png"
 
 
-MESSAGES = (("Describe this picture.", ROOT / "assets" / "examples" / "two-shapes.png"),
-            ("Now find an image of a large blue circle in the centre.", None),
+MESSAGES = (("Find an image of a large blue circle in the centre.", None),
+            ("Describe this picture.", ROOT / "assets" / "examples" / "two-shapes.png"),
             ("And what is in this one?", cat_photograph()))
 REPLY_DONE = "!document.querySelector('#chatbot .pending') && !document.querySelector('#message .generating')"
 
@@ -38,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1360, "height": 1000})
+        page = browser.new_page(viewport={"width": 1360, "height": 1500})  # the chat (66% of it) shows all three
         page.goto(args.url)
         page.wait_for_selector("#message textarea")
         for text, image in MESSAGES:
@@ -50,6 +52,8 @@ def main() -> None:
             page.locator("#message textarea").press("Enter")
             page.wait_for_function(f"document.querySelectorAll('#chatbot .message.bot').length > {shown} && "
                                    f"{REPLY_DONE}", timeout=args.timeout * 1000)
+            page.wait_for_timeout(2000)  # a note can arrive before the reply: wait for the reply itself too
+            page.wait_for_function(REPLY_DONE, timeout=args.timeout * 1000)
         page.screenshot(path=args.out, full_page=True)
         browser.close()
     print(f"wrote {args.out}")

@@ -32,6 +32,9 @@ class GroundedConfig:
     projector: str = "linear"
     """How CLIP features become LM tokens: `linear` (FROMAGe) or `mlp` (Linear-GELU-Linear, as LLaVA-1.5 found
     better), for the CLS and the region mapping alike."""
+    request_tokens: int = 0
+    """LMEye's request tokens: k tokens after the text of a turn that asks about an image, through which the LM
+    looks at the image's patches (`model/perception.py`). 0: no request module (every older checkpoint)."""
     emb_dim: int = 256
     prompt_format: str = "chat"
     """`chat`: the LM's chat template; `qa`: FROMAGe's `Q: ...\\nA:` dialogue turns."""
@@ -55,8 +58,9 @@ class GroundedConfig:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         if self.n_visual_tokens < 1 or self.emb_dim < 1:
             raise ValueError("n_visual_tokens and emb_dim must be positive")
-        if self.region_grid < 0:
-            raise ValueError(f"region_grid must be 0 (none) or positive, got {self.region_grid}")
+        if self.region_grid < 0 or self.request_tokens < 0:
+            raise ValueError(f"region_grid and request_tokens must be 0 (none) or positive, got {self.region_grid} "
+                             f"and {self.request_tokens}")
 
     @property
     def tokens_per_image(self) -> int:

@@ -1,9 +1,11 @@
 """Streaming decoding with a KV cache that retrieves images when the LM emits `[RET]`.
 
-`stream_reply` yields events as they happen: `Text(delta)`, `Retrieved(hits)`, `Notice(message)` (the
-context was cut; a new image is unlike the training images) and finally `Done(stats)`. When `[RET]` is sampled it is fed back as the next input; the hidden
-state of that step is the retrieval query, and the same step's logits continue the text
-(FROMAGe recomputed the whole sequence each step and dropped text after the last `[RET]`).
+`stream_reply` yields events as they happen: `Looked(image, attention)` (where a model with a request
+module looked before answering, LMEye), `Text(delta)`, `Retrieved(hits)`, `Notice(message)` (the context
+was cut; a new image is unlike the training images) and finally `Done(stats)`. When `[RET]` is sampled
+it is fed back as the next input; the hidden state of that step is the retrieval query, and the same
+step's logits continue the text (FROMAGe recomputed the whole sequence each step and dropped text after
+the last `[RET]`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any, Callable, Iterator, Union
 import torch
 from transformers import DynamicCache
 
-from model.grounded import GroundedLM
+from model.grounded import GroundedLM, Looked
 from model.prompt import Turn, fit_context, render, count_tokens
 
 SearchFn = Callable[[torch.Tensor, set], list]
@@ -43,7 +45,7 @@ class Done:
     stats: dict[str, Any]
 
 
-Event = Union[Text, Retrieved, Notice, Done]
+Event = Union[Looked, Text, Retrieved, Notice, Done]
 
 
 @dataclass
@@ -64,6 +66,9 @@ class GenerationSettings:
     """Prompt budget; defaults to the LM's window minus `max_new_tokens` (at least half the window)."""
     exclude: set = field(default_factory=set)
     """Index ids already shown in this conversation: never retrieved again."""
+    look: bool = True
+    """Interactive perception (LMEye): a model with a request module looks at the images asked about before
+    answering. Off: the images enter as their mapped tokens only, as in a model without one."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -106,7 +111,9 @@ def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSetti
     tokenizer, fmt = model.tokenizer, model.config.prompt_format
     window = getattr(model.lm.config, "max_position_embeddings", 2048)
     budget = settings.context_tokens or max(window - settings.max_new_tokens, window // 2)
-    turns, notice = fit_context(turns, tokenizer, fmt, model.config.tokens_per_image, budget)
+    look = settings.look and model.perception is not None
+    tokens_per_look = model.config.request_tokens if look else 0
+    turns, notice = fit_context(turns, tokenizer, fmt, model.config.tokens_per_image, budget, tokens_per_look)
     if notice:
         yield Notice(notice)
     new_images = turns[-1].images if turns and turns[-1].role == "user" else []
@@ -115,16 +122,12 @@ def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSetti
             which = f"Image {number} of {len(new_images)}" if len(new_images) > 1 else "This image"
             yield Notice(f"{which} looks unlike the images this model was trained on "
                          f"({model.familiarity.trained_on}): what it says about it will not be reliable.")
-    segments = render(turns, tokenizer, fmt)
-    prompt_tokens = count_tokens(segments, model.config.tokens_per_image)
+    segments = render(turns, tokenizer, fmt, look)
+    prompt_tokens = count_tokens(segments, model.config.tokens_per_image, tokens_per_look)
     generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
 
-    eos_ids = {tokenizer.eos_token_id}
-    configured = model.lm.generation_config.eos_token_id
-    eos_ids.update(configured if isinstance(configured, list) else [configured])
-
-    cache = DynamicCache()
-    hidden, cache = model.hidden_states(model.embed_segments(segments).unsqueeze(0), past_key_values=cache)
+    last, cache, looked = model.prefill(segments, DynamicCache())                       # (lm_dim,), ...
+    yield from looked
     text_ids: list[int] = []
     emitted, shown = "", set(settings.exclude)
     n_images, n_tokens, first_token_s, stop = 0, 0, None, "length"
@@ -133,7 +136,7 @@ def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSetti
         if cancel is not None and cancel.is_set():
             stop = "cancelled"
             break
-        logits = model.logits(hidden[0, -1])                                             # (V',)
+        logits = model.logits(last)                                                      # (V',)
         ret_allowed = (search is not None and n_images < settings.max_images
                        and len(emitted.split()) >= settings.min_words_before_ret)
         logits[model.ret_id] = scale_ret_logit(logits[model.ret_id], settings.ret_scale_factor) \
@@ -143,13 +146,14 @@ def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSetti
         if first_token_s is None:
             first_token_s = time.perf_counter() - start
             decode_start = time.perf_counter()
-        if token in eos_ids:
+        if token in model.eos_ids:
             stop = "eos"
             break
         hidden, cache = model.hidden_states(model.embed_ids(torch.tensor([[token]], device=model.device)),
                                             past_key_values=cache)                       # (1, 1, lm_dim)
+        last = hidden[0, -1]
         if token == model.ret_id:
-            query = model.ret_query(hidden[0, -1])                                       # (emb_dim,)
+            query = model.ret_query(last)                                                # (emb_dim,)
             hits = search(query, shown)[:settings.images_per_ret]
             shown.update(hit.id for hit in hits)
             n_images += 1

@@ -5,6 +5,7 @@
     (input and region mappings: a Linear, or an MLP when the config's projector is `mlp`)
     image --CLIP--> pooled (visual_dim) --image_mapping--> emb_dim, L2-normalised       (what the index stores)
     [RET] hidden state (lm_dim)          --ret_mapping---> emb_dim, L2-normalised       (the retrieval query)
+    request hidden state + image patches --perception----> request_tokens x lm_dim     (LMEye, when configured)
 
 `[RET]` gets its own trainable input row (and, when the LM's head is untied, its own output row);
 the LM's embedding table and every other frozen weight stay bit-for-bit as loaded.
@@ -29,10 +30,12 @@ from model.config import GroundedConfig
 from model.familiarity import Familiarity
 from model.images import image_key
 from model.lm import load_lm
-from model.prompt import Segment, Turn, count_tokens, render, render_with_target, retrieval_request
+from model.perception import Perception
+from model.prompt import Look, Segment, Turn, count_tokens, render, render_with_target, retrieval_request
 from model.visual import VisualEncoder
 
-FEATURE_CACHE_SIZE = 512
+FEATURE_CACHE_BYTES = 256 * 2 ** 20
+"""Encoded images kept by pixel hash: ~5,000 of the demo encoder's, ~250 of ViT-L/14's."""
 
 
 @dataclass
@@ -43,6 +46,13 @@ class Example:
     """
     turns: list[Turn]
     ret_images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Looked:
+    """Where a request looked: `attention` (grid_h, grid_w) over `image`'s patches, summing to 1."""
+    image: Image.Image
+    attention: torch.Tensor
 
 
 @dataclass
@@ -86,6 +96,10 @@ class GroundedLM(nn.Module):
                              f"{self.visual.grid_size[1]} patches of {self.visual.source}")
 
         self.ret_id: int = self.tokenizer.convert_tokens_to_ids(config.ret_token)
+        configured = self.lm.generation_config.eos_token_id
+        self.eos_ids: frozenset[int] = frozenset({self.tokenizer.eos_token_id,
+                                                  *(configured if isinstance(configured, list) else [configured])})
+        """Tokens that end a reply: the tokenizer's EOS and the LM's generation config's."""
         self.vocab_size: int = self.lm.get_output_embeddings().out_features
         self.tied = self.lm.get_output_embeddings().weight is embeddings.weight
         n = config.n_visual_tokens
@@ -99,7 +113,10 @@ class GroundedLM(nn.Module):
         self.ret_output = None if self.tied else nn.Parameter(
             self.lm.get_output_embeddings().weight.detach().float().mean(0).clone())
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        for module in (self.input_mapping, self.region_mapping, self.ret_mapping, self.image_mapping):
+        self.perception = (Perception(config.request_tokens, lm_dim, visual_dim, self.visual.n_patches,
+                                      embeddings.weight.detach().float().mean(0))
+                           if config.request_tokens else None)
+        for module in (self.input_mapping, self.region_mapping, self.ret_mapping, self.image_mapping, self.perception):
             if module is not None:
                 module.to(self.device)
         self.ret_embedding.data = self.ret_embedding.data.to(self.device)
@@ -108,27 +125,31 @@ class GroundedLM(nn.Module):
         self.logit_scale.data = self.logit_scale.data.to(self.device)
         self.familiarity: Familiarity | None = None
         """Which images are like the training images (`familiarity.safetensors` in the checkpoint), if known."""
-        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._features_lock = threading.Lock()  # sessions share one model
+        self._encoded: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._encoded_lock = threading.Lock()  # sessions share one model
 
     # ---- checkpoints --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder_or_preset: str | Path, quantize: str | None = None,
                         device: torch.device | str | None = None, region_grid: int | None = None,
-                        compute_dtype: str | None = None) -> "GroundedLM":
+                        compute_dtype: str | None = None, request_tokens: int | None = None) -> "GroundedLM":
         """A checkpoint folder or preset, loaded as it was trained unless `quantize` / `compute_dtype` say
         otherwise. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
         without region tokens then gets a new, untrained region mapping (the shared per-cell mapping fits
-        any grid)."""
+        any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module."""
         folder = resolve(folder_or_preset)
         config, weights = read_checkpoint(folder)
-        new_regions = config.region_grid == 0 and bool(region_grid)
+        new = ("region_mapping." if config.region_grid == 0 and region_grid else "~",
+               "perception." if config.request_tokens == 0 and request_tokens else "~")
         if region_grid is not None:
             config.region_grid = region_grid
+        if request_tokens is not None and config.request_tokens and request_tokens != config.request_tokens:
+            raise ValueError(f"{folder_or_preset} has a request module of {config.request_tokens} tokens, "
+                             f"not {request_tokens}")
+        config.request_tokens = request_tokens or config.request_tokens
         model = cls(config, quantize, device, compute_dtype)
         expected = model.trainable_state_dict()
-        problems = [f"missing {k}" for k in expected
-                    if k not in weights and not (new_regions and k.startswith("region_mapping."))]
+        problems = [f"missing {k}" for k in expected if k not in weights and not k.startswith(new)]
         problems += [f"unexpected {k}" for k in weights if k not in expected]
         problems += [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
                      for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
@@ -145,7 +166,7 @@ class GroundedLM(nn.Module):
             self.familiarity.save(folder)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint stores: the mappings, the [RET] rows and the logit scale."""
+        """The weights a checkpoint stores: the mappings, the [RET] rows, the logit scale and the request module."""
         return {name: p.detach() for name, p in self.named_parameters() if not name.startswith(("lm.", "visual."))}
 
     @property
@@ -162,33 +183,40 @@ class GroundedLM(nn.Module):
         return digest.hexdigest()[:16]
 
     # ---- images ---------------------------------------------------------------------------------
-    def visual_features(self, images: list[Image.Image]) -> torch.Tensor:
-        """CLIP features (N, 1 + region_grid^2, visual_dim): the pooled CLS feature, then the region cells.
-        Cached by pixel hash: the encoder is frozen."""
+    def encoded(self, images: list[Image.Image]) -> torch.Tensor:
+        """The encoder's output (N, 1 + n_patches, visual_dim): the pooled CLS feature, then every patch.
+        Cached by pixel hash (the encoder is frozen), up to FEATURE_CACHE_BYTES."""
         keys = [image_key(im) for im in images]
-        with self._features_lock:
-            found = {k: self._features[k] for k in keys if k in self._features}
+        with self._encoded_lock:
+            found = {k: self._encoded[k] for k in keys if k in self._encoded}
         missing = {k: im for k, im in zip(keys, images) if k not in found}
         if missing:
             pooled, patches = self.visual.encode(list(missing.values()))
-            features = pooled.unsqueeze(1)                                                # (M, 1, D)
-            if self.config.region_grid:
-                features = torch.cat([features, self.visual.regions(patches, self.config.region_grid)], 1)
-            found.update(zip(missing, features))
-        with self._features_lock:
+            found.update(zip(missing, torch.cat([pooled.unsqueeze(1), patches], 1)))       # (M, 1 + P, D)
+        with self._encoded_lock:
             for k in keys:
-                self._features[k] = found[k]
-                self._features.move_to_end(k)
-            while len(self._features) > FEATURE_CACHE_SIZE:
-                self._features.popitem(last=False)
+                self._encoded[k] = found[k]
+                self._encoded.move_to_end(k)
+            entry_bytes = found[keys[0]].nbytes if keys else 1
+            while len(self._encoded) > max(len(keys), FEATURE_CACHE_BYTES // entry_bytes):
+                self._encoded.popitem(last=False)
+        if not keys:
+            return torch.zeros(0, 1 + self.visual.n_patches, self.visual.visual_dim, device=self.device)
         return torch.stack([found[k] for k in keys]).float()
+
+    def visual_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """What the mappings read (N, 1 + region_grid^2, visual_dim): the pooled CLS feature, then the region cells."""
+        encoded = self.encoded(images)
+        if not self.config.region_grid:
+            return encoded[:, :1]
+        return torch.cat([encoded[:, :1], self.visual.regions(encoded[:, 1:], self.config.region_grid)], 1)
 
     @torch.no_grad()
     def unfamiliar(self, images: list[Image.Image]) -> list[bool]:
         """Which images are unlike those the checkpoint was trained on (none, when it does not know)."""
         if self.familiarity is None or not images:
             return [False] * len(images)
-        return self.familiarity.unfamiliar(self.visual.encode(images)[1]).tolist()
+        return self.familiarity.unfamiliar(self.encoded(images)[:, 1:]).tolist()
 
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -212,17 +240,70 @@ class GroundedLM(nn.Module):
         embeds = table(ids.masked_fill(is_ret, 0))
         return torch.where(is_ret.unsqueeze(-1), self.ret_embedding.to(embeds.dtype), embeds)
 
-    def embed_segments(self, segments: list[Segment]) -> torch.Tensor:
-        """Rendered prompt -> inputs_embeds (T, lm_dim): token runs embedded, images spliced in."""
+    def embed_segments(self, segments: list[Segment], look_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Rendered prompt -> inputs_embeds (T, lm_dim): token runs embedded, images spliced in, and each `Look`
+        replaced by the next of `look_tokens` (L, request_tokens, lm_dim) (`look`)."""
         images = [s for s in segments if isinstance(s, Image.Image)]
+        n_looks = sum(isinstance(s, Look) for s in segments)
+        if n_looks != (0 if look_tokens is None else len(look_tokens)):
+            raise ValueError(f"{n_looks} request positions in the prompt but "
+                             f"{0 if look_tokens is None else len(look_tokens)} looks")
         tokens = iter(self.visual_tokens(self.visual_features(images))) if images else iter(())
-        parts = [next(tokens) if isinstance(s, Image.Image)
+        looks = iter(look_tokens.to(self.lm.get_input_embeddings().weight.dtype) if n_looks else ())
+        parts = [next(tokens) if isinstance(s, Image.Image) else next(looks) if isinstance(s, Look)
                  else self.embed_ids(torch.tensor(s, dtype=torch.long, device=self.device)) for s in segments]
         return torch.cat(parts)
 
     def embed_conversation(self, turns: list[Turn]) -> torch.Tensor:
         """A conversation, ready for the assistant's reply -> inputs_embeds (1, T, lm_dim)."""
         return self.embed_segments(render(turns, self.tokenizer, self.config.prompt_format)).unsqueeze(0)
+
+    # ---- looking (LMEye) -------------------------------------------------------------------------
+    def look(self, requests: torch.Tensor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Requests (L, lm_dim), one per image -> request tokens (L, request_tokens, lm_dim) and where each
+        looked (L, grid_h, grid_w)."""
+        tokens, attention = self.perception(requests, self.encoded(images)[:, 1:])       # (L, k, lm_dim), (L, P)
+        return tokens, attention.view(len(images), *self.visual.grid_size)
+
+    def _pass_one(self, segments: list[Segment], cache: DynamicCache | None
+                  ) -> tuple[int | None, torch.Tensor, torch.Tensor | None, list[Looked]]:
+        """Pass 1 over a rendered prompt (into `cache` when given, cut back to the prompt before the request):
+        -> where the first `Look` is (None: no request), the embedded prompt before it (T0, lm_dim), the request
+        tokens (L, request_tokens, lm_dim) and where each request looked."""
+        first = next((i for i, s in enumerate(segments) if isinstance(s, Look)), None)
+        if first is None:
+            return None, self.embed_segments(segments), None, []
+        if self.perception is None:
+            raise ValueError("the prompt has request positions but this checkpoint has no request module")
+        head = self.embed_segments(segments[:first])                                        # (T0, lm_dim)
+        probe = self.perception.request_rows[:1].to(head.dtype)                             # (1, lm_dim)
+        hidden, _ = self.hidden_states(torch.cat([head, probe]).unsqueeze(0), past_key_values=cache)
+        if cache is not None:
+            cache.crop(-1)  # the request row's place: pass 2 puts the request tokens there
+        images = [s.image for s in segments[first:] if isinstance(s, Look)]
+        tokens, attention = self.look(hidden[0, -1:].expand(len(images), -1), images)
+        return first, head, tokens, [Looked(im, a) for im, a in zip(images, attention)]
+
+    def prefill(self, segments: list[Segment], cache: DynamicCache) -> tuple[torch.Tensor, DynamicCache, list[Looked]]:
+        """Run a rendered prompt into `cache` -> the last hidden state (lm_dim,), the cache and where it looked.
+
+        With `Look`s (a model with a request module, `render(..., look=True)`): pass 1 runs the prompt up to
+        them and the first request row; that position's hidden state is the request. The cache is cut back to
+        the prompt before the request, and pass 2 runs only the request tokens and what follows.
+        """
+        first, embeds, tokens, looked = self._pass_one(segments, cache)
+        if first is not None:
+            embeds = self.embed_segments(segments[first:], tokens)
+        hidden, cache = self.hidden_states(embeds.unsqueeze(0), past_key_values=cache)
+        return hidden[0, -1], cache, looked
+
+    def embed_prompt(self, segments: list[Segment]) -> tuple[torch.Tensor, list[Looked]]:
+        """A rendered prompt -> its inputs_embeds (T, lm_dim), request tokens included (pass 1 is run here and
+        its cache dropped: for batched decoding, which runs every row whole), and where it looked."""
+        first, embeds, tokens, looked = self._pass_one(segments, None)
+        if first is None:
+            return embeds, looked
+        return torch.cat([embeds, self.embed_segments(segments[first:], tokens)]), looked
 
     # ---- the LM ---------------------------------------------------------------------------------
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -274,20 +355,24 @@ class GroundedLM(nn.Module):
             common.append(column[0])
         return common
 
-    def _run_rows(self, rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]], prefix: list[int]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows of (context embeds (C_i, lm_dim) or None, rest embeds (R_i, lm_dim), rest labels (R_i,)) after the
-        shared `prefix` -> the rest's hidden states (B, R, lm_dim), the hidden state just before each rest
-        (B, lm_dim) and the labels (B, R), right-padded with -100. Position ids skip the padding, so every row
-        sees the positions it would have alone."""
+    def _run_rows(self, rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Image.Image]]],
+                  prefix: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of (context embeds (C_i, lm_dim) or None, rest embeds (R_i, lm_dim), rest labels (R_i,), images the
+        row looks at) after the shared `prefix` -> the rest's hidden states (B, R, lm_dim), the hidden state just
+        before each rest (B, lm_dim) and the labels (B, R), right-padded with -100. Position ids skip the
+        padding, so every row sees the positions it would have alone. Rows that look (all of them or none) get
+        their request tokens between context and rest, as `prefill` does: a request row after the context
+        (pass 1), then the request tokens and the rest (pass 2)."""
         n_rows, n_prefix, lm_dim, dtype = len(rows), len(prefix), rows[0][1].shape[-1], rows[0][1].dtype
-        context_lengths = [0 if context is None else len(context) for context, _, _ in rows]
-        n_context, n_rest = max(context_lengths), max(len(rest) for _, rest, _ in rows)
+        context_lengths = [0 if context is None else len(context) for context, _, _, _ in rows]
+        look_lengths = [len(looked) * self.config.request_tokens for _, _, _, looked in rows]
+        rest_lengths = [n + len(rest) for n, (_, rest, _, _) in zip(look_lengths, rows)]
+        n_context, n_rest = max(context_lengths), max(rest_lengths)
         mask = torch.zeros(n_rows, n_prefix + n_context + n_rest, dtype=torch.long, device=self.device)
         mask[:, :n_prefix] = 1
-        for i, (c, (_, rest, _)) in enumerate(zip(context_lengths, rows)):
+        for i, (c, r) in enumerate(zip(context_lengths, rest_lengths)):
             mask[i, n_prefix:n_prefix + c] = 1
-            mask[i, n_prefix + n_context:n_prefix + n_context + len(rest)] = 1
+            mask[i, n_prefix + n_context:n_prefix + n_context + r] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)                                      # (B, P + C + R)
 
         before = torch.zeros(n_rows, lm_dim, dtype=dtype, device=self.device)
@@ -300,7 +385,7 @@ class GroundedLM(nn.Module):
                 cache.batch_repeat_interleave(n_rows)                                       # P keys per row
             if n_context:
                 inputs = torch.zeros(n_rows, n_context, lm_dim, dtype=dtype, device=self.device)  # (B, C, lm_dim)
-                for i, (context, _, _) in enumerate(rows):
+                for i, (context, _, _, _) in enumerate(rows):
                     if context is not None:
                         inputs[i, :len(context)] = context
                 hidden, cache = self.hidden_states(inputs, mask[:, :n_prefix + n_context],
@@ -311,8 +396,19 @@ class GroundedLM(nn.Module):
                         before[i] = hidden[i, c - 1]
         inputs = torch.zeros(n_rows, n_rest, lm_dim, dtype=dtype, device=self.device)      # (B, R, lm_dim)
         labels = torch.full((n_rows, n_rest), -100, dtype=torch.long, device=self.device)
-        for i, (_, rest, rest_labels) in enumerate(rows):
-            inputs[i, :len(rest)], labels[i, :len(rest_labels)] = rest, rest_labels
+        if any(look_lengths):
+            end = n_prefix + n_context
+            probe = self.perception.request_rows[:1].to(dtype).expand(n_rows, 1, lm_dim)   # (B, 1, lm_dim)
+            hidden, cache = self.hidden_states(probe, mask[:, :end + 1], cache if cache is not None else DynamicCache(),
+                                               positions[:, end:end + 1])
+            cache.crop(-1)
+            looks = [(i, image) for i, (_, _, _, looked) in enumerate(rows) for image in looked]
+            tokens, _ = self.look(hidden[[i for i, _ in looks], 0], [image for _, image in looks])  # (L, k, lm_dim)
+            for i in range(n_rows):
+                inputs[i, :look_lengths[i]] = tokens[[j for j, (row, _) in enumerate(looks) if row == i]].flatten(0, 1)
+        for i, (_, rest, rest_labels, _) in enumerate(rows):
+            n = look_lengths[i]
+            inputs[i, n:n + len(rest)], labels[i, n:n + len(rest_labels)] = rest, rest_labels
             if not n_prefix and not context_lengths[i]:
                 labels[i, 0] = -100  # nothing before a row's first token predicts it
         hidden, _ = self.hidden_states(inputs, mask, cache, positions[:, n_prefix + n_context:])  # (B, R, lm_dim)
@@ -324,35 +420,48 @@ class GroundedLM(nn.Module):
         Each conversation runs in three parts, the KV cache growing from one to the next; only the last pays
         for a backward pass:
             opening   the tokens every row opens with (`shared_prefix`): once, no gradient;
-            context   the prompt up to the last user turn's image, or all of it when that turn has none: no
-                      gradient (earlier turns and their images are context here, trained where they are last);
-            rest      from there to the end of the target: with gradient.
-        Rows whose last user turn has an image (a long rest) and rows whose has none (a long context, a short
-        rest) run as two sub-batches, so neither pads to the other's length. A conversation with no image or
-        `[RET]` before its last user turn gets exactly the loss and gradients of the conversation run whole.
+            context   the prompt up to the last user turn's image, or all of it when that turn has none, or up
+                      to the request tokens in a model that looks: no gradient (earlier turns and their images
+                      are context here, trained where they are last);
+            rest      from there to the end of the target (after the request, for rows that look): with gradient.
+        Rows whose last user turn has an image (a long rest), rows whose has none (a long context, a short
+        rest) and rows that look (one turn, or a longer conversation) run as sub-batches, so none pads to
+        another's length. A conversation with no
+        image or `[RET]` before its last user turn gets exactly the loss and gradients of the conversation run
+        whole.
         `context_grad=True` runs every row whole, with gradient, in one batch (slower; bench/training.py's baseline).
         """
-        rendered = [render_with_target(e.turns, self.tokenizer, self.config.prompt_format) for e in examples]
+        rendered = [render_with_target(e.turns, self.tokenizer, self.config.prompt_format, self.perception is not None)
+                    for e in examples]
         prefix = self.shared_prefix([prompt for prompt, _ in rendered])
-        rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Image.Image]]] = []
         for example, (prompt, target) in zip(examples, rendered):
             if prefix:  # the shared opening runs once per sub-batch
                 rest = prompt[0][len(prefix):]
                 prompt = [rest, *prompt[1:]] if rest else prompt[1:]
             images_at = [i for i, s in enumerate(prompt) if isinstance(s, Image.Image)]
-            cut = 0 if context_grad else images_at[-1] if example.turns[-2].images else len(prompt)
+            looked = [s.image for s in prompt if isinstance(s, Look)]
+            if looked:  # the context runs up to the request tokens, which `_run_rows` puts in
+                cut = next(i for i, s in enumerate(prompt) if isinstance(s, Look))
+                prompt = prompt[:cut] + prompt[cut + len(looked):]
+            else:
+                cut = 0 if context_grad else images_at[-1] if example.turns[-2].images else len(prompt)
             with torch.no_grad():
                 context = self.embed_segments(prompt[:cut]) if cut else None
             rest_embeds = self.embed_segments(prompt[cut:] + target)
             target_labels = torch.cat([
                 torch.full((self.config.tokens_per_image,), -100) if isinstance(s, Image.Image)
                 else torch.tensor(s) for s in target]).to(self.device)
-            rows.append((context, rest_embeds, torch.cat([
-                torch.full((len(rest_embeds) - len(target_labels),), -100, device=self.device), target_labels])))
+            rest_labels = torch.cat([torch.full((len(rest_embeds) - len(target_labels),), -100, device=self.device),
+                                     target_labels])
+            rows.append((context, rest_embeds, rest_labels, looked))
         predictors, label_ids, ret_hidden = [], [], {}
-        groups = ([list(range(len(examples)))] if context_grad else
-                  [[i for i, e in enumerate(examples) if e.turns[-2].images],
-                   [i for i, e in enumerate(examples) if not e.turns[-2].images]])
+        looking = [i for i, row in enumerate(rows) if row[3]]
+        groups = ([list(range(len(examples)))] if context_grad and not looking else
+                  [[i for i in looking if len(examples[i].turns) == 2],
+                   [i for i in looking if len(examples[i].turns) > 2],
+                   [i for i, e in enumerate(examples) if e.turns[-2].images and not rows[i][3]],
+                   [i for i, e in enumerate(examples) if not e.turns[-2].images and not rows[i][3]]])
         for group in groups:
             if group:
                 hidden, before, labels = self._run_rows([rows[i] for i in group], prefix)  # (G, R, lm_dim) ...

@@ -1,8 +1,9 @@
 """Turn a conversation of text and images into the segments the grounded LM embeds.
 
 A conversation is a list of `Turn`s whose parts are strings or images, in any order and any turn.
-Rendering yields `Segment`s — runs of token ids, and images to be spliced in as visual tokens —
-using the LM's chat template (`chat`) or FROMAGe's `Q: ...\\nA:` dialogue (`qa`).
+Rendering yields `Segment`s — runs of token ids, images to be spliced in as visual tokens, and (for a model
+with LMEye's request module) `Look`s where its request tokens go — using the LM's chat template (`chat`) or
+FROMAGe's `Q: ...\\nA:` dialogue (`qa`).
 """
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ from typing import Union
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+
+@dataclass(frozen=True, eq=False)
+class Look:
+    """Where the request tokens that look at `image` go (LMEye): after the user's text, before the reply."""
+    image: Image.Image
+
+
 Part = Union[str, Image.Image]
-Segment = Union[list[int], Image.Image]
+Segment = Union[list[int], Image.Image, Look]
 ROLES = ("user", "assistant")
-_IMAGE = "\uE000"  # private-use character: marks where an image goes in rendered text
+_IMAGE = "\uE000"  # private-use characters: mark where an image and a look go in rendered text
+_LOOK = "\uE001"
 REQUESTS = ("Show me a picture of {}.", "Find an image of {}.", "Can you show me {}?", "Show me {}.",
             "I would like to see {}.", "Do you have a picture of {}?")
 """How a user asks for a picture; training rotates them, text search uses the first."""
@@ -42,78 +51,109 @@ class Turn:
         return "".join(p for p in self.parts if isinstance(p, str))
 
 
-def _content(turn: Turn) -> str:
-    return "".join(_IMAGE if isinstance(p, Image.Image) else p for p in turn.parts)
+def looked_at(turns: list[Turn]) -> list[Image.Image]:
+    """The images the last user turn asks about: its own, else the conversation's latest (none without one)."""
+    if not turns or turns[-1].role != "user":
+        return []
+    if turns[-1].images:
+        return turns[-1].images
+    earlier = [im for t in turns[:-1] for im in t.images]
+    return earlier[-1:]
+
+
+def _content(turn: Turn, looks: int = 0) -> str:
+    return "".join(_IMAGE if isinstance(p, Image.Image) else p for p in turn.parts) + _LOOK * looks
 
 
 def _render_text(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format: str,
-                 generation_prompt: bool) -> str:
-    """The conversation as one string, with `_IMAGE` where each image goes (in order)."""
+                 generation_prompt: bool, looks: int = 0) -> str:
+    """The conversation as one string, with `_IMAGE` where each image goes (in order) and `looks` times `_LOOK`
+    at the end of the last turn's content."""
+    contents = [_content(t, looks if i == len(turns) - 1 else 0) for i, t in enumerate(turns)]
     if prompt_format == "chat" and tokenizer.chat_template:
-        messages = [{"role": t.role, "content": _content(t)} for t in turns]
+        messages = [{"role": t.role, "content": content} for t, content in zip(turns, contents)]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    lines = [("Q: " if t.role == "user" else "A: ") + _content(t) + "\n" for t in turns]
+    lines = [("Q: " if t.role == "user" else "A: ") + content + "\n" for t, content in zip(turns, contents)]
     return (tokenizer.bos_token or "") + "".join(lines) + ("A:" if generation_prompt else "")
 
 
-def _segments(text: str, images: list[Image.Image], tokenizer: PreTrainedTokenizerBase) -> list[Segment]:
-    pieces = text.split(_IMAGE)
-    if len(pieces) != len(images) + 1:
-        raise ValueError("the text of a turn contains the reserved character U+E000")
+def _segments(text: str, images: list[Image.Image], tokenizer: PreTrainedTokenizerBase,
+              looked: list[Image.Image] = ()) -> list[Segment]:
+    """Split rendered text at the markers: token runs, then each `_IMAGE` as its image and each `_LOOK` as a
+    `Look` at the next of `looked`."""
+    pieces = re.split(f"([{_IMAGE}{_LOOK}])", text)
+    if pieces.count(_IMAGE) != len(images) or pieces.count(_LOOK) != len(looked):
+        raise ValueError("the text of a turn contains a reserved character (U+E000 or U+E001)")
+    images_left, looks_left = iter(images), iter(looked)
     segments: list[Segment] = []
-    for i, piece in enumerate(pieces):
-        if piece:
+    for piece in pieces:
+        if piece == _IMAGE:
+            segments.append(next(images_left))
+        elif piece == _LOOK:
+            segments.append(Look(next(looks_left)))
+        elif piece:
             segments.append(tokenizer(piece, add_special_tokens=False).input_ids)
-        if i < len(images):
-            segments.append(images[i])
     return segments
 
 
-def render(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> list[Segment]:
-    """The prompt for the assistant's next reply."""
-    text = _render_text(turns, tokenizer, prompt_format, generation_prompt=True)
-    return _segments(text, [im for t in turns for im in t.images], tokenizer)
+def render(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format: str,
+           look: bool = False) -> list[Segment]:
+    """The prompt for the assistant's next reply; with `look`, a `Look` at each image the question is about
+    (`looked_at`) ends the user's turn."""
+    looked = looked_at(turns) if look else []
+    text = _render_text(turns, tokenizer, prompt_format, generation_prompt=True, looks=len(looked))
+    return _segments(text, [im for t in turns for im in t.images], tokenizer, looked)
 
 
-def render_with_target(turns: list[Turn], tokenizer: PreTrainedTokenizerBase,
-                       prompt_format: str) -> tuple[list[Segment], list[Segment]]:
-    """Split a conversation ending in an assistant turn into (prompt, target) for training.
+def render_with_target(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format: str,
+                       look: bool = False) -> tuple[list[Segment], list[Segment]]:
+    """Split a conversation ending in an assistant turn into (prompt, target) for training; `look` as `render`.
 
     The target is the last turn's text as the template closes it (e.g. with `<|im_end|>`), so the
     LM learns to stop; for `qa` it ends with the tokenizer's EOS token.
     """
     if not turns or turns[-1].role != "assistant":
         raise ValueError("a training conversation must end with an assistant turn")
-    prompt = _render_text(turns[:-1], tokenizer, prompt_format, generation_prompt=True)
+    looked = looked_at(turns[:-1]) if look else []
+    prompt = _render_text(turns[:-1], tokenizer, prompt_format, generation_prompt=True, looks=len(looked))
     if prompt_format == "chat" and tokenizer.chat_template:
         full = _render_text(turns, tokenizer, prompt_format, generation_prompt=False)
-        if not full.startswith(prompt):
+        unlooked = _render_text(turns[:-1], tokenizer, prompt_format, generation_prompt=True)
+        if not full.startswith(unlooked):
             raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-        target = full[len(prompt):]
+        target = full[len(unlooked):]
     else:
         target = " " + _content(turns[-1]) + (tokenizer.eos_token or "\n")
     history_images = [im for t in turns[:-1] for im in t.images]
-    return _segments(prompt, history_images, tokenizer), _segments(target, turns[-1].images, tokenizer)
+    return (_segments(prompt, history_images, tokenizer, looked),
+            _segments(target, turns[-1].images, tokenizer))
 
 
-def count_tokens(segments: list[Segment], tokens_per_image: int) -> int:
-    return sum(tokens_per_image if isinstance(s, Image.Image) else len(s) for s in segments)
+def count_tokens(segments: list[Segment], tokens_per_image: int, tokens_per_look: int = 0) -> int:
+    return sum(tokens_per_image if isinstance(s, Image.Image) else tokens_per_look if isinstance(s, Look)
+               else len(s) for s in segments)
 
 
 def fit_context(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format: str,
-                tokens_per_image: int, max_tokens: int) -> tuple[list[Turn], str | None]:
-    """Drop the oldest turns until the prompt fits `max_tokens`; never the current (last) turn.
+                tokens_per_image: int, max_tokens: int, tokens_per_look: int = 0) -> tuple[list[Turn], str | None]:
+    """Drop the oldest turns until the prompt fits `max_tokens`; never the current (last) turn. With
+    `tokens_per_look`, the request tokens of `render(..., look=True)` count too.
 
     If the current turn alone is too long its text is cut at the end. Returns the turns that fit
     and a notice saying what was left out (None when nothing was).
     """
+    look = tokens_per_look > 0
+
+    def length(kept: list[Turn]) -> int:
+        return count_tokens(render(kept, tokenizer, prompt_format, look), tokens_per_image, tokens_per_look)
+
     kept = list(turns)
     dropped = 0
-    while len(kept) > 1 and count_tokens(render(kept, tokenizer, prompt_format), tokens_per_image) > max_tokens:
+    while len(kept) > 1 and length(kept) > max_tokens:
         kept.pop(0)
         dropped += 1
     notice = f"Left out the {dropped} oldest turn(s) to fit the context window." if dropped else None
-    excess = count_tokens(render(kept, tokenizer, prompt_format), tokens_per_image) - max_tokens
+    excess = length(kept) - max_tokens
     if excess > 0:
         current = kept[-1]
         text_ids = tokenizer(current.text, add_special_tokens=False).input_ids

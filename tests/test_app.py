@@ -24,13 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 RETRIEVE = dict(ret_scale=3.0, max_images=1)  # the tiny model retrieves first, then goes on writing
 
 
-def make_tiny_app(lm_dir: Path, clip_dir: Path, folder: Path, gallery_size: int = 12):
-    """A ChatApp over a tiny model and `gallery_size` shapes-world images indexed in `folder`."""
+def make_tiny_app(lm_dir: Path, clip_dir: Path, folder: Path, gallery_size: int = 12, request_tokens: int = 0):
+    """A ChatApp over a tiny model (with a request module of `request_tokens`) and `gallery_size` shapes-world
+    images indexed in `folder`."""
     import app
     from model.grounded import GroundedLM
     from retrieval_index.index import ImageIndex
 
-    model = GroundedLM(tiny_config(lm_dir, clip_dir), quantize="none", device="cpu")
+    model = GroundedLM(tiny_config(lm_dir, clip_dir, request_tokens=request_tokens), quantize="none", device="cpu")
     model.ret_embedding.data *= 1e4
     index_dir = app.demo_gallery(model, folder, size=gallery_size)
     return app.ChatApp(model, ImageIndex.load(index_dir, model.fingerprint), title="tiny")
@@ -239,6 +240,31 @@ def test_an_uploaded_image_goes_to_the_model_and_shows_in_the_users_bubble(tiny_
     assert user["role"] == "user" and texts(user) == "what is this?" and len(images_in(user)) == 1
     parts = session.exchanges[0].user.parts
     assert isinstance(parts[0], Image.Image) and parts[0].size == (64, 48) and parts[1] == "what is this?"
+
+
+def test_a_question_about_an_image_shows_where_the_model_looked_unless_switched_off(tiny_lm_dir, tiny_clip_dir,
+                                                                                    tmp_path):
+    import app
+    looking = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path / "gallery", request_tokens=2)
+    path = upload(tmp_path, "photo.png", png_bytes(Image.new("RGB", (64, 48), "orange")))
+    session = app.Session()
+    chat = final_chat(run(looking.chat({"text": "what colour is it?", "files": [path]}, session,
+                                       max_new_tokens=3, max_images=0)))
+    reply = chat[-1]
+    looked = [c for c in reply["content"] if isinstance(c, dict)]
+    assert len(looked) == 1 and looked[0]["alt_text"].startswith("Looked here first")
+    assert Image.open(looked[0]["path"]).size == (256, 256), "the square the encoder saw, with the heat map"
+    assert "looked-caption" in " ".join(c for c in reply["content"] if isinstance(c, str))
+    assert not any(isinstance(p, Image.Image) for p in session.exchanges[0].reply.parts), "shown, not said"
+
+    chat = final_chat(run(looking.chat({"text": "and its shape?", "files": []}, session, max_new_tokens=3,
+                                       max_images=0, interactive=False)))
+    assert images_in(chat[-1]) == [], "switched off: it answers without looking"
+    chat = final_chat(run(looking.chat({"text": "and now?", "files": []}, session, max_new_tokens=3, max_images=0)))
+    assert len(images_in(chat[-1])) == 1, "a follow-up looks at the image asked about before"
+    chat = final_chat(run(looking.chat({"text": "hello there", "files": []}, app.Session(), max_new_tokens=3,
+                                       max_images=0)))
+    assert images_in(chat[-1]) == [], "no image in the conversation: nothing to look at"
 
 
 def test_an_empty_message_is_ignored(tiny_app, session):

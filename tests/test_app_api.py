@@ -66,7 +66,8 @@ def test_the_named_endpoints_are_documented_with_the_settings_as_parameters(clie
     assert {"/chat", "/stop", "/retry", "/undo", "/clear", "/search", "/browse"} <= set(endpoints)
     parameters = {p["parameter_name"]: p.get("parameter_default") for p in endpoints["/chat"]["parameters"]}
     assert parameters == {"message": {"text": "", "files": []}, "temperature": 0.0, "top_p": 1.0,
-                          "max_new_tokens": 128, "ret_scale": 1.0, "max_images": 2, "share_uploads": False}
+                          "max_new_tokens": 128, "ret_scale": 1.0, "max_images": 2, "share_uploads": False,
+                          "interactive": False}, "looking is on by default only for a model with a request module"
 
 
 def test_chat_takes_text_and_files_and_streams_the_reply_with_the_retrieved_image(client):

@@ -22,7 +22,8 @@ expect.set_options(timeout=TIMEOUT_MS)  # generous: CI machines are slow and sha
 
 @pytest.fixture(scope="module")
 def url(tiny_lm_dir, tiny_clip_dir, tmp_path_factory):
-    chat_app = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path_factory.mktemp("browser-gallery"), gallery_size=40)
+    chat_app = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path_factory.mktemp("browser-gallery"), gallery_size=40,
+                             request_tokens=2)
     # As slow as a real model on a CPU (30 ms a step), so that Stop lands mid-reply.
     chat_app.model.lm.register_forward_hook(lambda *_: time.sleep(0.03))
     demo, address = serve(chat_app)
@@ -94,6 +95,23 @@ def test_type_upload_and_see_the_reply_stream_with_a_retrieved_image_inline(page
     expect(page.locator("#stop")).to_be_visible()
     page.wait_for_function(REPLY_DONE, timeout=TIMEOUT_MS)
     page.screenshot(path=shots / "chat.png", full_page=True)
+
+
+def test_a_question_about_an_upload_shows_where_the_model_looked_and_the_switch_turns_it_off(page, shots):
+    set_slider(page, "ret-scale", 0)
+    set_slider(page, "max-new-tokens", 4)
+    send(page, "What colour is the shape?", EXAMPLE)
+    expect(bot_messages(page).last.locator("img").first).to_be_visible()
+    expect(page.locator("#chatbot .looked-caption")).to_have_count(1)
+    expect(page.locator("#chatbot .looked-caption")).to_contain_text("Looked here first")
+    page.wait_for_function(REPLY_DONE, timeout=TIMEOUT_MS)
+    page.screenshot(path=shots / "looked.png", full_page=True)
+
+    page.locator("#interactive input[type=checkbox]").uncheck()
+    send(page, "And its shape?")
+    expect(bot_messages(page)).to_have_count(2)
+    page.wait_for_function(REPLY_DONE, timeout=TIMEOUT_MS)
+    expect(page.locator("#chatbot .looked-caption")).to_have_count(1)
 
 
 def test_an_example_fills_the_input_with_its_prompt_and_image(page):

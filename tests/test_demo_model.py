@@ -26,9 +26,6 @@ DEMO = ASSETS / "demo"
 TWO_OBJECTS_RIGHT = 1
 AFTER_HISTORY_RET = 14
 AFTER_HISTORY_RIGHT = 2
-pytestmark = pytest.mark.skipif(
-    not (DEMO / WEIGHTS_NAME).is_file(),
-    reason=f"{DEMO / WEIGHTS_NAME} does not exist yet: train it with `python -m model.training.train --out assets/demo`")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from model.world import shapes
 from model.training.evaluate import caption_scores, greedy_replies, main, recall_at_k, ret_queries, same_scene
 from model.generate import GenerationSettings, Retrieved, Text, stream_reply
 from model.grounded import GroundedLM

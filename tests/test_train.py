@@ -1,10 +1,12 @@
 """Stage-2 training: conversations in the app's own form, losses that fall, checkpoints that load, resume."""
+import json
 import math
 import shutil
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from torch.utils.data import Subset
 from transformers import LlamaForCausalLM
 
@@ -12,9 +14,11 @@ from conftest import tiny_config
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
 from model.grounded import GroundedLM
 from model.prompt import REQUESTS, render_with_target, request_phrase
-from model.training.train import (CONTEXT_EVERY, INSTRUCTIONS, STATE_NAME, Conversations, holdout_kept_out, load_state,
-                                  main, optimizer_for, parse_args, read_state, run_options, sentence, validate)
+from model.training.conversations import CONTEXT_EVERY, INSTRUCTIONS, Conversations, QuestionConversations, sentence
+from model.training.train import (LATER_OPTIONS, STATE_FORMAT, STATE_NAME, TRAINABLE, holdout_kept_out, load_state,
+                                  main, optimizer_for, parse_args, read_state, run_options, validate)
 from model.world import shapes
+from model.world.questions import reply_answer
 from model.world.data import ShapesDataset, TsvCaptionDataset
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
@@ -104,7 +108,7 @@ def test_every_few_batches_carry_history_and_refer_back_to_earlier_pictures():
     assert back, "some requests refer to an earlier picture"
     for example in back:
         ordinal = ("first", "second", "third").index(example.turns[-2].text.split("like the ")[1].split()[0])
-        earlier_image, earlier_caption = example.turns[2 * ordinal].images[0], example.turns[2 * ordinal + 1].text
+        earlier_image = example.turns[2 * ordinal].images[0]
         assert example.turns[-1].text == "[RET]"
         target = example.ret_images[0]  # another rendering of that scene: same size, other pixels, same caption
         assert target.size == earlier_image.size and target.tobytes() != earlier_image.tobytes()
@@ -219,3 +223,55 @@ def test_resume_without_a_saved_state_says_so(tiny_lm_dir, tiny_clip_dir, tmp_pa
         main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path, "--resume"))
     with pytest.raises(ValueError, match="at least 4"):
         main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path, "--batch-size", "2"))
+
+
+def test_question_batches_ask_about_images_and_keep_describing_and_retrieving():
+    batch = QuestionConversations("train", 1000, 32, holdout=True, seed=0).batch(3, 16)
+    asked = [e for e in batch if len(e.turns) == 2 and e.turns[0].images and not e.ret_images]
+    assert len(asked) == 10 + 2, "8 questions and 2 steps of compound ones, 2 descriptions"
+    answers = [e.turns[-1].text for e in batch[:8]]
+    assert all(any(reply_answer(a, t) for t in ("yes/no", "number", "colour", "shape", "size", "position"))
+               and a.count(" ") < 3 for a in answers), f"short answers that read back: {answers}"
+    follow_ups = [e for e in batch if len(e.turns) == 4 and not e.turns[2].images and not e.ret_images]
+    assert len(follow_ups) == 2, "follow-ups ask, in words only, about the image described before"
+    requests = [e for e in batch if e.ret_images]
+    assert len(requests) == 2 and all(e.turns[-1].text == "[RET]" and e.turns[0].images for e in requests)
+    again = QuestionConversations("train", 1000, 32, holdout=True, seed=0).batch(3, 16)
+    assert [e.turns[-1].text for e in again] == [e.turns[-1].text for e in batch]
+
+
+def test_stage_two_trains_the_request_module_alone_and_its_ablation_the_input_mappings(tiny_lm_dir, tiny_clip_dir,
+                                                                                        tmp_path):
+    main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / "first", "--steps", "1", "--val-every", "1"))
+    start = GroundedLM.from_pretrained(tmp_path / "first" / "out", quantize="none", device="cpu").trainable_state_dict()
+    for trainable, extra in (("perception", ("--request-tokens", "2")), ("input", ())):
+        summary = main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / trainable, "--init",
+                                str(tmp_path / "first" / "out"), "--questions", "--trainable", trainable,
+                                "--steps", "2", "--val-every", "2", *extra))
+        after = GroundedLM.from_pretrained(tmp_path / trainable / "out", quantize="none", device="cpu")
+        weights = after.trainable_state_dict()
+        changed = {name for name, value in start.items() if not torch.equal(value, weights[name])}
+        if trainable == "perception":
+            assert changed == set() and after.config.request_tokens == 2, "the mappings stay frozen"
+            assert weights["perception.output.weight"].abs().sum() > 0, "the request module learnt"
+        else:
+            assert after.perception is None
+            assert changed and all(name.startswith(("input_mapping.", "region_mapping.")) for name in changed)
+        assert summary["trained_parameters"] == sum(
+            v.numel() for k, v in weights.items() if k.startswith(TRAINABLE[trainable]))
+
+
+def test_a_state_saved_before_an_option_existed_resumes_as_the_run_that_wrote_it(tiny_lm_dir, tiny_clip_dir,
+                                                                                  tmp_path):
+    cut = args_for(tiny_lm_dir, tiny_clip_dir, tmp_path, "--steps", "2", "--val-every", "2")
+    main(cut + ["--time-limit", "0"])
+    state_path = tmp_path / "run" / STATE_NAME
+    tensors, meta = read_state(state_path)
+    options = {k: v for k, v in meta["options"].items() if k not in LATER_OPTIONS}  # as older code wrote it
+    save_file(tensors, state_path, metadata={"format": STATE_FORMAT, "step": str(meta["step"]),
+                                             "seconds": str(meta["seconds"]), "history": json.dumps(meta["history"]),
+                                             "param_groups": json.dumps(meta["param_groups"]),
+                                             "options": json.dumps(options)})
+    assert main(cut + ["--resume"])["step"] == 2
+    with pytest.raises(ValueError, match="questions: False then, True now"):
+        main(cut + ["--resume", "--questions"])

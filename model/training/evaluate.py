@@ -39,7 +39,8 @@ from model.world.data import ShapesDataset
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES, dequantized
 from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_request
-from model.training.train import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns, holdout_kept_out
+from model.training.conversations import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns
+from model.training.train import SUMMARY_NAME, holdout_kept_out
 from model.training.train_clip import resolve_device
 
 FIELDS = ("exact", "count", "shape", "colour", "size", "position")
@@ -85,16 +86,14 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
                   queries: bool) -> list[Reply]:
     tokenizer, fmt = model.tokenizer, model.config.prompt_format
     _warm_features(model, conversations)
-    rows = [model.embed_segments(render(turns, tokenizer, fmt)) for turns in conversations]  # each (T_i, lm_dim)
+    look = model.perception is not None  # as the app asks: a model that can look at what is asked about does
+    rows = [model.embed_prompt(render(turns, tokenizer, fmt, look))[0] for turns in conversations]  # each (T_i, lm_dim)
     batch, length = len(rows), max(len(r) for r in rows)
     inputs = rows[0].new_zeros(batch, length, rows[0].shape[-1])                             # (B, T, lm_dim)
     mask = torch.zeros(batch, length, dtype=torch.long, device=model.device)
     for i, row in enumerate(rows):
         inputs[i, length - len(row):], mask[i, length - len(row):] = row, 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)                                           # (B, T)
-    eos_ids = {tokenizer.eos_token_id}
-    configured = model.lm.generation_config.eos_token_id
-    eos_ids.update(configured if isinstance(configured, list) else [configured])
 
     cache = DynamicCache()
     ids: list[list[int]] = [[] for _ in range(batch)]
@@ -111,7 +110,7 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
             if state[i] == "awaiting":
                 query[i], state[i] = model.ret_query(hidden[i]), "done"
             elif state[i] == "running":
-                if step < max_new_tokens and tokens[i] not in eos_ids and tokens[i] != model.ret_id:
+                if step < max_new_tokens and tokens[i] not in model.eos_ids and tokens[i] != model.ret_id:
                     ids[i].append(tokens[i])
                     continue
                 ret[i] = step < max_new_tokens and tokens[i] == model.ret_id
@@ -196,6 +195,18 @@ def caption_scores(truths: list[shapes.Scene], texts: list[str]) -> dict[str, di
 
 
 # --- the evaluations ------------------------------------------------------------------------------
+
+def load(checkpoint: str, device: str, quantize: str | None) -> tuple[GroundedLM, bool]:
+    """The model as evaluation runs it (4-bit dequantised once: what the 4-bit weights compute on a batch,
+    without per-call dequantising) and whether it never saw the hold-out pairs."""
+    folder = resolve(checkpoint)
+    summary = folder / SUMMARY_NAME
+    kept_out = summary.is_file() and holdout_kept_out(json.loads(summary.read_text()))
+    model = GroundedLM.from_pretrained(folder, quantize=quantize, device=resolve_device(device))
+    if model.config.quantize == "4bit":
+        model.lm = dequantized(model.lm)
+    return model, kept_out
+
 
 def captioning(model: GroundedLM, items: list[shapes.Sample], batch_size: int, max_new_tokens: int) -> dict:
     conversations = [[Turn("user", [s.image, INSTRUCTIONS[i % len(INSTRUCTIONS)]])] for i, s in enumerate(items)]
@@ -408,12 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--gallery, --batch-size and --max-new-tokens must be positive, --limit and --contexts "
                          "not negative")
     folder = resolve(args.checkpoint)
-    summary_path = folder / "training.json"
-    holdout_trained = summary_path.is_file() and holdout_kept_out(json.loads(summary_path.read_text()))
     t0 = time.time()
-    model = GroundedLM.from_pretrained(folder, quantize=args.quantize, device=resolve_device(args.device))
-    if model.config.quantize == "4bit":
-        model.lm = dequantized(model.lm)  # what the 4-bit weights compute on a batch, without per-call dequantising
+    model, holdout_trained = load(args.checkpoint, args.device, args.quantize)
     print(f"loaded {args.checkpoint} ({folder}) on {model.device}, {model.config.quantize} with "
           f"{model.config.compute_dtype} compute, in {time.time() - t0:.0f}s",
           flush=True)
@@ -423,13 +430,17 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(checkpoint=str(args.checkpoint), device=str(model.device), quantize=model.config.quantize,
                   compute_dtype=model.config.compute_dtype,
                   seconds=round(time.time() - t0, 1))
-    out = args.out or folder / f"eval_{args.split}.json"
+    report(result, args.out or folder / f"eval_{args.split}.json", plot, table)
+    return result
+
+
+def report(result: dict, out: Path, plot_to, tabulate) -> None:
+    """The figures as JSON at `out`, plotted beside it (`plot_to(result, path)`), and as a printed table."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
+    plot_to(result, out.with_suffix(".png"))
+    print(tabulate(result))
     print(f"wrote {out} and {out.with_suffix('.png')}")
-    return result
 
 
 if __name__ == "__main__":

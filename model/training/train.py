@@ -1,18 +1,10 @@
-"""Stage 2 of training: the grounded LM's small layers (input, ret and image mappings, the `[RET]` row).
+"""Training the grounded LM's small layers: input, ret and image mappings, the `[RET]` row, and LMEye's request
+module in its stage 2 (`--questions`). The frozen LM and the frozen CLIP stay as loaded; what the model is
+trained on is in `conversations.py`.
 
-The frozen LM and the frozen CLIP stay as loaded. Training data are chat conversations in exactly the
-form the app sends at inference (`model.generate.stream_reply` with `Turn`s), so what is learnt here is
-what is used there:
-
-    captioning  user: [image, "Describe the image."]                assistant: "A small red circle on the left."
-    retrieval   user: "Show me a picture of a small red circle ..."  assistant: "[RET]"
-    history     (every CONTEXT_EVERY-th batch) earlier image turns with their captions, then a new image or
-                request, or "Show me another picture like the second one." -> "[RET]"
-
-In the shapes world the model's own descriptions are the grammar's plain captions (one order and wording per
-scene: nothing to guess but the scene), while requests keep the grammar's variety. Earlier turns are context
-without gradient (`GroundedLM.forward`), and a 4-bit LM is dequantised once (`model.lm.dequantized`): on a CPU
-both together train about 1.7x as fast as before on this CPU (README; bench/training.py).
+Earlier turns are context without gradient (`GroundedLM.forward`), and a 4-bit LM is dequantised once
+(`model.lm.dequantized`): on a CPU both together train about 1.7x as fast as before on this CPU (README;
+bench/training.py).
 
 The reply to a request *starts* with `[RET]`; its hidden state (the query) has read the request and is
 pulled towards the image by the contrastive loss, and the caption loss teaches when to emit it. FROMAGe
@@ -25,6 +17,8 @@ of the reply, training and decoding see the same context, and the app's image sh
     python -m model.training.train --out runs/mine --tsv pairs.tsv    # image-caption pairs (CC3M-style TSV)
     python -m model.training.train --out assets/demo --resume         # continue after an interruption
     python -m model.training.train --init demo --out runs/tuned       # fine-tune a checkpoint (its weights are the start)
+    python -m model.training.train --init demo --out assets/demo --questions --request-tokens 4 --trainable perception
+                                                                      # LMEye's stage 2: learn to look, mappings frozen
 
 Resumable state (weights, optimizer, step, history) lives in `--run-dir` as one safetensors file; the
 checkpoint (grounded_config.json + mappings.safetensors) and the loss curves are written into `--out`
@@ -37,7 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -49,27 +42,17 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from model.world import shapes
 from model.checkpoint import resolve
 from model.config import CONFIG_NAME, PROJECTORS, WEIGHTS_NAME, GroundedConfig
 from model.world.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import Example, GroundedLM
 from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, dequantized
-from model.prompt import REQUESTS, Turn, retrieval_request
+from model.training.conversations import Conversations, QuestionConversations
 from model.training.train_clip import lr_at, resolve_device
 from model.visual import LOCAL_DIR
 
-INSTRUCTIONS = ("Describe the image.", "What do you see?", "What is in this picture?",
-                "What does this image show?", "Write a caption for this image.", "Describe this picture.")
-CONTEXT_REQUESTS = ("Show me another picture like the {} one.", "Find another image like the {} one.",
-                    "Can you show me one more like the {} picture?")
-ORDINALS = ("first", "second", "third")
-RET_TOKEN = GroundedConfig.ret_token
-"""Training writes the default `[RET]`: the checkpoint's tokenizer gets it as a special token."""
 DEFAULT_REGION_GRID = 3
 """3 x 3 cells: the shapes world's five positions each fall in one cell of the demo encoder's 8 x 8 patches."""
-CONTEXT_EVERY = 3
-"""Every 3rd batch is multi-turn: long prompts in their own batches keep the others unpadded."""
 TRAIN_SCENES = 1_000_000
 VAL_SCENES = 100_000
 """Scenes validation conversations draw from (distinct within a batch); --val-size counts conversations."""
@@ -78,97 +61,16 @@ STATE_FORMAT = "grounded-train-state/1"
 CURVE_NAME = "training_curve.png"
 SUMMARY_NAME = "training.json"
 RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "region_grid", "projector", "emb_dim", "batch_size", "lr", "warmup",
-               "seed", "tsv", "holdout", "val_size", "init", "quantize")
+               "seed", "tsv", "holdout", "val_size", "init", "quantize", "questions", "request_tokens", "trainable")
 """Options a resumed run must share with the run it continues: they shape the weights or the data order."""
-
-# --- conversations --------------------------------------------------------------------------------
-
-def sentence(text: str) -> str:
-    """First letter capitalised, ending in a full stop (unless it already ends a sentence)."""
-    text = " ".join(text.split())
-    if not text:
-        raise ValueError("empty caption")
-    text = text[0].upper() + text[1:]
-    return text if text[-1] in ".!?" else text + "."
-
-
-def caption_turns(image: Image.Image, caption: str, rng: random.Random) -> list[Turn]:
-    return [Turn("user", [image, rng.choice(INSTRUCTIONS)]), Turn("assistant", [sentence(caption)])]
-
-
-def retrieval_turns(caption: str, rng: random.Random) -> list[Turn]:
-    return retrieval_request(caption, RET_TOKEN, rng.choice(REQUESTS))
-
-
-def context_request(ordinal: int, rng: random.Random) -> str:
-    return rng.choice(CONTEXT_REQUESTS).format(ORDINALS[ordinal])
-
-
-class Conversations:
-    """Training conversations drawn from (image, caption) pairs, a pure function of (seed, step).
-
-    A resumed run therefore sees exactly the batches an uninterrupted one would have seen.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int = 0):
-        if len(dataset) == 0:
-            raise ValueError("the dataset is empty")
-        self.dataset, self.seed = dataset, seed
-
-    def description(self, index: int, caption: str) -> str:
-        """What the model says when asked to describe item `index`: the shapes world's plain caption (one order
-        and wording per scene), else the dataset's caption."""
-        if not isinstance(self.dataset, ShapesDataset):
-            return caption
-        return shapes.plain_caption(self.dataset.sample(index).scene)
-
-    def another_view(self, index: int, image: Image.Image) -> Image.Image:
-        """Another picture of the same thing: a new rendering for the shapes world, else the image itself."""
-        if not isinstance(self.dataset, ShapesDataset):
-            return image
-        scene = self.dataset.sample(index).scene
-        return shapes.render(scene, random.Random(f"another:{self.dataset.split}:{index}"), self.dataset.image_size)
-
-    def batch(self, step: int, size: int, multi_turn: bool | None = None) -> list[Example]:
-        """`size` conversations, the second half retrieval; multi-turn every CONTEXT_EVERY-th step unless
-        `multi_turn` says otherwise. No item appears twice in a batch while the dataset has enough: a
-        repeated image would be its own negative in the contrastive loss."""
-        rng = random.Random(f"{self.seed}:{step}")
-        multi_turn = step % CONTEXT_EVERY == CONTEXT_EVERY - 1 if multi_turn is None else multi_turn
-        used: set[int] = set()
-
-        def draw() -> tuple[int, Image.Image, str, str]:
-            """An unused item: (index, image, its caption for requests, the model's description of it)."""
-            index = rng.randrange(len(self.dataset))
-            while index in used and len(used) < len(self.dataset):
-                index = rng.randrange(len(self.dataset))
-            used.add(index)
-            image, caption = self.dataset[index]
-            return index, image, caption, self.description(index, caption)
-
-        examples = []
-        for i in range(size):
-            retrieval = i >= size // 2  # half and half
-            if not multi_turn:
-                index, image, caption, description = draw()
-                examples.append(Example(retrieval_turns(caption, rng), [image]) if retrieval
-                                else Example(caption_turns(image, description, rng)))
-                continue
-            history = [draw() for _ in range(rng.randint(2, len(ORDINALS)))]
-            turns = [t for _, image, _, description in history for t in caption_turns(image, description, rng)]
-            if retrieval and rng.random() < 0.5:  # refer back to an earlier picture
-                k = rng.randrange(len(history))
-                index, image, _, _ = history[k]
-                turns += [Turn("user", [context_request(k, rng)]), Turn("assistant", [RET_TOKEN])]
-                examples.append(Example(turns, [self.another_view(index, image)]))
-            elif retrieval:
-                index, image, caption, _ = draw()
-                examples.append(Example(turns + retrieval_turns(caption, rng), [image]))
-            else:
-                index, image, _, description = draw()
-                examples.append(Example(turns + caption_turns(image, description, rng)))
-        return examples
-
+LATER_OPTIONS = {"questions": False, "request_tokens": 0, "trainable": "all"}
+"""Options added after state files were first written: a state without them comes from a run that had these."""
+TRAINABLE = {"all": ("input_mapping.", "region_mapping.", "ret_mapping.", "image_mapping.", "ret_embedding",
+                     "ret_output", "logit_scale", "perception."),
+             "perception": ("perception.",),
+             "input": ("input_mapping.", "region_mapping.")}
+"""What trains: every small layer; LMEye's stage 2 (the request module, the mappings frozen); or the input
+mappings alone (stage 2's ablation: the same budget spent on what the model already has)."""
 
 def datasets(args: argparse.Namespace, image_size: int) -> tuple[Dataset, Dataset]:
     """(train, val): the shapes world's own splits, or a TSV whose last `val_size` rows are held out."""
@@ -230,8 +132,8 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def load_state(path: Path, model: GroundedLM, optimizer: torch.optim.Optimizer, options: dict) -> dict:
     """Restore weights and optimizer from `path`; returns its metadata. Refuses a run started differently."""
     tensors, meta = read_state(path)
-    differ = {k: (meta["options"].get(k), v) for k, v in options.items()
-              if k != "steps" and meta["options"].get(k) != v}
+    saved = {**LATER_OPTIONS, **meta["options"]}
+    differ = {k: (saved.get(k), v) for k, v in options.items() if k != "steps" and saved.get(k) != v}
     if differ:
         listed = ", ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in differ.items())
         raise ValueError(f"{path} was written by a run with other options ({listed}). Resume with the same "
@@ -333,9 +235,9 @@ def mean_tail(values: list[float], n: int = 50) -> float | None:
 
 def train(args: argparse.Namespace) -> dict:
     """Train (or resume), validate and save periodically, export the checkpoint; returns the summary."""
-    if args.batch_size < 4:
-        raise ValueError("--batch-size must be at least 4: half of each batch is retrieval, and the "
-                         "contrastive loss needs two retrievals or more")
+    if args.batch_size < (8 if args.questions else 4):
+        raise ValueError("--batch-size must be at least 4 (8 with --questions): the contrastive loss needs two "
+                         "retrievals or more in each batch")
     if args.steps < 1 or args.val_every < 1 or args.val_size < 1:
         raise ValueError("--steps, --val-every and --val-size must be positive")
     device = resolve_device(args.device)
@@ -355,7 +257,8 @@ def train(args: argparse.Namespace) -> dict:
         init_summary = init_dir / SUMMARY_NAME
         kept_out = kept_out and init_summary.is_file() and holdout_kept_out(json.loads(init_summary.read_text()))
         model = GroundedLM.from_pretrained(init_dir, quantize=args.quantize, device=device,
-                                           region_grid=args.region_grid, compute_dtype=args.compute_dtype)
+                                           region_grid=args.region_grid, compute_dtype=args.compute_dtype,
+                                           request_tokens=args.request_tokens)
         named = GroundedConfig.load(init_dir)  # as the checkpoint names them, not resolved paths
         args.lm, args.visual, args.visual_pretrained = named.lm, named.visual, named.visual_pretrained
         args.n_visual_tokens, args.emb_dim, args.projector = named.n_visual_tokens, named.emb_dim, named.projector
@@ -363,16 +266,29 @@ def train(args: argparse.Namespace) -> dict:
     else:
         config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
                                 n_visual_tokens=args.n_visual_tokens, region_grid=args.region_grid,
-                                projector=args.projector, emb_dim=args.emb_dim)
+                                projector=args.projector, emb_dim=args.emb_dim, request_tokens=args.request_tokens)
         model = GroundedLM(config, quantize=args.quantize, device=device, compute_dtype=args.compute_dtype)
     args.compute_dtype = model.config.compute_dtype  # what this device runs, recorded in the summary
+    args.request_tokens = model.config.request_tokens
+    if args.trainable == "perception" and model.perception is None:
+        raise SystemExit("--trainable perception: the model has no request module (give --request-tokens K)")
+    for name, p in model.named_parameters():
+        if not name.startswith(("lm.", "visual.")):
+            p.requires_grad_(name.startswith(TRAINABLE[args.trainable]))
     if args.quantize == "4bit":
         model.lm = dequantized(model.lm)  # bench/training.py measures both
-    train_set, val_set = datasets(args, model.visual.image_size[0])
-    train_data = Conversations(train_set, args.seed)
-    val_data = Conversations(val_set, args.seed + 1)
-    val_batches = [val_data.batch(i, args.batch_size, multi_turn=i % 2 == 1)  # every other one multi-turn
-                   for i in range(max(1, args.val_size // args.batch_size))]
+    n_val_batches = max(1, args.val_size // args.batch_size)
+    if args.questions:
+        image_size = model.visual.image_size[0]
+        train_data = QuestionConversations("train", TRAIN_SCENES, image_size, args.holdout, args.seed)
+        val_data = QuestionConversations("val", VAL_SCENES, image_size, args.holdout, args.seed + 1)
+        val_batches = [val_data.batch(i, args.batch_size) for i in range(n_val_batches)]
+    else:
+        train_set, val_set = datasets(args, model.visual.image_size[0])
+        train_data = Conversations(train_set, args.seed)
+        val_data = Conversations(val_set, args.seed + 1)
+        val_batches = [val_data.batch(i, args.batch_size, multi_turn=i % 2 == 1)  # every other one multi-turn
+                       for i in range(n_val_batches)]
     optimizer = optimizer_for(model, args.lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     options = run_options(args)
@@ -385,7 +301,8 @@ def train(args: argparse.Namespace) -> dict:
     n_trainable = sum(p.numel() for p in params)
     print(f"training {n_trainable:,} parameters on {device} (LM {args.lm}, {args.quantize}, {args.compute_dtype} "
           f"compute; visual {args.visual}); "
-          f"data: {args.tsv or 'shapes world'}; {args.steps} steps of {args.batch_size}", flush=True)
+          f"data: {args.tsv or ('shapes-world questions' if args.questions else 'shapes world')}; "
+          f"{args.steps} steps of {args.batch_size}", flush=True)
 
     t_start, stopped_early, steps_here = time.time(), False, 0
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
@@ -462,6 +379,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", help="fine-tune this checkpoint (folder or preset): its model and weights are the "
                                   "start, and its config replaces --lm, --visual, --n-visual-tokens, --emb-dim "
                                   "(and --region-grid unless given: a grid it lacks starts untrained)")
+    p.add_argument("--questions", action="store_true",
+                   help="LMEye's stage 2: shapes-world questions, mixed with descriptions and requests "
+                        "(model/training/question_data.py)")
+    p.add_argument("--request-tokens", type=int, default=None,
+                   help="LMEye's request tokens: a model (or --init checkpoint) without a request module gets one "
+                        "of this many tokens, untrained")
+    p.add_argument("--trainable", choices=tuple(TRAINABLE), default="all",
+                   help="what trains: every small layer, the request module alone (LMEye's stage 2), or the input "
+                        "mappings alone (its ablation)")
     p.add_argument("--lm", default="smollm2-135m-instruct")
     p.add_argument("--visual", default="local-dir:assets/demo/clip")
     p.add_argument("--visual-pretrained", default=None, help="open_clip tag, for a named --visual model")
@@ -487,8 +413,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the LM's compute dtype (default: bfloat16 where the device runs it natively, else float32)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.questions and args.tsv:
+        p.error("--questions trains on the shapes world: leave out --tsv")
     if args.region_grid is None and args.init is None:
         args.region_grid = DEFAULT_REGION_GRID
+    if args.request_tokens is None and args.init is None:
+        args.request_tokens = 0
     return args
 
 

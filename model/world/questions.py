@@ -75,6 +75,13 @@ def is_right(reply: str, question: Question) -> bool:
     return reply_answer(reply, question.answer_type) == question.answer
 
 
+def reply_text(answer: str) -> str:
+    """How the model says an answer: "Red.", "Yes.", "2.", "On the left." (positions as the captions say them;
+    `reply_answer` reads each back)."""
+    text = _POSITION_PHRASES.get(answer, answer)
+    return text[0].upper() + text[1:] + "."
+
+
 # --- the scene, as questions see it ---------------------------------------------------------------
 
 def relation_holds(relation: str, a: SceneObject, b: SceneObject) -> bool:

@@ -1,0 +1,175 @@
+"""LMEye's interactive perception: where the request tokens go, the two passes, what trains, what is shown."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import DynamicCache
+
+from conftest import tiny_config
+from model.generate import GenerationSettings, Looked, Text, stream_reply
+from model.grounded import Example, GroundedLM
+from model.perception import heat_map
+from model.prompt import Look, Turn, count_tokens, render, render_with_target
+from model.training import evaluate_questions
+from model.training.evaluate import greedy_replies
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def looking_model(tiny_lm_dir, tiny_clip_dir):
+    """A tiny model with a request module whose output layer is no longer zero (as after training)."""
+    torch.manual_seed(1)
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, request_tokens=K),
+                       quantize="none", device="cpu")
+    with torch.no_grad():
+        for p in model.perception.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def looks(segments) -> list[Image.Image]:
+    return [s.image for s in segments if isinstance(s, Look)]
+
+
+def test_request_positions_end_the_turn_that_asks_about_images(looking_model, colour_images):
+    red, green, blue = colour_images
+    tokenizer = looking_model.tokenizer
+    two = render([Turn("user", [red, green, "which is warmer?"])], tokenizer, "chat", look=True)
+    assert looks(two) == [red, green], "each image of the turn gets its own request"
+    assert isinstance(two[-2], Look) and not isinstance(two[-1], Look), "after the text, before the reply"
+    follow_up = [Turn("user", [red, "describe the image."]), Turn("assistant", ["red."]),
+                 Turn("user", [blue, "and this?"]), Turn("assistant", ["blue."]), Turn("user", ["what colour?"])]
+    assert looks(render(follow_up, tokenizer, "chat", look=True)) == [blue], "a follow-up looks at the latest image"
+    assert looks(render([Turn("user", ["hello there"])], tokenizer, "chat", look=True)) == []
+    assert looks(render(follow_up, tokenizer, "chat")) == [], "nothing looks unless asked"
+    prompt, target = render_with_target(follow_up + [Turn("assistant", ["blue."])], tokenizer, "chat", look=True)
+    assert looks(prompt) == [blue] and looks(target) == []
+    assert count_tokens(two, 6, K) == count_tokens(render([Turn("user", [red, green, "which is warmer?"])],
+                                                          tokenizer, "chat"), 6) + 2 * K
+
+
+def test_a_new_request_module_adds_only_its_rows(tiny_lm_dir, tiny_clip_dir, colour_images):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, request_tokens=K), quantize="none", device="cpu")
+    tokens, attention = model.look(torch.randn(3, 32), colour_images)
+    assert tokens.shape == (3, K, 32)
+    assert torch.equal(tokens, model.perception.request_rows.expand(3, -1, -1)), "the output layer starts at zero"
+    assert attention.shape == (3, 4, 4)
+
+
+def test_attention_over_the_patches_is_a_map_per_image(looking_model, colour_images):
+    _, attention = looking_model.look(torch.randn(3, 32), colour_images)
+    assert attention.shape == (3, *looking_model.visual.grid_size)
+    torch.testing.assert_close(attention.sum((1, 2)), torch.ones(3))
+    assert not torch.allclose(attention[0], attention[2]), "each image gets its own map"
+
+
+def test_prefill_reuses_the_prefix_and_equals_running_the_two_passes_whole(looking_model, colour_images):
+    red, green, _ = colour_images
+    segments = render([Turn("user", [red, green, "which is warmer?"])], looking_model.tokenizer, "chat", look=True)
+    with torch.no_grad():
+        last, cache, looked = looking_model.prefill(segments, DynamicCache())
+        first = next(i for i, s in enumerate(segments) if isinstance(s, Look))
+        head = looking_model.embed_segments(segments[:first])
+        probe = looking_model.perception.request_rows[:1]
+        pass1, _ = looking_model.hidden_states(torch.cat([head, probe]).unsqueeze(0))
+        tokens, attention = looking_model.look(pass1[0, -1:].expand(2, -1), [red, green])
+        whole = torch.cat([head, looking_model.embed_segments(segments[first:], tokens)]).unsqueeze(0)
+        reference, _ = looking_model.hidden_states(whole)
+    torch.testing.assert_close(last, reference[0, -1])
+    assert cache.get_seq_length() == whole.shape[1]
+    assert [lk.image for lk in looked] == [red, green]
+    torch.testing.assert_close(torch.stack([lk.attention for lk in looked]), attention)
+
+
+def test_training_loss_equals_the_whole_sequence_and_trains_the_request_module(looking_model, colour_images):
+    red, green, blue = colour_images
+    examples = [Example([Turn("user", [red, "what colour is it?"]), Turn("assistant", ["red."])]),
+                Example([Turn("user", [green, "describe the image."]), Turn("assistant", ["a green one."]),
+                         Turn("user", ["what colour?"]), Turn("assistant", ["green."])]),
+                Example([Turn("user", [blue, "describe the image."]), Turn("assistant", ["a blue square."])])]
+    looking_model.zero_grad(set_to_none=True)
+    out = looking_model(examples)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in looking_model.named_parameters() if p.grad is not None}
+    assert {"perception.output.weight", "perception.query.weight"} <= set(grads)
+    assert "perception.request_rows" in grads, "pass 1's request row learns too"
+    assert not any(n.startswith("lm.") for n in grads)
+    looking_model.zero_grad(set_to_none=True)
+
+    losses, counts = [], []
+    with torch.no_grad():
+        for example in examples:
+            prompt, target = render_with_target(example.turns, looking_model.tokenizer, "chat", look=True)
+            last, cache, _ = looking_model.prefill(prompt, DynamicCache())
+            target_ids = torch.tensor([t for s in target for t in s])
+            target_embeds = looking_model.embed_ids(target_ids).unsqueeze(0)
+            hidden, _ = looking_model.hidden_states(target_embeds, past_key_values=cache)
+            predictors = torch.cat([last.unsqueeze(0), hidden[0, :-1]])
+            losses.append(F.cross_entropy(looking_model.logits(predictors), target_ids, reduction="sum"))
+            counts.append(len(target_ids))
+    torch.testing.assert_close(out.caption_loss, sum(losses) / sum(counts), rtol=1e-4, atol=1e-5)
+
+
+def test_the_reply_shows_where_it_looked_first_unless_switched_off(looking_model, colour_images):
+    red = colour_images[0]
+    turns = [Turn("user", [red, "what colour is it?"])]
+    events = list(stream_reply(looking_model, turns, GenerationSettings(max_new_tokens=3)))
+    assert isinstance(events[0], Looked) and events[0].image is red
+    assert not any(isinstance(e, Looked) for e in events[1:])
+    off = list(stream_reply(looking_model, turns, GenerationSettings(max_new_tokens=3, look=False)))
+    assert not any(isinstance(e, Looked) for e in off)
+    text_only = list(stream_reply(looking_model, [Turn("user", ["hello there"])], GenerationSettings(max_new_tokens=3)))
+    assert not any(isinstance(e, Looked) for e in text_only), "no image in the conversation: nothing to ask"
+
+
+def test_a_checkpoint_gains_a_request_module_and_keeps_it(tiny_lm_dir, tiny_clip_dir, tmp_path, colour_images):
+    plain = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
+    plain.save_pretrained(tmp_path / "plain")
+    plain = GroundedLM.from_pretrained(tmp_path / "plain", quantize="none")
+    assert plain.perception is None and plain.config.request_tokens == 0
+    grown = GroundedLM.from_pretrained(tmp_path / "plain", quantize="none", request_tokens=K)
+    with torch.no_grad():
+        grown.perception.output.weight.normal_()
+    grown.save_pretrained(tmp_path / "grown")
+    reloaded = GroundedLM.from_pretrained(tmp_path / "grown", quantize="none")
+    assert reloaded.config.request_tokens == K
+    for name, value in grown.perception.state_dict().items():
+        assert torch.equal(reloaded.perception.state_dict()[name], value)
+    with pytest.raises(ValueError, match="request module of 3 tokens, not 5"):
+        GroundedLM.from_pretrained(tmp_path / "grown", quantize="none", request_tokens=5)
+
+
+def test_batched_evaluation_looks_as_the_app_does(looking_model, colour_images):
+    conversations = [[Turn("user", [image, text])] for image, text in
+                     zip(colour_images, ("what colour is it?", "describe the image.", "is there a red circle?"))]
+    batched = greedy_replies(looking_model, conversations, max_new_tokens=6)
+    for turns, reply in zip(conversations, batched):
+        streamed = "".join(e.delta for e in stream_reply(looking_model, turns, GenerationSettings(max_new_tokens=6))
+                           if isinstance(e, Text))
+        assert reply.text == streamed
+
+
+def test_the_question_evaluation_writes_rows_plots_and_where_it_looked(looking_model, tmp_path, capsys):
+    looking_model.save_pretrained(tmp_path / "looking")
+    out = tmp_path / "questions.json"
+    rows = evaluate_questions.main(["--checkpoint", str(tmp_path / "looking"), "--label", "tiny", "--per-kind", "2",
+                                    "--kinds", "attribute", "count", "--device", "cpu", "--quantize", "none",
+                                    "--out", str(out)])
+    assert set(rows["tiny"]["splits"]) == {"test", "holdout"}
+    assert set(rows["tiny"]["splits"]["test"]) == {"attribute", "count"}
+    assert json.loads(out.read_text())["tiny"]["request_tokens"] == K
+    for picture in (out.with_suffix(".png"), out.with_name("questions_looked_tiny.png")):
+        assert picture.read_bytes()[:4] == b"\x89PNG"
+    assert "| tiny |" in capsys.readouterr().out
+
+
+def test_the_heat_map_is_the_square_the_encoder_saw_brightest_where_it_looked():
+    attention = torch.zeros(4, 4)
+    attention[0, 0] = 1.0                                    # all of it on the top-left patch
+    picture = heat_map(Image.new("RGB", (300, 200), "grey"), attention, size=128)
+    assert picture.size == (128, 128), "the centre square, as the encoder's preprocessing crops it"
+    brightness = torch.tensor(list(picture.convert("L").getdata()), dtype=torch.float).view(128, 128)
+    assert brightness[:16, :16].mean() > brightness[-32:, -32:].mean() + 30
