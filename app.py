@@ -388,7 +388,7 @@ class ChatApp:
         parts, view = exchange.reply.parts, exchange.reply_view
         if isinstance(event, Looked):  # shown, not said: the model's turn does not hold it
             picture = heat_map(event.image, event.attention)
-            key = hashlib.sha256(image_key(event.image).encode() + event.attention.numpy().tobytes()).hexdigest()
+            key = hashlib.sha256(image_key(event.image).encode() + event.attention.cpu().numpy().tobytes()).hexdigest()
             view.append(Shown(self._display_copy(picture, f"looked-{key}"),
                               "Looked here first (brighter: where the question sent the model's attention)", "looked"))
         elif isinstance(event, Text):
