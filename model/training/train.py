@@ -3,7 +3,7 @@ module in its stage 2 (`--questions`). The frozen LM and the frozen CLIP stay as
 trained on is in `conversations.py`.
 
 Earlier turns are context without gradient (`GroundedLM.forward`), and a 4-bit LM is dequantised once
-(`model.lm.dequantized`): on a CPU both together train about 1.7x as fast as before on this CPU (README;
+(`model.lm.dequantized`): both together train 2.0x as fast as before on this repo's CPU (README;
 bench/training.py).
 
 The reply to a request *starts* with `[RET]`; its hidden state (the query) has read the request and is
