@@ -139,8 +139,9 @@ class GroundedLM(nn.Module):
         any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module."""
         folder = resolve(folder_or_preset)
         config, weights = read_checkpoint(folder)
-        new = ("region_mapping." if config.region_grid == 0 and region_grid else "~",
-               "perception." if config.request_tokens == 0 and request_tokens else "~")
+        grown = tuple(prefix for prefix, new in (("region_mapping.", config.region_grid == 0 and region_grid),
+                                                 ("perception.", config.request_tokens == 0 and request_tokens))
+                      if new)  # modules the checkpoint lacks and gets, untrained
         if region_grid is not None:
             config.region_grid = region_grid
         if request_tokens is not None and config.request_tokens and request_tokens != config.request_tokens:
@@ -149,7 +150,7 @@ class GroundedLM(nn.Module):
         config.request_tokens = request_tokens or config.request_tokens
         model = cls(config, quantize, device, compute_dtype)
         expected = model.trainable_state_dict()
-        problems = [f"missing {k}" for k in expected if k not in weights and not k.startswith(new)]
+        problems = [f"missing {k}" for k in expected if k not in weights and not k.startswith(grown)]
         problems += [f"unexpected {k}" for k in weights if k not in expected]
         problems += [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
                      for k, v in expected.items() if k in weights and weights[k].shape != v.shape]

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from model.checkpoint import resolve
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES
 from model.perception import heat_map
-from model.prompt import Turn, render
+from model.generate import GenerationSettings, Looked, Text, stream_reply
+from model.prompt import Turn
 from model.training.evaluate import greedy_replies, load, report
 from model.world import questions
 
@@ -61,10 +61,10 @@ def looked_figure(model: GroundedLM, path: Path, n: int = 6) -> None:
         sample, q = questions.question("test", QUESTION_OFFSET + i, model.visual.image_size[0], True,
                                        ("attribute", "location"))
         turns = [Turn("user", [sample.image, q.text])]
-        _, _, looked = model.prefill(render(turns, model.tokenizer, model.config.prompt_format, look=True),
-                                     DynamicCache())
-        reply = greedy_replies(model, [turns], max_new_tokens=12)[0].text
-        ax.imshow(heat_map(sample.image, looked[0].attention))
+        events = list(stream_reply(model, turns, GenerationSettings(max_new_tokens=12)))  # greedy, as the app
+        looked = next(e for e in events if isinstance(e, Looked))
+        reply = "".join(e.delta for e in events if isinstance(e, Text))
+        ax.imshow(heat_map(sample.image, looked.attention))
         ax.set_title(f"{q.text}\n-> {reply}", fontsize=7)
         ax.set_axis_off()
     fig.tight_layout()
