@@ -9,12 +9,13 @@ run: $(VENV)/.installed
 	$(PY) app.py
 
 test: $(VENV)/.installed-dev
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
-	$(PY) bench/generation.py
-	$(PY) bench/retrieval.py
-	$(PY) bench/training.py
+	$(PY) -m bench.generation
+	$(PY) -m bench.retrieval
+	$(PY) -m bench.training
 
 $(VENV)/.installed: requirements.txt requirements-models.txt
 	$(PYTHON) -m venv $(VENV)

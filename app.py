@@ -12,10 +12,37 @@ Stop flag) lives in a per-browser-tab `Session`.
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
+import html
+import io
 import json
+import logging
 import os
+import shutil
 import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import gradio as gr
+import huggingface_hub.constants
+from PIL import Image
+from tqdm.auto import tqdm
+
+from model.config import CONFIG_NAME
+from model.files import write_atomically
+from model.generate import Done, GenerationSettings, Looked, Notice, Retrieved, Text, stream_reply
+from model.grounded import GroundedLM
+from model.images import MAX_BYTES, ImageError, file_sha256, image_key, load_image
+from model.lm import QUANTIZE_CHOICES, cache_dir, default_device
+from model.perception import heat_map
+from model.prompt import Turn
+from model.serving import Busy, DecodeEngine, Waiting
+from model.world import shapes
+from retrieval_index.build import build_index, read_captions
+from retrieval_index.index import FingerprintMismatch, Hit, ImageIndex, ImageInfo, IndexFormatError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 HUB_PRESETS = ("fromage", "fromage-vis4")
@@ -33,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--index", type=Path, metavar="FOLDER",
                         help="image index to retrieve from (made by `python -m retrieval_index.build`); "
                              "default: the demo gallery, built in the cache on first start")
-    parser.add_argument("--quantize", choices=("4bit", "8bit", "none"), default=None,
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                         help="how to load the frozen LM (bitsandbytes). Default: as the checkpoint was trained "
                              "(4bit for the demo); another choice shifts the hidden states its mappings expect")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all). "
@@ -41,12 +68,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860, help="port to listen on. Default: 7860")
     parser.add_argument("--share", action="store_true",
                         help="also open a temporary public link through Gradio's share servers (off by default)")
+    parser.add_argument("--max-batch", type=int, default=8, metavar="N",
+                        help="replies decoded together, one batched forward per step for all of them; up to 3N "
+                             "more wait with their place shown. 0: each reply decodes on its own (the old way, "
+                             "--max-concurrency at a time). Default: 8")
     parser.add_argument("--max-concurrency", type=int, metavar="N",
-                        help="replies generated at the same time; more wait in the queue. "
+                        help="with --max-batch 0: replies generated at the same time; more wait in the queue. "
                              "Default: 2 on the CPU, 4 on a GPU")
     args = parser.parse_args(argv)
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error("--max-concurrency must be at least 1")
+    if args.max_batch < 0:
+        parser.error("--max-batch must be 0 or more")
     return args
 
 
@@ -54,7 +87,7 @@ def asks_for_hub(checkpoint: str) -> bool:
     """Whether the checkpoint names a model that is downloaded (so the hub must stay reachable)."""
     if checkpoint in HUB_PRESETS:
         return True
-    config_path = Path(checkpoint) / "grounded_config.json"
+    config_path = Path(checkpoint) / CONFIG_NAME
     if not config_path.is_file():  # the bundled demo, or a bad path reported when loading
         return False
     config = json.loads(config_path.read_text())
@@ -62,37 +95,19 @@ def asks_for_hub(checkpoint: str) -> bool:
     return not (lm_is_local and str(config.get("visual", "")).startswith("local-dir:"))
 
 
-# Environment defaults before gradio/transformers are imported: no analytics, no hub unless asked for.
-CLI_ARGS = parse_args() if __name__ == "__main__" else None
-if CLI_ARGS is None or not asks_for_hub(CLI_ARGS.checkpoint):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+def keep_to_this_machine(args: argparse.Namespace) -> None:
+    """No analytics, no telemetry, and no hub unless the checkpoint is downloaded from it, for this process
+    and the ones it starts; a variable the user set wins. huggingface_hub reads its variables once, when
+    gradio imports it, so the ones set here also go into its constants."""
+    defaults = {"HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    if not asks_for_hub(args.checkpoint):
+        defaults["HF_HUB_OFFLINE"] = "1"
+    for name, value in defaults.items():
+        if name not in os.environ:
+            os.environ[name] = value
+            if hasattr(huggingface_hub.constants, name):
+                setattr(huggingface_hub.constants, name, True)
 
-import copy  # noqa: E402
-import hashlib  # noqa: E402
-import html  # noqa: E402
-import io  # noqa: E402
-import logging  # noqa: E402
-import shutil  # noqa: E402
-import threading  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from model.world import shapes  # noqa: E402
-from model.generate import Done, GenerationSettings, Looked, Notice, Retrieved, Text, stream_reply  # noqa: E402
-from model.grounded import GroundedLM  # noqa: E402
-from model.images import MAX_BYTES, ImageError, file_sha256, image_key, load_image  # noqa: E402
-from model.lm import cache_dir, default_device  # noqa: E402
-from model.perception import heat_map  # noqa: E402
-from model.prompt import Turn  # noqa: E402
-from retrieval_index.build import build_index, read_captions  # noqa: E402
-from retrieval_index.index import (FingerprintMismatch, Hit, ImageIndex, ImageInfo,  # noqa: E402
-                                   IndexFormatError)
 
 log = logging.getLogger("app")
 
@@ -126,9 +141,7 @@ def demo_gallery(model: GroundedLM, folder: Path | None = None, size: int = DEMO
             name = f"test-{i:04d}.png"
             sample.image.save(images / name)
             rows.append(f"{name}\t{sample.caption}")
-        staging = captions_path.with_suffix(".tmp")
-        staging.write_text("\n".join(rows) + "\n", encoding="utf-8")
-        staging.replace(captions_path)
+        write_atomically(captions_path, lambda tmp: tmp.write_text("\n".join(rows) + "\n", encoding="utf-8"))
     try:
         with ImageIndex.load(index_dir, model.fingerprint) as index:
             if len(index) >= size:
@@ -181,9 +194,13 @@ class Exchange:
     notices: list[str] = field(default_factory=list)
     retrieved: list[int] = field(default_factory=list)
     stopped: bool = False
+    ahead: int | None = None  # waiting for the batched decoder: how many replies start before this one
 
     def messages(self) -> list[dict]:
         content: list = []
+        if self.ahead is not None:
+            place = "yours is next" if self.ahead == 0 else f"{self.ahead} ahead of yours"
+            content.append(f'<span class="waiting">Waiting for the model: {place}.</span>')
         for piece in self.reply_view:
             if isinstance(piece, Shown):
                 content += [{"path": piece.path, "alt_text": piece.label},
@@ -250,8 +267,9 @@ def conversion_note(data: bytes) -> str | None:
 class ChatApp:
     """Event handlers over one shared model and index; `build` wires them into the Gradio UI."""
 
-    def __init__(self, model: GroundedLM, index: ImageIndex, title: str = "demo"):
-        self.model, self.index, self.title = model, index, title
+    def __init__(self, model: GroundedLM, index: ImageIndex, title: str = "demo", engine: DecodeEngine | None = None):
+        """With `engine`, every reply decodes in its shared batch; without, each in its own handler thread."""
+        self.model, self.index, self.title, self.engine = model, index, title, engine
         self.display_dir = Path(gr.utils.get_upload_folder()) / "grounded-chat"  # served: Gradio's upload folder
         self.display_dir.mkdir(parents=True, exist_ok=True)
         self.allowed_paths = [str(ASSETS), *map(str, collection_folders(index))]
@@ -363,7 +381,9 @@ class ChatApp:
             exchange.reply = Turn("assistant", [])
         search = lambda query, exclude: self.index.search(query, k=settings.images_per_ret, exclude=exclude)  # noqa: E731
         try:
-            for event in stream_reply(self.model, history, settings, search, cancel):
+            events = (self.engine.submit(history, settings, search, cancel) if self.engine is not None
+                      else stream_reply(self.model, history, settings, search, cancel))
+            for event in events:
                 with session.lock:
                     if cancel.is_set():  # Stop, Undo or Clear: nothing more goes into the session
                         break
@@ -373,19 +393,24 @@ class ChatApp:
             with session.lock:
                 exchange.stopped = True
             raise
+        except Busy as e:  # the batched decoder had no room in time
+            with session.lock:
+                exchange.notices.append(str(e))
         except Exception as e:  # the model's own error, shown as it is: never a generic failure
             log.exception("generation failed")
             with session.lock:
                 exchange.notices.append(f"The model failed: {type(e).__name__}: {e}")
         finally:
             with session.lock:
+                exchange.ahead = None
                 if session.replying is exchange:
                     session.replying = None
         yield session.messages()
 
-    def _apply(self, exchange: Exchange, event: Looked | Text | Retrieved | Notice | Done) -> None:
+    def _apply(self, exchange: Exchange, event: Waiting | Looked | Text | Retrieved | Notice | Done) -> None:
         """One generation event into the reply: the model's turn and the chat's view grow together."""
         parts, view = exchange.reply.parts, exchange.reply_view
+        exchange.ahead = event.ahead if isinstance(event, Waiting) else None
         if isinstance(event, Looked):  # shown, not said: the model's turn does not hold it
             picture = heat_map(event.image, event.attention)
             key = hashlib.sha256(image_key(event.image).encode() + event.attention.cpu().numpy().tobytes()).hexdigest()
@@ -418,9 +443,7 @@ class ChatApp:
         if not path.is_file():
             thumb = image.copy()
             thumb.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-            staging = path.with_name(f".{path.name}.{threading.get_ident()}")
-            thumb.save(staging, format="PNG")
-            staging.replace(path)
+            write_atomically(path, lambda tmp: thumb.save(tmp, format="PNG"))
         return str(path)
 
     def _share(self, image: Image.Image, sha: str) -> int | None:
@@ -462,7 +485,11 @@ class ChatApp:
                 f"Best {len(hits)} matches for “{query}”")
 
     # ---- UI --------------------------------------------------------------------------------------
-    def build(self, max_concurrency: int = 2) -> gr.Blocks:
+    def build(self, max_concurrency: int | None = None) -> gr.Blocks:
+        """`max_concurrency`: replies handled at once (default: with the engine, its rows and its waiting line,
+        so that a waiting user sees their place; without, 2)."""
+        if max_concurrency is None:
+            max_concurrency = self.engine.max_batch + self.engine.max_waiting if self.engine is not None else 2
         examples = [{"text": text, **({"files": [str(ASSETS / "examples" / image)]} if image else {}),
                      "display_text": text} for text, image in EXAMPLE_PROMPTS]
         with gr.Blocks(title="Grounded Chat") as demo:
@@ -569,7 +596,9 @@ def header_html(title: str, n_images: int) -> str:
         f'<span class="badge">{n_images:,} images indexed</span></div>')
 
 
-def main(args: argparse.Namespace) -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    keep_to_this_machine(args)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     device = default_device()
     try:
@@ -578,10 +607,11 @@ def main(args: argparse.Namespace) -> None:
         index = ImageIndex.load(index_dir, model.fingerprint)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # includes the index's own mismatch message
         sys.exit(f"error: {e}")
-    app = ChatApp(model, index, title=Path(str(args.checkpoint)).name)
-    demo = app.build(args.max_concurrency or (4 if device.type == "cuda" else 2))
+    engine = DecodeEngine(model, args.max_batch, max_waiting=3 * args.max_batch) if args.max_batch else None
+    app = ChatApp(model, index, title=Path(str(args.checkpoint)).name, engine=engine)
+    demo = app.build(None if engine else args.max_concurrency or (4 if device.type == "cuda" else 2))
     app.launch(demo, args.host, args.port, args.share)
 
 
 if __name__ == "__main__":
-    main(CLI_ARGS)
+    main()

@@ -3,29 +3,26 @@
 Ours: `stream_reply` on a checkpoint (the demo unless told otherwise) with one image spliced into the prompt
 (KV cache, [RET] logit, event stream).
 Baseline: transformers' `generate` on the same LM with a text prompt of the same token length.
-Reports decode tokens/s and time to first token for both and their ratios (medians over
+Reports decode tokens/s and time to first token for both and their ratios, and the same stream through
+the batched decoder (`model/serving.py`) as its only row (medians over
 alternating repetitions, so both see the same machine load); for a checkpoint with LMEye's request module,
 the same stream again looking at the image first (its two passes share the prefix: target <= 1.15x the
 first token of the stream without it, on the same model and prompt); and the memory of a process that loaded
 the model with `--quantize none` vs `4bit` and generated a few tokens: resident in all, and what loading
 the model added to what the imports took.
 
-    python bench/generation.py [--checkpoint demo] [--device cpu|cuda] [--reps 5] [--new-tokens 48]
+    python -m bench.generation [--checkpoint demo] [--device cpu|cuda] [--reps 5] [--new-tokens 48]
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from PIL import Image
@@ -34,6 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 from model.generate import GenerationSettings, stream_reply
 from model.grounded import GroundedLM
 from model.prompt import Turn, count_tokens, render
+from model.serving import DecodeEngine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = "Write a long story about a red circle and a blue square who become friends."
@@ -59,9 +57,12 @@ def build(checkpoint: str, quantize: str, device: str) -> GroundedLM:
     return GroundedLM.from_pretrained(checkpoint, quantize=quantize, device=device)
 
 
-def ours(model: GroundedLM, turns: list[Turn], new_tokens: int, look: bool = False) -> tuple[float, float, int]:
+def ours(model: GroundedLM, turns: list[Turn], new_tokens: int, look: bool = False,
+         engine: DecodeEngine | None = None) -> tuple[float, float, int]:
+    """`stream_reply` decoding alone, or (`engine`) the same reply through the batched decoder, as its only row."""
     settings = GenerationSettings(max_new_tokens=new_tokens, look=look)
-    stats = [e for e in stream_reply(model, turns, settings)][-1].stats
+    events = engine.submit(turns, settings) if engine is not None else stream_reply(model, turns, settings)
+    stats = [*events][-1].stats
     return stats["first_token_s"], stats["tokens_per_s"], stats["new_tokens"]
 
 
@@ -81,8 +82,7 @@ def resident_mb(checkpoint: str, quantize: str, device: str) -> dict[str, float]
     """Memory of a fresh process that loads the model and generates a few tokens (so the weights' pages are
     touched): resident in all, and what loading the model added to the process its imports made (on a GPU:
     allocated on the device)."""
-    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-            f"from generation import *; before = memory_mb({device!r}); m = build({checkpoint!r}, {quantize!r}, {device!r});"
+    code = (f"from bench.generation import *; before = memory_mb({device!r}); m = build({checkpoint!r}, {quantize!r}, {device!r});"
             f"ours(m, [Turn('user', [Image.new('RGB', (64, 64)), 'Hi'])], 4); print(before, memory_mb({device!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, after = map(float, out.stdout.strip().splitlines()[-1].split())
@@ -115,11 +115,14 @@ def main() -> None:
     text_ids = [t for s in render([Turn("user", [QUESTION])], model.tokenizer, "chat") for t in s]
     filler = model.tokenizer(" picture" * (length - len(text_ids)), add_special_tokens=False).input_ids
     ids = torch.tensor([filler[:length - len(text_ids)] + text_ids], device=model.device)  # same length
+    engine = DecodeEngine(model)
     ours(model, turns, 4), ours(model, turns, 4, look=looks), baseline(model, ids, 4)  # warm-up
+    ours(model, turns, 4, engine=engine)
 
-    runs = {"ours": [], "baseline": []} | ({"looking": []} if looks else {})
+    runs = {"ours": [], "baseline": [], "engine": []} | ({"looking": []} if looks else {})
     for _ in range(args.reps):
         runs["ours"].append(ours(model, turns, args.new_tokens))
+        runs["engine"].append(ours(model, turns, args.new_tokens, engine=engine))
         if looks:
             runs["looking"].append(ours(model, turns, args.new_tokens, look=True))
         runs["baseline"].append(baseline(model, ids, args.new_tokens))
@@ -133,6 +136,7 @@ def main() -> None:
         **{k: {"first_token_s": m[0], "tokens_per_s": m[1], "new_tokens": m[2]} for k, m in med.items()},
         "decode_ratio": med["ours"][1] / med["baseline"][1],
         "first_token_ratio": med["ours"][0] / med["baseline"][0],
+        "engine_decode_ratio": med["engine"][1] / med["ours"][1],
         "memory_mb": memory, "memory_ratio_4bit_vs_none": ratios,
     }
     if looks:
@@ -146,6 +150,8 @@ def main() -> None:
     print(f"| grounded stream (1 image) | {med['ours'][1]:.1f} | {med['ours'][0]:.3f} |")
     print(f"| `model.generate` (text) | {med['baseline'][1]:.1f} | {med['baseline'][0]:.3f} |")
     print(f"| ratio (target) | {result['decode_ratio']:.2f} (>= 0.95) | {result['first_token_ratio']:.2f} (<= 1.2) |")
+    print(f"| the same stream through the batched decoder, alone | {med['engine'][1]:.1f} | {med['engine'][0]:.3f} |")
+    print(f"| batched / solo (target) | {result['engine_decode_ratio']:.2f} (>= 1) | |")
     if looks:
         print(f"| grounded stream, looking first (LMEye, {model.config.request_tokens} request tokens) | "
               f"{med['looking'][1]:.1f} | {med['looking'][0]:.3f} |")

@@ -1,17 +1,19 @@
 """Load test: N concurrent chat clients x T turns each against `python app.py`, bounded in time.
 
-Starts the app as users do (`python app.py`, the demo model unless told otherwise) on a free port, then
-runs one session alone (the baseline) and then N `gradio_client` sessions at once. Each session's first
+For each decoder (the batched engine, `--max-batch 8`; and per-session decoding, `--max-batch 0
+--max-concurrency 2`, the baseline), starts the app as users do (`python app.py`, the demo model unless
+told otherwise) on a free port, then runs one session alone and then N `gradio_client` sessions at once. Each session's first
 turn uploads an image only it has (a hold-out shapes scene, never in the gallery) and asks about it; the
 next turns ask for pictures (at the app's default `[RET]` scale), so images are retrieved. Checks that every turn
 completes and that no session ever sees another session's upload or message, and reports time to first
 token (submit -> first streamed reply token or image, as the client sees it, queueing included): median
 and p95 over all turns, alone and under load, and their ratio.
 
-    python bench/load.py                       # 8 clients x 3 turns on the demo model
-    python bench/load.py --checkpoint runs/mine --clients 4 --turns 2 --max-new-tokens 24
+    python -m bench.load                       # 8 clients x 3 turns on the demo model, both decoders
+    python -m bench.load --clients 32 --turns 2 --decoders batched
+    python -m bench.load --checkpoint runs/mine --clients 4 --turns 2 --max-new-tokens 24
 
-Prints a table and writes bench/results/load.json. Exits non-zero if a check fails or the run
+Prints a table and writes bench/results/load.json (load-<N>-clients.json for other N). Exits non-zero if a check fails or the run
 outlasts --timeout.
 """
 from __future__ import annotations
@@ -30,16 +32,14 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import httpx
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from model.lm import QUANTIZE_CHOICES
+from model.world import shapes
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import httpx  # noqa: E402
-from gradio_client import Client, handle_file  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from model.world import shapes  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 REQUESTS = ("Show me a picture of a large red circle.", "Show me a small blue square on the left.",
@@ -52,9 +52,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_app(args: argparse.Namespace, port: int, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "app.py", "--port", str(port), "--checkpoint", args.checkpoint,
-               "--max-concurrency", str(args.max_concurrency)]
+DECODERS = ("batched", "per-session")
+
+
+def start_app(args: argparse.Namespace, decoder: str, port: int, log_path: Path) -> subprocess.Popen:
+    command = [sys.executable, "app.py", "--port", str(port), "--checkpoint", args.checkpoint]
+    command += (["--max-batch", str(args.max_batch)] if decoder == "batched"
+                else ["--max-batch", "0", "--max-concurrency", str(args.max_concurrency)])
     if args.quantize:
         command += ["--quantize", args.quantize]
     log = open(log_path, "w")
@@ -87,9 +91,11 @@ def user_texts(chat: list[dict]) -> list[str]:
 
 
 def has_reply(chat: list[dict]) -> bool:
-    """The reply's message exists: the app adds it with the first generated token or image."""
+    """The reply's message exists: the app adds it with the first generated token or image (a place in the
+    batched decoder's line is shown there too, and is not a reply)."""
     last = chat[-1] if chat else None
-    return bool(last and last["role"] == "assistant" and not last.get("metadata"))
+    waiting = last is not None and any('class="waiting"' in c.get("text", "") for c in last["content"])
+    return bool(last and last["role"] == "assistant" and not last.get("metadata") and not waiting)
 
 
 class Session(threading.Thread):
@@ -170,62 +176,72 @@ def figures(sessions: list[Session]) -> dict[str, float | None]:
             "turn_p95_s": percentile(turns, 0.95) if turns else None}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="demo")
-    parser.add_argument("--quantize", choices=("4bit", "8bit", "none"))
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-concurrency", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=1500, help="seconds for the whole run, start-up included")
-    args = parser.parse_args(argv)
-
-    deadline = time.monotonic() + args.timeout
+def measure(args: argparse.Namespace, decoder: str, deadline: float) -> dict:
+    """One app with this decoder: one client alone, then all of them at once."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    work = Path(tempfile.mkdtemp(prefix="load-"))
+    work = Path(tempfile.mkdtemp(prefix=f"load-{decoder}-"))
     log_path = work / "app.log"
-    app = start_app(args, port, log_path)
+    app = start_app(args, decoder, port, log_path)
     try:
         started = time.monotonic()
         wait_until_up(url, app, deadline, log_path)
         startup_s = time.monotonic() - started
-        alone = [Session(args.clients, url, args, work)]  # the baseline: one user, nobody waiting
+        alone = [Session(args.clients, url, args, work)]  # one user, nobody waiting
         alone_wall_s = run_sessions(alone, deadline)
         crowd = [Session(i, url, args, work) for i in range(args.clients)]
         wall_s = run_sessions(crowd, deadline)
     finally:
         app.terminate()
         app.wait(timeout=30)
-
     problems = check(alone) + check(crowd)
     baseline, loaded = figures(alone), figures(crowd)
     ratio = (loaded["ttft_median_s"] / baseline["ttft_median_s"]
              if loaded["ttft_median_s"] and baseline["ttft_median_s"] else None)
-    result = {
-        "checkpoint": args.checkpoint, "quantize": args.quantize or "app default", "clients": args.clients,
-        "turns_per_client": args.turns, "max_new_tokens": args.max_new_tokens,
-        "max_concurrency": args.max_concurrency, "expected_turns": args.clients * args.turns,
-        **loaded, "wall_s": wall_s, "alone": {**baseline, "wall_s": alone_wall_s},
-        "ttft_median_vs_alone": ratio, "startup_s": startup_s, "cpu_count": os.cpu_count(),
-        "isolation_ok": not any("shown" in p or "history" in p for p in problems), "problems": problems,
-    }
-    print(f"{args.clients} clients x {args.turns} turns, max concurrency {args.max_concurrency}, "
-          f"{args.max_new_tokens} new tokens, {os.cpu_count()} CPUs; app start-up {startup_s:.1f} s")
-    print(f"{'':<14}{'turns':>7}{'TTFT median':>13}{'TTFT p95':>10}{'turn median':>13}{'turn p95':>10}{'wall':>8}")
-    for name, row, wall in (("1 client", baseline, alone_wall_s), (f"{args.clients} clients", loaded, wall_s)):
-        cells = [f"{row[k]:.2f}" if row[k] is not None else "-"
-                 for k in ("ttft_median_s", "ttft_p95_s", "turn_median_s", "turn_p95_s")]
-        print(f"{name:<14}{row['completed_turns']:>7}{cells[0]:>13}{cells[1]:>10}{cells[2]:>13}{cells[3]:>10}"
-              f"{wall:>8.1f}")
-    if ratio:
-        print(f"TTFT median under load / alone: {ratio:.1f}x")
-    print(f"isolation: {'ok' if result['isolation_ok'] else 'VIOLATED'}")
+    return {"decoder": decoder, **loaded, "wall_s": wall_s, "turns_per_min": 60 * loaded["completed_turns"] / wall_s,
+            "alone": {**baseline, "wall_s": alone_wall_s}, "ttft_median_vs_alone": ratio, "startup_s": startup_s,
+            "isolation_ok": not any("shown" in p or "history" in p for p in problems), "problems": problems}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="demo")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=list(DECODERS))
+    parser.add_argument("--max-batch", type=int, default=8, help="the batched decoder's rows")
+    parser.add_argument("--max-concurrency", type=int, default=2, help="per-session decoding's replies at once")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run, start-up included")
+    args = parser.parse_args(argv)
+
+    deadline = time.monotonic() + args.timeout
+    runs = [measure(args, decoder, deadline) for decoder in args.decoders]
+    print(f"{args.clients} clients x {args.turns} turns, {args.max_new_tokens} new tokens, {os.cpu_count()} CPUs; "
+          f"batched: --max-batch {args.max_batch}; per-session: --max-concurrency {args.max_concurrency}")
+    print(f"{'':<26}{'turns':>7}{'TTFT median':>13}{'TTFT p95':>10}{'turn median':>13}{'wall':>8}{'turns/min':>11}"
+          f"{'vs alone':>10}")
+    for run in runs:
+        for name, row in ((f"{run['decoder']}, 1 client", run["alone"]),
+                          (f"{run['decoder']}, {args.clients} clients", run)):
+            cells = [f"{row[k]:.2f}" if row[k] is not None else "-"
+                     for k in ("ttft_median_s", "ttft_p95_s", "turn_median_s")]
+            per_min = 60 * row["completed_turns"] / row["wall_s"]
+            ratio = f"{run['ttft_median_vs_alone']:.1f}x" if row is run and run["ttft_median_vs_alone"] else ""
+            print(f"{name:<26}{row['completed_turns']:>7}{cells[0]:>13}{cells[1]:>10}{cells[2]:>13}"
+                  f"{row['wall_s']:>8.1f}{per_min:>11.1f}{ratio:>10}")
+    problems = [f"{run['decoder']}: {p}" for run in runs for p in run["problems"]]
+    print(f"isolation: {'ok' if all(run['isolation_ok'] for run in runs) else 'VIOLATED'}")
     for problem in problems:
         print("  problem:", problem)
+    result = {"checkpoint": args.checkpoint, "quantize": args.quantize or "app default", "clients": args.clients,
+              "turns_per_client": args.turns, "max_new_tokens": args.max_new_tokens, "max_batch": args.max_batch,
+              "max_concurrency": args.max_concurrency, "expected_turns": args.clients * args.turns,
+              "cpu_count": os.cpu_count(), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "load.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = "load.json" if args.clients == 8 else f"load-{args.clients}-clients.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     return 1 if problems else 0
 
 

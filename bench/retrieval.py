@@ -9,7 +9,7 @@ and recall@5 against the torch baseline's exact top-5. The IVF index is what `ch
 picks for that size (IVF with nlist ~ sqrt(n) even below the exact threshold), with its default
 nprobe, unless --factory is given; a sweep over nprobe shows that knob's recall/latency trade-off.
 
-    python bench/retrieval.py [--sizes 100000 1000000] [--device cpu|cuda] [--factory IVF1024,Flat]
+    python -m bench.retrieval [--sizes 100000 1000000] [--device cpu|cuda] [--factory IVF1024,Flat]
 """
 from __future__ import annotations
 
@@ -17,12 +17,10 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import faiss
 import numpy as np

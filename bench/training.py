@@ -7,7 +7,7 @@ answered by `[RET]`) and multi-turn ones (two or three described images first), 
 rendering scenes), CLIP, the LM forward, backward, the optimizer. The first row is the baseline the ratios
 are against: the trainer as it was (4-bit through bitsandbytes' kernels, every turn with gradient).
 
-    python bench/training.py [--single 4] [--multi 2]
+    python -m bench.training [--single 4] [--multi 2]
 
 bf16 rows run only where the CPU computes bf16 natively (AMX / AVX512-BF16; elsewhere it is emulated and
 far slower than fp32). Writes bench/results/training-<device>.json.
@@ -17,15 +17,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from tqdm import tqdm

@@ -1,7 +1,7 @@
 """The README's picture of the chat: a running app, driven in Debian's Chromium through Playwright.
 
     python app.py &                                   # the demo, on http://127.0.0.1:7860
-    python docs/screenshot.py --out docs/screenshot.png
+    python -m docs.screenshot --out docs/screenshot.png
 
 It sends the chat's messages in one conversation, with the app's default settings, and captures the
 whole page once every reply is complete: a picture requested and shown inline, an uploaded scene
@@ -15,10 +15,9 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
+from tests.conftest import CHROMIUM, FLAGS, REPLY_DONE  # the browser tests' Chromium, driven the same way
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 
 
 def cat_photograph() -> Path:
@@ -29,7 +28,6 @@ def cat_photograph() -> Path:
 MESSAGES = (("Find an image of a large blue circle in the centre.", None),
             ("Describe this picture.", ROOT / "assets" / "examples" / "two-shapes.png"),
             ("And what is in this one?", cat_photograph()))
-REPLY_DONE = "!document.querySelector('#chatbot .pending') && !document.querySelector('#message .generating')"
 
 
 def main() -> None:

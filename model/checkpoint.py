@@ -8,17 +8,17 @@ not the model: `GroundedLM.from_pretrained` / `save_pretrained` build on it (arr
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
+from model.files import replace_folder
 from model.lm import cache_dir
 from model.visual import LOCAL_DIR
 
@@ -42,20 +42,14 @@ def versions() -> dict[str, str]:
 def write_checkpoint(folder: str | Path, config: GroundedConfig, weights: dict[str, torch.Tensor],
                      metadata: dict[str, str]) -> None:
     """Write the checkpoint atomically: a reader sees the old folder or the new one, never half."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    config.versions = versions()
-    config.save(staging)
-    save_file({k: v.float().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS_NAME, metadata=metadata)
-    for path in staging.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        folder.rename(old)
-    staging.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    config.versions = {**config.versions, **versions()}
+
+    def fill(staging: Path) -> None:
+        config.save(staging)
+        save_file({k: v.float().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS_NAME,
+                  metadata=metadata)
+
+    replace_folder(folder, fill)
 
 
 def resolve(folder_or_preset: str | Path) -> Path:
@@ -85,8 +79,13 @@ def download(url: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(path.suffix + ".partial")
     try:
+        # Not torch.hub.download_url_to_file: it has no timeout, so a machine without a network would hang
+        # instead of failing fast with the advice below.
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out, length=1 << 20)
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm.wrapattr(out, "write", total=size, desc=f"downloading {path.name}", unit="B",
+                               unit_scale=True, unit_divisor=1024) as tracked:
+                shutil.copyfileobj(response, tracked, length=1 << 20)
     except (urllib.error.URLError, TimeoutError, OSError) as error:
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"could not download {url} ({error}). This machine cannot reach it: use the "
@@ -136,11 +135,8 @@ def import_fromage(ckpt_path: str | Path, model_args_path: str | Path, out: str 
                             visual_pretrained="openai", n_visual_tokens=n_visual_tokens,
                             emb_dim=weights["image_mapping.weight"].shape[0], prompt_format="qa",
                             lm_dim=lm_dim, visual_dim=visual_dim, versions={"imported_from": "fromage"})
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out)
-    save_file({k: v.float().contiguous() for k, v in weights.items()}, out / WEIGHTS_NAME)
-    return out
+    write_checkpoint(out, config, weights, {})  # whole or absent: resolve() takes a config for a finished import
+    return Path(out)
 
 
 def main(argv: list[str] | None = None) -> None:

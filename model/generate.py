@@ -13,16 +13,23 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Protocol, Union
 
 import torch
-from transformers import DynamicCache
+from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
 from model.grounded import GroundedLM, Looked
 from model.prompt import Turn, fit_context, render, count_tokens
 
 SearchFn = Callable[[torch.Tensor, set], list]
 """(query (emb_dim,), ids to exclude) -> hits, best first; each hit has an `id`."""
+
+
+class Cancel(Protocol):
+    """Asked before each token whether the reply should stop: a `threading.Event`, or anything that answers."""
+
+    def is_set(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -85,95 +92,129 @@ def scale_ret_logit(logit: torch.Tensor, factor: float) -> torch.Tensor:
     return logit + math.log(factor)
 
 
-def sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> int:
-    """logits (V',) float32 -> one token id."""
-    if settings.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / settings.temperature
+def logits_warpers(settings: GenerationSettings) -> LogitsProcessorList:
+    """transformers' own temperature, top-k and top-p, in `generate`'s order."""
+    warpers = LogitsProcessorList()
+    if settings.temperature not in (0, 1):
+        warpers.append(TemperatureLogitsWarper(settings.temperature))
     if settings.top_k:
-        kth = torch.topk(logits, min(settings.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        warpers.append(TopKLogitsWarper(settings.top_k))
     if settings.top_p < 1:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > settings.top_p  # keep the token that crosses top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    probs = logits.softmax(-1).cpu()
+        warpers.append(TopPLogitsWarper(settings.top_p))
+    return warpers
+
+
+def sample(logits: torch.Tensor, temperature: float, warpers: LogitsProcessorList,
+           generator: torch.Generator | None) -> int:
+    """logits (V',) float32 -> one token id: the most likely at temperature 0, else drawn after the warpers."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = warpers(None, logits.unsqueeze(0))[0].softmax(-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Reply:
+    """One reply being decoded: every choice `stream_reply` makes per token, without running the LM.
+
+    A driver prefills `segments` (`model.prefill`), then alternates `next_token(logits)`, which samples from
+    the logits of the last hidden state (None: the reply has ended), and `fed(token, hidden)`, after the LM
+    has read that token, which returns the events it makes. `stream_reply` drives one reply alone; the
+    batched engine (`model/serving.py`) drives many through one forward per step.
+    """
+
+    def __init__(self, model: GroundedLM, turns: list[Turn], settings: GenerationSettings | None = None,
+                 search: SearchFn | None = None, cancel: Cancel | None = None):
+        self.model, self.settings, self.search, self.cancel = model, settings or GenerationSettings(), search, cancel
+        settings = self.settings
+        self.start = time.perf_counter()
+        tokenizer, fmt = model.tokenizer, model.config.prompt_format
+        window = getattr(model.lm.config, "max_position_embeddings", 2048)
+        budget = settings.context_tokens or max(window - settings.max_new_tokens, window // 2)
+        look = settings.look and model.perception is not None
+        tokens_per_look = model.config.request_tokens if look else 0
+        turns, notice = fit_context(turns, tokenizer, fmt, model.config.tokens_per_image, budget, tokens_per_look)
+        self.opening: list[Event] = [Notice(notice)] if notice else []
+        """What the reply says before its first token: the context was cut, an image is unfamiliar."""
+        new_images = turns[-1].images if turns and turns[-1].role == "user" else []
+        for number, unfamiliar in enumerate(model.unfamiliar(new_images), 1):
+            if unfamiliar:
+                which = f"Image {number} of {len(new_images)}" if len(new_images) > 1 else "This image"
+                self.opening.append(Notice(f"{which} looks unlike the images this model was trained on "
+                                           f"({model.familiarity.trained_on}): what it says about it will not be "
+                                           f"reliable."))
+        self.segments = render(turns, tokenizer, fmt, look)
+        self.prompt_tokens = count_tokens(self.segments, model.config.tokens_per_image, tokens_per_look)
+        self.generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        self.warpers = logits_warpers(settings)
+        self.text_ids: list[int] = []
+        self.emitted, self.shown = "", set(settings.exclude)
+        self.n_images, self.n_tokens, self.first_token_s, self.stop = 0, 0, None, None
+        self.decode_start = time.perf_counter()
+
+    def next_token(self, logits: torch.Tensor) -> int | None:
+        """logits (V',) of the last hidden state -> the token the LM reads next, or None: the reply has ended
+        (its `stop` says why)."""
+        settings, model = self.settings, self.model
+        if self.stop is None and self.n_tokens >= settings.max_new_tokens:
+            self.stop = "length"
+        if self.stop is None and self.cancel is not None and self.cancel.is_set():
+            self.stop = "cancelled"
+        if self.stop is not None:
+            return None
+        ret_allowed = (self.search is not None and self.n_images < settings.max_images
+                       and len(self.emitted.split()) >= settings.min_words_before_ret)
+        logits[model.ret_id] = scale_ret_logit(logits[model.ret_id], settings.ret_scale_factor) \
+            if ret_allowed else float("-inf")
+        token = sample(logits, settings.temperature, self.warpers, self.generator)
+        self.n_tokens += 1
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.start
+            self.decode_start = time.perf_counter()
+        if token in model.eos_ids:
+            self.stop = "eos"
+            return None
+        return token
+
+    def fed(self, token: int, hidden: torch.Tensor) -> list[Event]:
+        """The LM has read `token`; hidden (lm_dim,) is its last-layer state there. Returns the events."""
+        if token == self.model.ret_id:
+            query = self.model.ret_query(hidden)                                         # (emb_dim,)
+            hits = self.search(query, self.shown)[:self.settings.images_per_ret]
+            self.shown.update(hit.id for hit in hits)
+            self.n_images += 1
+            return [Retrieved(hits)]
+        self.text_ids.append(token)
+        text = self.model.tokenizer.decode(self.text_ids, skip_special_tokens=True)
+        newline = self.model.config.prompt_format == "qa" and "\n" in text[len(self.emitted):]
+        if newline:  # FROMAGe's dialogue ends a reply at a newline
+            text, self.stop = text[:text.index("\n", len(self.emitted))], "newline"
+        if (text.endswith("\ufffd") and not newline) or len(text) <= len(self.emitted):
+            return []  # nothing new to show, or half of a multi-byte character: wait for the rest
+        delta, self.emitted = text[len(self.emitted):], text
+        return [Text(delta)]
+
+    def done(self) -> Done:
+        seconds = time.perf_counter() - self.start
+        decode_s = time.perf_counter() - self.decode_start
+        n = self.n_tokens
+        return Done({
+            "stop": self.stop or "length", "prompt_tokens": self.prompt_tokens, "new_tokens": n,
+            "images": self.n_images, "first_token_s": self.first_token_s, "seconds": seconds,
+            "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+        })
 
 
 @torch.no_grad()
 def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | None = None,
                  search: SearchFn | None = None, cancel: threading.Event | None = None) -> Iterator[Event]:
     """Generate the assistant's reply to `turns` (the last one is the user's), as a stream of events."""
-    settings = settings or GenerationSettings()
-    start = time.perf_counter()
-    tokenizer, fmt = model.tokenizer, model.config.prompt_format
-    window = getattr(model.lm.config, "max_position_embeddings", 2048)
-    budget = settings.context_tokens or max(window - settings.max_new_tokens, window // 2)
-    look = settings.look and model.perception is not None
-    tokens_per_look = model.config.request_tokens if look else 0
-    turns, notice = fit_context(turns, tokenizer, fmt, model.config.tokens_per_image, budget, tokens_per_look)
-    if notice:
-        yield Notice(notice)
-    new_images = turns[-1].images if turns and turns[-1].role == "user" else []
-    for number, unfamiliar in enumerate(model.unfamiliar(new_images), 1):
-        if unfamiliar:
-            which = f"Image {number} of {len(new_images)}" if len(new_images) > 1 else "This image"
-            yield Notice(f"{which} looks unlike the images this model was trained on "
-                         f"({model.familiarity.trained_on}): what it says about it will not be reliable.")
-    segments = render(turns, tokenizer, fmt, look)
-    prompt_tokens = count_tokens(segments, model.config.tokens_per_image, tokens_per_look)
-    generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
-
-    last, cache, looked = model.prefill(segments, DynamicCache())                       # (lm_dim,), ...
+    reply = Reply(model, turns, settings, search, cancel)
+    yield from reply.opening
+    last, cache, looked = model.prefill(reply.segments, DynamicCache())                 # (lm_dim,), ...
     yield from looked
-    text_ids: list[int] = []
-    emitted, shown = "", set(settings.exclude)
-    n_images, n_tokens, first_token_s, stop = 0, 0, None, "length"
-    decode_start = time.perf_counter()
-    while n_tokens < settings.max_new_tokens:
-        if cancel is not None and cancel.is_set():
-            stop = "cancelled"
-            break
-        logits = model.logits(last)                                                      # (V',)
-        ret_allowed = (search is not None and n_images < settings.max_images
-                       and len(emitted.split()) >= settings.min_words_before_ret)
-        logits[model.ret_id] = scale_ret_logit(logits[model.ret_id], settings.ret_scale_factor) \
-            if ret_allowed else float("-inf")
-        token = sample(logits, settings, generator)
-        n_tokens += 1
-        if first_token_s is None:
-            first_token_s = time.perf_counter() - start
-            decode_start = time.perf_counter()
-        if token in model.eos_ids:
-            stop = "eos"
-            break
+    while (token := reply.next_token(model.logits(last))) is not None:
         hidden, cache = model.hidden_states(model.embed_ids(torch.tensor([[token]], device=model.device)),
                                             past_key_values=cache)                       # (1, 1, lm_dim)
         last = hidden[0, -1]
-        if token == model.ret_id:
-            query = model.ret_query(last)                                                # (emb_dim,)
-            hits = search(query, shown)[:settings.images_per_ret]
-            shown.update(hit.id for hit in hits)
-            n_images += 1
-            yield Retrieved(hits)
-            continue
-        text_ids.append(token)
-        text = tokenizer.decode(text_ids, skip_special_tokens=True)
-        if fmt == "qa" and "\n" in text[len(emitted):]:  # FROMAGe's dialogue ends a reply at a newline
-            text, stop = text[:text.index("\n", len(emitted))], "newline"
-        if text.endswith("\ufffd") and stop != "newline":  # half of a multi-byte character: wait
-            continue
-        if len(text) > len(emitted):
-            yield Text(text[len(emitted):])
-            emitted = text
-        if stop == "newline":
-            break
-    seconds = time.perf_counter() - start
-    decode_s = time.perf_counter() - decode_start
-    yield Done({
-        "stop": stop, "prompt_tokens": prompt_tokens, "new_tokens": n_tokens, "images": n_images,
-        "first_token_s": first_token_s, "seconds": seconds,
-        "tokens_per_s": (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else None,
-    })
+        yield from reply.fed(token, last)
+    yield reply.done()

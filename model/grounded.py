@@ -12,7 +12,6 @@ the LM's embedding table and every other frozen weight stay bit-for-bit as loade
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 from collections import OrderedDict
@@ -28,6 +27,7 @@ from transformers import DynamicCache
 from model.checkpoint import read_checkpoint, resolve, write_checkpoint
 from model.config import GroundedConfig
 from model.familiarity import Familiarity
+from model.image_embedder import fingerprint, image_vectors
 from model.images import image_key
 from model.lm import load_lm
 from model.perception import Perception
@@ -172,16 +172,8 @@ class GroundedLM(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """Identifies what makes index vectors: the visual encoder and the image mapping's weights.
-
-        The encoder enters through its final layernorm (cheap, and differs between trained encoders),
-        not its source string, so the same files give the same fingerprint wherever they live.
-        """
-        digest = hashlib.sha256()
-        ln_post = self.visual.visual.ln_post
-        for tensor in (ln_post.weight, ln_post.bias, self.image_mapping.weight, self.image_mapping.bias):
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        """What makes index vectors (`model/image_embedder.py`): an index fits this model when it matches."""
+        return fingerprint(self.visual, self.image_mapping)
 
     # ---- images ---------------------------------------------------------------------------------
     def encoded(self, images: list[Image.Image]) -> torch.Tensor:
@@ -222,8 +214,7 @@ class GroundedLM(nn.Module):
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         """Index vectors (N, emb_dim), L2-normalised."""
-        pooled, _ = self.visual.encode(images)
-        return F.normalize(self.image_mapping(pooled.float()), dim=-1)
+        return image_vectors(self.visual, self.image_mapping, images)
 
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(N, 1 + region_grid^2, visual_dim) -> (N, tokens_per_image, lm_dim), in the LM's dtype."""

@@ -25,6 +25,16 @@ HF_HUB = "hf-hub:"
 LOCAL_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 
 
+def pre_projection_features(visual: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ViT tower's last-layer tokens after ln_post, before the projection, through open_clip's public API:
+    pixels (B, 3, H, W) -> pooled CLS (B, width), patches (B, n_patches, width)."""
+    out = visual.forward_intermediates(pixels, indices=1, intermediates_only=True, normalize_intermediates=True,
+                                       output_fmt="NLC", output_extra_tokens=True)
+    pooled = out["image_intermediates_prefix"][0][:, 0]  # (B, 1, D) -> (B, D): ln_post(CLS)
+    patches = out["image_intermediates"][0]  # (B, P, D): ln_post(patch tokens)
+    return pooled, patches
+
+
 class VisualEncoder(nn.Module):
     """A frozen open_clip ViT tower. Always in eval mode: `.train()` on a parent leaves it alone."""
 
@@ -79,12 +89,7 @@ class VisualEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels (B, 3, H, W) -> pooled (B, visual_dim), patches (B, n_patches, visual_dim), pre-projection."""
-        out = self.visual.forward_intermediates(
-            pixels.to(self.visual.conv1.weight.dtype), indices=1, intermediates_only=True,
-            normalize_intermediates=True, output_fmt="NLC", output_extra_tokens=True)
-        pooled = out["image_intermediates_prefix"][0][:, 0]  # (B, 1, D) -> (B, D): ln_post(CLS)
-        patches = out["image_intermediates"][0]  # (B, P, D): ln_post(patch tokens)
-        return pooled, patches
+        return pre_projection_features(self.visual, pixels.to(self.visual.conv1.weight.dtype))
 
     def regions(self, patches: torch.Tensor, grid: int) -> torch.Tensor:
         """Patch features (B, n_patches, D) -> (B, grid * grid, D): the mean of each cell of a grid x grid

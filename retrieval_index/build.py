@@ -78,7 +78,7 @@ def open_index(index_dir: str | Path, model) -> ImageIndex:
     """The index in `index_dir` if there is one (refused if another image mapping made it), else a new one."""
     if (Path(index_dir) / INFO_FILE).exists():
         return ImageIndex.load(index_dir, model.fingerprint)
-    return ImageIndex.create(index_dir, model.config.emb_dim, model.fingerprint)
+    return ImageIndex.create(index_dir, model.image_mapping.out_features, model.fingerprint)
 
 
 def build_index(model, images_dir: str | Path, index_dir: str | Path, *,
@@ -86,7 +86,8 @@ def build_index(model, images_dir: str | Path, index_dir: str | Path, *,
                 source: str | None = None, progress: bool = True) -> BuildReport:
     """Add every image under `images_dir` (recursively) to the index in `index_dir`.
 
-    `model` needs `embed_images`, `fingerprint` and `config.emb_dim` (a GroundedLM). `factory`:
+    `model`: an `ImageEmbedder`, or the `GroundedLM` that holds the same parts (`embed_images`, `fingerprint`,
+    `image_mapping`). `factory`:
     'auto' re-indexes by `choose_factory` once the collection outgrows an exact index; any other
     string is passed to `ImageIndex.rebuild`. `source` (default: the folder's name) is stored with
     each image. Paths are stored relative to the index folder, so both can move together.
@@ -184,16 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factory", default="auto",
                         help="'auto' (exact below 100k images, IVF above), 'Flat', or an IVF factory string")
     parser.add_argument("--source", help="stored with each image (default: the folder's name)")
-    parser.add_argument("--quantize", default="4bit", choices=("none", "4bit", "8bit"),
-                        help="how to load the checkpoint's LM (unused here: image vectors do not pass through it; "
-                             "4bit is the smallest)")
     parser.add_argument("--device", help="torch device for the encoder (default: CUDA if available)")
     args = parser.parse_args(argv)
 
-    from model.grounded import GroundedLM
+    from model.image_embedder import ImageEmbedder  # the encoder and image mapping only: the LM is not needed
     try:
         captions = read_captions(args.captions) if args.captions else None
-        model = GroundedLM.from_pretrained(args.checkpoint, quantize=args.quantize, device=args.device)
+        model = ImageEmbedder.from_pretrained(args.checkpoint, device=args.device)
         report = build_index(model, args.images, args.index, captions=captions,
                              batch_size=args.batch_size, factory=args.factory, source=args.source)
     except (FingerprintMismatch, FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as e:

@@ -32,6 +32,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from model.files import fsync
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE, META_FILE, INFO_FILE = "index.faiss", "meta.sqlite", "index.json"
@@ -255,10 +257,6 @@ class ImageIndex:
         return self._mmapped
 
     @property
-    def on_gpu(self) -> bool:
-        return self._use_gpu
-
-    @property
     def nprobe(self) -> int | None:
         """IVF lists probed per query (None for an exact index): more is slower and more exact."""
         ivf = faiss.try_extract_index_ivf(self._index)
@@ -389,14 +387,14 @@ class ImageIndex:
             index_tmp.unlink(missing_ok=True)
             info_tmp.unlink(missing_ok=True)
             faiss.write_index(self._index, str(index_tmp))
-            _fsync(index_tmp)
+            fsync(index_tmp)
             info = {**self._info, "count": self._index.ntotal, "nprobe": self.nprobe,
                     "faiss_bytes": index_tmp.stat().st_size, "faiss_version": faiss.__version__}
             info_tmp.write_text(json.dumps(info, indent=2) + "\n")
-            _fsync(info_tmp)
+            fsync(info_tmp)
             os.replace(index_tmp, self.folder / INDEX_FILE)
             os.replace(info_tmp, self.folder / INFO_FILE)
-            _fsync(self.folder)
+            fsync(self.folder)
             self._dirty = False
 
     def close(self) -> None:
@@ -614,21 +612,13 @@ def _finish_interrupted_save(folder: Path) -> None:
             if index_tmp.is_file():
                 os.replace(index_tmp, folder / INDEX_FILE)
             os.replace(info_tmp, folder / INFO_FILE)
-            _fsync(folder)
+            fsync(folder)
     index_tmp.unlink(missing_ok=True)
     info_tmp.unlink(missing_ok=True)
 
 
 def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _physical_memory() -> int:

@@ -5,8 +5,11 @@ ViT saved in open_clip's `local-dir:` format. Both go through the same loading c
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import os
+import socket
+import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
 import torch
+from PIL import Image
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -54,25 +58,18 @@ def make_tiny_lm(folder: Path, tie_word_embeddings: bool = True) -> Path:
     return folder
 
 
-def make_tiny_clip(folder: Path) -> Path:
-    """Write a random 2-layer ViT CLIP in open_clip's local-dir format (config + safetensors)."""
-    import open_clip
-    from safetensors.torch import save_file
+TINY_CLIP_CFG = {  # open_clip's CLIP(**cfg): a 2-layer ViT, and a text tower for stage 1's tests
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
-    model_cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": model_cfg,
-        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
-    }))
+
+def make_tiny_clip(folder: Path) -> Path:
+    """Write a random tiny CLIP in open_clip's local-dir format, as stage 1 saves its encoder."""
+    from model.training.train_clip import build_model, save
     torch.manual_seed(0)
-    model = open_clip.CLIP(**model_cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              folder / "open_clip_model.safetensors")
+    save(build_model(TINY_CLIP_CFG), TINY_CLIP_CFG, folder)
     return folder
 
 
@@ -107,5 +104,69 @@ def tiny_model(tiny_lm_dir, tiny_clip_dir):
 @pytest.fixture
 def colour_images():
     """Three plain images that differ in colour."""
-    from PIL import Image
     return [Image.new("RGB", (40, 40), c) for c in ("red", "green", "blue")]
+
+
+# ---- the app on a tiny model: shared by the handler, API and browser tests ----------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, driven through Playwright
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+REPLY_DONE = "!document.querySelector('#chatbot .pending') && !document.querySelector('#message .generating')"
+
+
+def make_tiny_app(lm_dir: Path, clip_dir: Path, folder: Path, gallery_size: int = 12, request_tokens: int = 0):
+    """A ChatApp over a tiny model (with a request module of `request_tokens`) and `gallery_size` shapes-world
+    images indexed in `folder`. The model retrieves on demand: its `[RET]` row is scaled so that its logit is
+    large in magnitude, and a `[RET]` scale factor above 1 (GILL's `|logit| * factor`) then always picks it
+    while images are allowed."""
+    import app
+    from model.grounded import GroundedLM
+    from retrieval_index.index import ImageIndex
+
+    model = GroundedLM(tiny_config(lm_dir, clip_dir, request_tokens=request_tokens), quantize="none", device="cpu")
+    model.ret_embedding.data *= 1e4
+    index_dir = app.demo_gallery(model, folder, size=gallery_size)
+    return app.ChatApp(model, ImageIndex.load(index_dir, model.fingerprint), title="tiny")
+
+
+class DecodeGate:
+    """Holds a model's decoding steps (one new token over the cache) while closed, as a forward hook: a reply
+    stays mid-way for exactly as long as a test needs, on a fast machine or a slow one. Prompts, searches
+    and the request pass (many tokens at once) go through."""
+
+    def __init__(self, model) -> None:
+        self.open, self.held = threading.Event(), threading.Event()
+        self.open.set()
+        model.lm.base_model.register_forward_hook(self._hold, with_kwargs=True)
+
+    def _hold(self, module, args, kwargs, output) -> None:
+        if kwargs["inputs_embeds"].shape[1] == 1 and not self.open.is_set():
+            self.held.set()
+            self.open.wait()
+
+    @contextlib.contextmanager
+    def closed(self):
+        """Decoding waits inside this block; `held` is set once a reply is waiting."""
+        self.held.clear()
+        self.open.clear()
+        try:
+            yield self
+        finally:
+            self.open.set()
+
+
+def serve(chat_app, max_concurrency: int | None = 2):
+    """Launch `chat_app` in this process on a free port, as `python app.py` does; returns (demo, url)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo = chat_app.build(max_concurrency)
+    chat_app.launch(demo, port=port, prevent_thread_lock=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()

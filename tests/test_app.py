@@ -1,9 +1,5 @@
-"""The chat app's handlers, called as Gradio calls them, on a tiny model and a tiny shapes gallery.
-
-`make_tiny_app` is shared with the API and browser tests. Its model "retrieves" on demand: the
-`[RET]` row is scaled so that its logit is large in magnitude, and a `[RET]` scale factor above 1
-(GILL's `|logit| * factor`) then always picks it while images are allowed.
-"""
+"""The chat app's handlers, called as Gradio calls them, on a tiny model and a tiny shapes gallery
+(`conftest.make_tiny_app`, whose model retrieves on demand)."""
 from __future__ import annotations
 
 import io
@@ -11,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -18,39 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import DecodeGate, make_tiny_app, png_bytes, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 RETRIEVE = dict(ret_scale=3.0, max_images=1)  # the tiny model retrieves first, then goes on writing
-
-
-def make_tiny_app(lm_dir: Path, clip_dir: Path, folder: Path, gallery_size: int = 12, request_tokens: int = 0):
-    """A ChatApp over a tiny model (with a request module of `request_tokens`) and `gallery_size` shapes-world
-    images indexed in `folder`."""
-    import app
-    from model.grounded import GroundedLM
-    from retrieval_index.index import ImageIndex
-
-    model = GroundedLM(tiny_config(lm_dir, clip_dir, request_tokens=request_tokens), quantize="none", device="cpu")
-    model.ret_embedding.data *= 1e4
-    index_dir = app.demo_gallery(model, folder, size=gallery_size)
-    return app.ChatApp(model, ImageIndex.load(index_dir, model.fingerprint), title="tiny")
-
-
-def serve(chat_app, max_concurrency: int = 2):
-    """Launch `chat_app` in this process on a free port, as `python app.py` does; returns (demo, url)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    demo = chat_app.build(max_concurrency)
-    chat_app.launch(demo, port=port, prevent_thread_lock=True)
-    return demo, f"http://127.0.0.1:{port}/"
-
-
-def png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
 
 
 def upload(folder: Path, name: str, data: bytes) -> str:
@@ -103,7 +71,7 @@ def test_help_documents_every_option_without_loading_a_model():
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     for option in ("--checkpoint", "--preset", "--index", "--quantize", "--host", "--port", "--share",
-                   "--max-concurrency"):
+                   "--max-batch", "--max-concurrency"):
         assert option in proc.stdout
     assert "off by default" in proc.stdout and "7860" in proc.stdout and "127.0.0.1" in proc.stdout
 
@@ -137,6 +105,8 @@ def test_start_up_is_offline_without_analytics_and_connects_nowhere_but_itself(t
                              "--index", str(tiny_app.index.folder), "--port", str(port)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
+    watchdog = threading.Timer(180, proc.kill)  # a start-up that hangs ends the read below, not CI
+    watchdog.start()
     try:
         for line in proc.stdout:  # until the app serves (Gradio checks its own URL once up)
             lines.append(line)
@@ -144,6 +114,7 @@ def test_start_up_is_offline_without_analytics_and_connects_nowhere_but_itself(t
                 break
         httpx.get(f"http://127.0.0.1:{port}/", timeout=30).raise_for_status()
     finally:
+        watchdog.cancel()
         proc.terminate()
         lines += proc.communicate(timeout=60)[0].splitlines(keepends=True)
     assert any("Running on local URL" in line for line in lines), "".join(lines[-20:])
@@ -457,3 +428,56 @@ def test_gallery_search_ranks_the_collection_by_the_models_retrieval_vector(tiny
     assert items[0][0] == tiny_app.index.search(query, k=1)[0].path
     assert tiny_app.search("  ")[1].startswith("Images 1–"), "an empty search shows the collection"
     assert tiny_app.search(" ?! ") == ([], "“?!” names nothing to search for.")
+
+
+# ---- with the batched decoder (`--max-batch`) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batched(tiny_lm_dir, tiny_clip_dir, tmp_path_factory):
+    """A tiny app of its own behind an engine of one row and one place in line; a gate holds its decoding."""
+    import app
+    from model.serving import DecodeEngine
+
+    plain = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path_factory.mktemp("batched-gallery"), gallery_size=4)
+    engine = DecodeEngine(plain.model, max_batch=1, max_waiting=1)
+    yield app.ChatApp(plain.model, plain.index, title="tiny", engine=engine), DecodeGate(plain.model)
+    engine.close()
+
+
+def take_the_only_row(chat_app, gate: DecodeGate) -> threading.Thread:
+    """A reply of another session that takes the engine's one row and stays there while the gate is closed."""
+    import app
+    first = threading.Thread(target=run, args=(chat_app.chat({"text": "hello", "files": []}, app.Session(),
+                                                             max_new_tokens=4, max_images=0),))
+    first.start()
+    assert gate.held.wait(30), "the first reply holds the only row"
+    return first
+
+
+def test_a_reply_waits_for_the_batched_decoder_with_its_place_shown_then_comes(batched):
+    import app
+    chat_app, gate = batched
+    with gate.closed():
+        first = take_the_only_row(chat_app, gate)
+        second = chat_app.chat({"text": "and me?", "files": []}, app.Session(), max_new_tokens=4, max_images=0)
+        next(second)  # the message itself
+        waiting = final_chat([next(second)])
+        assert "Waiting for the model: yours is next." in texts(waiting[-1])
+    chat = final_chat(run(second))
+    first.join()
+    assert chat[-1]["role"] == "assistant" and "Waiting" not in texts(chat[-1])
+
+
+def test_beyond_the_waiting_line_a_message_is_told_the_server_is_busy(batched):
+    import app
+    chat_app, gate = batched
+    with gate.closed():
+        first = take_the_only_row(chat_app, gate)
+        second = chat_app.chat({"text": "me too", "files": []}, app.Session(), max_new_tokens=4, max_images=0)
+        next(second)
+        assert "yours is next" in texts(final_chat([next(second)])[-1]), "the second takes the one place in line"
+        chat = final_chat(run(chat_app.chat({"text": "and me?", "files": []}, app.Session(), max_new_tokens=4,
+                                            max_images=0)))
+    first.join()
+    run(second)
+    assert "The server is busy" in notes(chat)

@@ -14,7 +14,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from test_app import make_tiny_app, png_bytes, serve
+from conftest import DecodeGate, make_tiny_app, png_bytes, serve
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "assets" / "examples" / "red-hexagon.png"
@@ -24,9 +24,9 @@ RETRIEVE = dict(ret_scale=3.0, max_images=1)
 @pytest.fixture(scope="module")
 def served(tiny_lm_dir, tiny_clip_dir, tmp_path_factory):
     chat_app = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path_factory.mktemp("api-gallery"))
-    chat_app.model.lm.register_forward_hook(lambda *_: time.sleep(0.02))
+    gate = DecodeGate(chat_app.model)
     demo, url = serve(chat_app, max_concurrency=2)
-    yield chat_app, url
+    yield chat_app, url, gate
     demo.close()
 
 
@@ -110,31 +110,35 @@ def test_sessions_are_isolated_while_they_run_at_the_same_time(served, tmp_path)
 
 
 def test_the_queue_bounds_concurrency_and_other_sessions_keep_working(served):
-    url = served[1]
-    long = [Client(url, verbose=False).submit({"text": f"long story {i}", "files": []}, max_new_tokens=400,
-                                              max_images=0, api_name="/chat") for i in range(3)]
-    try:
-        codes = lambda: sorted(j.status().code.value for j in long)  # noqa: E731
+    _, url, gate = served
+    with gate.closed():  # the replies that run stay running until the checks are done
+        waiting = [Client(url, verbose=False).submit({"text": f"long story {i}", "files": []}, max_new_tokens=20,
+                                                     max_images=0, api_name="/chat") for i in range(3)]
+
+        def codes() -> list[str]:
+            return sorted(job.status().code.value for job in waiting)
+
         wait_for(lambda: codes() == ["IN_QUEUE", "ITERATING", "ITERATING"], "two running replies and a third queued")
         items, status = Client(url, verbose=False).predict("a red circle", api_name="/search")
         assert items and "matches" in status, "the gallery answers while the replies run"
         assert codes() == ["IN_QUEUE", "ITERATING", "ITERATING"], "max concurrency 2: the third still waits"
-    finally:
-        for job in long:
-            job.cancel()
+    for job in waiting:
+        job.result()  # and all three finish once decoding goes on
 
 
 def test_stop_cancels_the_running_reply_of_its_own_session_only(served):
-    url = served[1]
+    _, url, gate = served
     alice, bob = Client(url, verbose=False), Client(url, verbose=False)
-    mine = alice.submit({"text": "a long story please", "files": []}, max_new_tokens=300, max_images=0,
-                        api_name="/chat")
-    theirs = bob.submit({"text": "mine goes on", "files": []}, max_new_tokens=40, max_images=0,
-                        api_name="/chat")
-    wait_for(lambda: len(mine.outputs()) > 3, "the reply to start")
-    chat = alice.predict(api_name="/stop")
-    assert "Stopped" in text_of(chat[-1])
-    wait_for(mine.done, "the stopped job to end", timeout_s=10)
+    with gate.closed():
+        mine = alice.submit({"text": "a long story please", "files": []}, max_new_tokens=300, max_images=0,
+                            api_name="/chat")
+        assert gate.held.wait(60), "the reply started"
+        theirs = bob.submit({"text": "mine goes on", "files": []}, max_new_tokens=40, max_images=0,
+                            api_name="/chat")
+        chat = alice.predict(api_name="/stop")
+        assert "Stopped" in text_of(chat[-1])
+    stopped = mine.result()[0]
+    assert "Stopped" in text_of(stopped[-1]) and len(text_of(stopped[-1]).split()) < 20, "it ended where Stop came"
     final = theirs.result()[0]
     assert "Stopped" not in text_of(final[-1]) and final[-1]["role"] == "assistant"
 
@@ -148,7 +152,7 @@ def test_undo_and_clear_through_the_api(client):
 
 
 def test_only_assets_the_collection_and_the_upload_folder_are_served(served, client):
-    chat_app, url = served
+    chat_app, url, _ = served
     chat, _ = client.predict({"text": "hello", "files": [handle_file(str(EXAMPLE))]}, max_new_tokens=2,
                              max_images=0, api_name="/chat")
     shown = next(p for p in chat_app.display_dir.iterdir() if p.suffix == ".png")
@@ -165,3 +169,31 @@ def test_only_assets_the_collection_and_the_upload_folder_are_served(served, cli
                     Path(gallery_image).parent.parent / "captions.tsv",
                     chat_app.index.folder / "meta.sqlite"):
         assert status(str(refused)) in (403, 404), refused
+
+
+@pytest.fixture(scope="module")
+def served_batched(tiny_lm_dir, tiny_clip_dir, tmp_path_factory):
+    """The app as `python app.py --max-batch 4` serves it: every reply decodes in one shared batch."""
+    import app
+    from model.serving import DecodeEngine
+
+    plain = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path_factory.mktemp("batched-api-gallery"))
+    engine = DecodeEngine(plain.model, max_batch=4, max_waiting=12)
+    demo, url = serve(app.ChatApp(plain.model, plain.index, title="tiny", engine=engine), max_concurrency=None)
+    yield url
+    demo.close()
+    engine.close()
+
+
+def test_six_sessions_decoded_in_one_batch_each_see_only_their_own_conversation(served_batched, tmp_path):
+    colours = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 10), (10, 250, 250), (250, 10, 250)]
+    uploads = {i: image_file(tmp_path, f"user-{i}.png", c) for i, c in enumerate(colours)}
+    clients = {i: Client(served_batched, verbose=False) for i in uploads}
+    jobs = {i: clients[i].submit({"text": f"I am user {i}", "files": [handle_file(uploads[i])]}, max_new_tokens=12,
+                                 temperature=1.0, **RETRIEVE, api_name="/chat") for i in uploads}
+    chats = {i: job.result()[0] for i, job in jobs.items()}
+    for i, chat in chats.items():
+        assert [text_of(m) for m in chat if m["role"] == "user"] == [f"I am user {i}"]
+        assert chat[-1]["role"] == "assistant" and len(files_in(chat[-1])) == 1, "its reply, with its retrieval"
+        shown = {digest(f) for m in chat for f in files_in(m)}
+        assert shown & {digest(p) for p in uploads.values()} == {digest(uploads[i])}

@@ -6,14 +6,12 @@ at the end of the run); pass `--basetemp DIR` to keep them somewhere known.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from docs.screenshot import CHROMIUM, FLAGS, REPLY_DONE
-from test_app import make_tiny_app, serve
+from conftest import CHROMIUM, FLAGS, REPLY_DONE, DecodeGate, make_tiny_app, serve
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "red-hexagon.png"
 TIMEOUT_MS = 30_000
@@ -21,14 +19,18 @@ expect.set_options(timeout=TIMEOUT_MS)  # generous: CI machines are slow and sha
 
 
 @pytest.fixture(scope="module")
-def url(tiny_lm_dir, tiny_clip_dir, tmp_path_factory):
+def served(tiny_lm_dir, tiny_clip_dir, tmp_path_factory):
     chat_app = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path_factory.mktemp("browser-gallery"), gallery_size=40,
                              request_tokens=2)
-    # As slow as a real model on a CPU (30 ms a step), so that Stop lands mid-reply.
-    chat_app.model.lm.register_forward_hook(lambda *_: time.sleep(0.03))
+    gate = DecodeGate(chat_app.model)
     demo, address = serve(chat_app)
-    yield address
+    yield address, gate
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def url(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -124,25 +126,25 @@ def test_an_example_fills_the_input_with_its_prompt_and_image(page):
     expect(bot_messages(page)).to_have_count(1)
 
 
-def test_stop_ends_a_reply_mid_way(page, shots):
+def test_stop_ends_a_reply_mid_way(page, shots, served):
+    gate = served[1]
     set_slider(page, "ret-scale", 0)
-    set_slider(page, "max-new-tokens", 300)  # 9 s at 30 ms a step: Stop comes long before the end
-    send(page, "Tell me a very long story.")
-    reply = bot_messages(page).last
-    expect(bot_messages(page)).to_have_count(1)
-    page.wait_for_timeout(500)
-    page.locator("#stop").click()
-    # The app marks a reply Stopped only when Stop arrives while it is being generated.
-    expect(page.locator("#chatbot .stopped")).to_be_visible()
-    said = reply.inner_html()
-    page.wait_for_timeout(1500)
-    assert reply.inner_html() == said, "nothing more arrives after Stop"
+    set_slider(page, "max-new-tokens", 300)
+    with gate.closed():  # the reply waits mid-way until Stop has landed
+        send(page, "Tell me a very long story.")
+        assert gate.held.wait(TIMEOUT_MS / 1000), "the reply started"
+        page.locator("#stop").click()
+        # The app marks a reply Stopped only when Stop arrives while it is being generated.
+        expect(page.locator("#chatbot .stopped")).to_be_visible()
+    said = bot_messages(page).last.locator(".message-content").inner_html()
     page.screenshot(path=shots / "stopped.png", full_page=True)
 
     set_slider(page, "max-new-tokens", 3)  # and the chat goes on
     send(page, "Thanks.")
     expect(page.locator("#chatbot .message.user")).to_have_count(2)
+    page.wait_for_function(REPLY_DONE, timeout=TIMEOUT_MS)
     expect(page.locator("#chatbot .stopped")).to_have_count(1)
+    assert bot_messages(page).nth(0).locator(".message-content").inner_html() == said, "nothing came after Stop"
 
 
 def test_the_gallery_tab_browses_and_searches_the_collection(page, shots):

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import tiny_config
 from model.grounded import GroundedLM
+from model.image_embedder import ImageEmbedder
 from retrieval_index.build import build_index, main, read_captions
 from retrieval_index.index import ImageIndex
 
@@ -56,7 +58,7 @@ def test_cli_indexes_the_good_files_and_reports_the_rest(tiny_model, photo_folde
     proc = subprocess.run(
         [sys.executable, "-m", "retrieval_index.build", "--checkpoint", str(tmp_path / "ckpt"),
          "--images", str(photo_folder), "--index", str(out), "--captions", str(tmp_path / "captions.tsv"),
-         "--batch-size", "3", "--quantize", "none", "--device", "cpu"],
+         "--batch-size", "3", "--device", "cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = proc.stdout
@@ -94,7 +96,7 @@ class WatchedModel:
 
     def __init__(self, model: GroundedLM, interrupt_at: int = 0):
         self.model, self.interrupt_at, self.batches, self.embedded = model, interrupt_at, 0, 0
-        self.config, self.fingerprint = model.config, model.fingerprint
+        self.image_mapping, self.fingerprint = model.image_mapping, model.fingerprint
 
     def embed_images(self, images):
         self.batches += 1
@@ -121,7 +123,7 @@ def test_index_of_another_image_mapping_is_refused(tiny_model, tiny_lm_dir, tiny
     assert retrained.fingerprint != tiny_model.fingerprint  # a fresh image mapping
     retrained.save_pretrained(tmp_path / "ckpt")
     code = main(["--checkpoint", str(tmp_path / "ckpt"), "--images", str(photo_folder),
-                 "--index", str(tmp_path / "idx"), "--quantize", "none", "--device", "cpu"])
+                 "--index", str(tmp_path / "idx"), "--device", "cpu"])
     assert code == 2
     assert "another image mapping" in capsys.readouterr().err
 
@@ -141,3 +143,11 @@ def test_captions_tsv_errors_name_the_line(tmp_path):
     (tmp_path / "bad.tsv").write_text("a.png\tred\nb.png has no tab\n")
     with pytest.raises(ValueError, match=r"bad.tsv:2: expected 'path<TAB>caption'"):
         read_captions(tmp_path / "bad.tsv")
+
+
+def test_the_build_embeds_with_the_encoder_and_image_mapping_alone_as_the_chat_model_does(tiny_model, tmp_path,
+                                                                                          colour_images):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    embedder = ImageEmbedder.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert embedder.fingerprint == tiny_model.fingerprint
+    torch.testing.assert_close(embedder.embed_images(colour_images), tiny_model.embed_images(colour_images))

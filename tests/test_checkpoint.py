@@ -34,7 +34,10 @@ def test_round_trip_keeps_weights_config_and_replies(trained, tmp_path):
         assert torch.equal(loaded.trainable_state_dict()[k], v)
     assert loaded.config.lm_dim == 32 and loaded.fingerprint == trained.fingerprint
     turns = [Turn("user", ["hello"])]
-    reply = lambda m: [e for e in stream_reply(m, turns, GenerationSettings(max_new_tokens=6)) if isinstance(e, Text)]
+
+    def reply(model: GroundedLM) -> list[Text]:
+        return [e for e in stream_reply(model, turns, GenerationSettings(max_new_tokens=6)) if isinstance(e, Text)]
+
     assert reply(loaded) == reply(trained)
 
 
@@ -136,6 +139,19 @@ def test_fromage_import_refuses_pickled_code(tmp_path):
     torch.save({"state_dict": Payload()}, tmp_path / "pretrained_ckpt.pth.tar")
     with pytest.raises(pickle.UnpicklingError):
         import_fromage(tmp_path / "pretrained_ckpt.pth.tar", tmp_path / "model_args.json", tmp_path / "ckpt")
+
+
+def test_an_interrupted_fromage_import_is_not_taken_for_a_finished_one(tmp_path, monkeypatch):
+    fromage_files(tmp_path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("model.checkpoint.save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        import_fromage(tmp_path / "pretrained_ckpt.pth.tar", tmp_path / "model_args.json", tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        resolve(tmp_path / "ckpt")
 
 
 def test_an_encoder_shipped_inside_the_checkpoint_loads_from_any_working_directory(trained, tmp_path, monkeypatch,

@@ -26,6 +26,7 @@ DEMO = ASSETS / "demo"
 TWO_OBJECTS_RIGHT = 1
 AFTER_HISTORY_RET = 14
 AFTER_HISTORY_RIGHT = 2
+APP_REQUESTS_RIGHT = 4  # of 5
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,12 @@ def test_the_demo_answers_requests_with_the_described_picture(demo, gallery):
         scores = vectors @ query
         return [Hit(int(i), float(scores[i])) for i in scores.argsort(descending=True) if int(i) not in exclude]
 
-    asked = next(s for s, e, r in zip(requests, emitted, right) if e and r)
-    text, retrieved = reply(demo, [Turn("user", [f"Find an image of {request_phrase(asked.caption)}."])], search)
-    assert retrieved is not None, f"no [RET] in the reply {text!r}"
-    assert items[retrieved.hits[0].id].scene.objects == asked.scene.objects
+    through_the_app = []  # the first five requests as a user types them, decoded as the app decodes
+    for asked in requests[:5]:
+        text, retrieved = reply(demo, [Turn("user", [f"Find an image of {request_phrase(asked.caption)}."])], search)
+        through_the_app.append(retrieved is not None and items[retrieved.hits[0].id].scene.objects
+                               == asked.scene.objects)
+    assert sum(through_the_app) >= APP_REQUESTS_RIGHT, through_the_app
 
 
 def test_the_demo_describes_scenes_of_two_objects(demo):

@@ -94,7 +94,7 @@ def test_batched_greedy_replies_match_the_apps_decoding(tiny_model, eager_ret_mo
         for turns, reply in zip(convs, replies):
             queries = []
             events = list(stream_reply(model, turns, GenerationSettings(max_new_tokens=10, max_images=1),
-                                       search=lambda q, exclude: queries.append(q) or [Hit(0)]))
+                                       search=lambda q, exclude, queries=queries: queries.append(q) or [Hit(0)]))
             before = events[:next((i for i, e in enumerate(events) if isinstance(e, Retrieved)), len(events))]
             expected = "".join(e.delta for e in before if isinstance(e, Text))
             # stream_reply holds back a trailing half character; the batched reply keeps it as U+FFFD.
@@ -160,11 +160,11 @@ def test_the_command_writes_json_a_plot_and_a_table(tiny_model, tmp_path, capsys
     result = json.loads(out.read_text())
     assert set(result["splits"]) == {"test", "holdout"}
     test = result["splits"]["test"]
-    assert test["captioning"]["all"]["n"] == 4 and 0 <= test["captioning"]["all"]["exact"] <= 1
-    assert test["retrieval"]["gallery"] == 12 and 0 <= test["retrieval"]["ret_emitted"] <= 1
+    assert test["captioning"]["all"]["n"] == 4
+    assert test["captioning"]["all"]["exact"] == 0.0, "an untrained model describes no scene exactly"
+    assert test["retrieval"]["gallery"] == 12
     for key in ("text_to_image", "text_to_image_own", "image_to_text", "image_to_text_own"):
         assert set(test["retrieval"][key]) == {"R@1", "R@5", "R@10"}
-        assert test["retrieval"][key]["R@10"] >= test["retrieval"][key]["R@1"]
     assert result["context"]["gallery"] == 9 and set(result["context"]) >= {"with_context", "without_context", "new_request", "new_image"}
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out

@@ -98,11 +98,13 @@ def test_cancel_stops_the_stream(tiny_model):
     assert events[-1].stats["stop"] == "cancelled" and events[-1].stats["new_tokens"] == 0
 
 
-def test_token_limit_and_stats(tiny_model):
-    events = list(stream_reply(tiny_model, [Turn("user", ["hello"])], GenerationSettings(max_new_tokens=3)))
-    stats = events[-1].stats
-    assert stats["new_tokens"] <= 3 and stats["stop"] in ("eos", "length")
-    assert stats["first_token_s"] > 0 and stats["prompt_tokens"] > 0
+def test_token_limit_and_stats(tiny_model, colour_images):
+    def stats(parts: list) -> dict:
+        return list(stream_reply(tiny_model, [Turn("user", parts)], GenerationSettings(max_new_tokens=3)))[-1].stats
+
+    text_only, with_image = stats(["hello"]), stats([colour_images[0], "hello"])
+    assert text_only["stop"] == "length" and text_only["new_tokens"] == 3, "the tiny model says no EOS this soon"
+    assert with_image["prompt_tokens"] - text_only["prompt_tokens"] == tiny_model.config.tokens_per_image
 
 
 def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy(tiny_model):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.images import MAX_BYTES, MAX_PIXELS, ImageError, file_sha256, image_key, load_image
+from model.images import ImageError, file_sha256, image_key, load_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -42,9 +42,12 @@ def close(pixel: tuple[int, ...], expected: tuple[int, ...], tol: int = 8) -> bo
     return all(abs(a - b) <= tol for a, b in zip(pixel, expected, strict=True))
 
 
-def test_limits_are_sensible_defaults():
-    assert MAX_PIXELS == 40_000_000
-    assert MAX_BYTES == 32 * 2**20
+def test_a_camera_photo_is_within_the_default_limits_and_a_bigger_file_is_not():
+    with pytest.raises(ImageError) as error:  # a 24 MP header with no pixels: refused for its data only
+        load_image(png_claiming(6000, 4000))
+    assert "too large" not in str(error.value)
+    with pytest.raises(ImageError, match=r"^file too large: 33\.0 MB exceeds the 32 MB limit$"):
+        load_image(b"\x89PNG" + bytes(33 * 2**20 - 4))
 
 
 def test_plain_rgb_png_round_trips_exactly():

@@ -312,7 +312,7 @@ def test_searches_stay_consistent_while_another_thread_writes(tmp_path):
     kept: list[tuple[int, int]] = []  # (row, id) of images that stay
     doomed: list[int] = []  # rows of images added, then removed
     errors: list[BaseException] = []
-    done = threading.Event()
+    done, first_rows = threading.Event(), threading.Event()
 
     def writer():
         try:
@@ -321,17 +321,18 @@ def test_searches_stay_consistent_while_another_thread_writes(tmp_path):
                 kept.extend((row, id_) for row, id_ in zip(range(start, start + 20, 2), new[::2]))
                 index.remove(new[1::2])
                 doomed.extend(range(start + 1, start + 20, 2))
+                first_rows.set()
         except BaseException as e:  # surfaced by the assertion below
             errors.append(e)
         finally:
+            first_rows.set()
             done.set()
 
     def reader(seed: int):
         rng = np.random.default_rng(seed)
         try:
-            while not done.is_set():
-                if not kept:
-                    continue
+            first_rows.wait()
+            while not done.is_set() and kept:
                 row, id_ = kept[rng.integers(len(kept))]
                 hits = index.search(vectors[row], k=3)
                 assert len(hits) == 3 and hits[0].id == id_ and hits[0].path.endswith(f"img/{row}.png")
@@ -347,6 +348,7 @@ def test_searches_stay_consistent_while_another_thread_writes(tmp_path):
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a reader or the writer hung"
     assert not errors, errors[0]
     assert len(index) == 1000
     index.close()

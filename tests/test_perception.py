@@ -154,7 +154,7 @@ def test_batched_evaluation_looks_as_the_app_does(looking_model, colour_images):
 
 def test_the_question_evaluation_writes_rows_plots_and_where_it_looked(looking_model, tmp_path, capsys):
     looking_model.save_pretrained(tmp_path / "looking")
-    out = tmp_path / "questions.json"
+    out = tmp_path / "not yet made" / "questions.json"
     rows = evaluate_questions.main(["--checkpoint", str(tmp_path / "looking"), "--label", "tiny", "--per-kind", "2",
                                     "--kinds", "attribute", "count", "--device", "cpu", "--quantize", "none",
                                     "--out", str(out)])

@@ -39,14 +39,17 @@ def test_spliced_image_embeddings_steer_generation(smol, colour_images):
     question = "Describe the image."
     assert smol.embed_conversation([Turn("user", [red, question])]).shape[1] == \
         smol.embed_conversation([Turn("user", [question])]).shape[1] + smol.config.n_visual_tokens
+    weight = smol.input_mapping.weight
+    shared = weight.detach().clone()  # the module's model is shared: put its weights back as they were
     torch.manual_seed(0)
     with torch.no_grad():  # an untrained map, scaled so the images matter to the LM
-        smol.input_mapping.weight.normal_(std=0.5)
+        weight.normal_(std=0.5)
     try:
         red_text, _ = reply(smol, [Turn("user", [red, question])], max_new_tokens=12)
         green_text, _ = reply(smol, [Turn("user", [green, question])], max_new_tokens=12)
     finally:
-        torch.nn.init.kaiming_uniform_(smol.input_mapping.weight)
+        with torch.no_grad():
+            weight.copy_(shared)
     assert red_text and green_text and red_text != green_text
 
 

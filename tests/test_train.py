@@ -187,7 +187,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_lm_dir, tiny_clip_dir,
 
 def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_shape(tiny_lm_dir, tiny_clip_dir, tmp_path):
     main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / "first", "--steps", "2", "--val-every", "2",
-                  "--region-grid", "0"))
+                  "--region-grid", "0", "--no-holdout"))
     first = GroundedLM.from_pretrained(tmp_path / "first" / "out", quantize="none", device="cpu")
     # lr 0: nothing moves, so the result is exactly where fine-tuning started; --emb-dim is the checkpoint's,
     # and --region-grid 2 gives it region tokens

@@ -10,14 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import TINY_CLIP_CFG
 from model.world import shapes
 from model.training import train_clip as tc
-
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+from model.training.optimization import lr_at
+from model.visual import pre_projection_features
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +26,7 @@ def trained(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: on a busy 2-core machine two threads wait on each other
     try:
-        return out, tc.train(args, model_cfg=TINY_CFG)
+        return out, tc.train(args, model_cfg=TINY_CLIP_CFG)
     finally:
         torch.set_num_threads(threads)
 
@@ -57,7 +54,7 @@ def test_distinct_keeps_the_first_of_each_object_set_in_order():
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    lrs = [tc.lr_at(s, 100, 10, 1.0) for s in range(100)]
+    lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
 
@@ -70,8 +67,8 @@ def test_cache_matches_the_app_preprocessing_and_pooled_feature_is_pre_projectio
     app_pixels = torch.stack([preprocess(shapes.sample("test", i, 32).image) for i in range(4)])
     assert torch.allclose(tc.normalise(cache.pixels), app_pixels, atol=1e-6)
     with torch.no_grad():
-        pooled = tc.pooled_features(model, app_pixels)  # (4, width)
-        assert pooled.shape == (4, TINY_CFG["vision_cfg"]["width"])
+        pooled, _ = pre_projection_features(model.visual, app_pixels)  # (4, width)
+        assert pooled.shape == (4, TINY_CLIP_CFG["vision_cfg"]["width"])
         assert torch.allclose(pooled @ model.visual.proj, model.encode_image(app_pixels), atol=1e-5)
     assert torch.equal(cache.tokens, open_clip.get_tokenizer(f"local-dir:{out}")(cache.captions))
 
@@ -86,7 +83,7 @@ def test_saved_folder_loads_through_open_clip_local_dir(trained):
     assert {p.name for p in out.iterdir()} == {tc.CONFIG_NAME, tc.WEIGHTS_NAME, "training_curve.png",
                                                "train_metrics.json"}
     config = json.loads((out / tc.CONFIG_NAME).read_text())
-    assert config["model_cfg"] == TINY_CFG and config["preprocess_cfg"]["mean"] == [0.5, 0.5, 0.5]
+    assert config["model_cfg"] == TINY_CLIP_CFG and config["preprocess_cfg"]["mean"] == [0.5, 0.5, 0.5]
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     saved = load_file(out / tc.WEIGHTS_NAME)
     state = model.state_dict()
@@ -96,18 +93,18 @@ def test_saved_folder_loads_through_open_clip_local_dir(trained):
     assert isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer) and tokenizer.context_length == 32
     with torch.no_grad():
         image = preprocess(Image.new("RGB", (50, 40), "red")).unsqueeze(0)
-        assert model.encode_image(image).shape == (1, TINY_CFG["embed_dim"])
+        assert model.encode_image(image).shape == (1, TINY_CLIP_CFG["embed_dim"])
     assert json.loads((out / "train_metrics.json").read_text()) == metrics
     assert Image.open(out / "training_curve.png").size[0] > 100
 
 
-def test_final_figures_cover_retrieval_holdout_and_single_objects(trained):
-    _, metrics = trained
-    for key in ("test_r1", "test_r5", "test_objects_r1", "holdout_r1", "one_object_zero_shot_exact",
-                "one_object_nn_shape", "one_object_nn_position"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["test_r1"] <= metrics["test_r5"]
-    assert metrics["test_r1"] <= metrics["test_objects_r1"]
+def test_the_retrieval_figures_rank_the_scenes_forty_steps_learned_far_above_chance(trained):
+    out, metrics = trained
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    model.eval()
+    seen = tc.render_cache("train", 64, 32, 32, holdout=True)  # its 64 training scenes (unseen ones: chance)
+    assert tc.retrieval(model, seen, torch.device("cpu"))["r5"] >= 3 * 5 / 64
+    assert {"test_r5", "holdout_r5", "one_object_zero_shot_exact", "one_object_nn_shape"} <= set(metrics)
 
 
 def test_one_object_cache_holds_every_single_object_scene_twice():

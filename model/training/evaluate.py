@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from PIL import Image
 from transformers import DynamicCache
 
@@ -42,6 +43,7 @@ from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_r
 from model.training.conversations import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns
 from model.training.train import SUMMARY_NAME, holdout_kept_out
 from model.training.train_clip import resolve_device
+from model.training.plots import plt, save_figure
 
 FIELDS = ("exact", "count", "shape", "colour", "size", "position")
 KS = (1, 5, 10)
@@ -82,17 +84,22 @@ def greedy_replies(model: GroundedLM, conversations: list[list[Turn]], max_new_t
     return replies
 
 
+def padded(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of embeddings (T_i, lm_dim) -> one batch (B, T, lm_dim) padded with zeros on `side`, and its
+    attention mask (B, T): 1 where a row has a token."""
+    ones = [torch.ones(len(row), dtype=torch.long, device=row.device) for row in rows]
+    return (pad_sequence(rows, batch_first=True, padding_side=side),
+            pad_sequence(ones, batch_first=True, padding_side=side))
+
+
 def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_tokens: int,
                   queries: bool) -> list[Reply]:
     tokenizer, fmt = model.tokenizer, model.config.prompt_format
     _warm_features(model, conversations)
     look = model.perception is not None  # as the app asks: a model that can look at what is asked about does
     rows = [model.embed_prompt(render(turns, tokenizer, fmt, look))[0] for turns in conversations]  # each (T_i, lm_dim)
-    batch, length = len(rows), max(len(r) for r in rows)
-    inputs = rows[0].new_zeros(batch, length, rows[0].shape[-1])                             # (B, T, lm_dim)
-    mask = torch.zeros(batch, length, dtype=torch.long, device=model.device)
-    for i, row in enumerate(rows):
-        inputs[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    batch = len(rows)
+    inputs, mask = padded(rows, "left")                                           # (B, T, lm_dim), (B, T)
     positions = (mask.cumsum(1) - 1).clamp(min=0)                                           # (B, T)
 
     cache = DynamicCache()
@@ -147,11 +154,7 @@ def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
             prompt_embeds = model.embed_segments(prompt)
             rows.append(torch.cat([prompt_embeds, model.embed_segments(target)]))
             ret_at.append(len(prompt_embeds) + target_ids.index(model.ret_id))
-        length = max(len(r) for r in rows)
-        inputs = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])                   # (B, T, lm_dim)
-        mask = torch.zeros(len(rows), length, dtype=torch.long, device=model.device)
-        for i, row in enumerate(rows):
-            inputs[i, :len(row)], mask[i, :len(row)] = row, 1
+        inputs, mask = padded(rows, "right")                                      # (B, T, lm_dim), (B, T)
         hidden, _ = model.hidden_states(inputs, mask)                                       # (B, T, lm_dim)
         rows_at = torch.arange(len(rows), device=model.device)
         ret_at = torch.tensor(ret_at, device=model.device)
@@ -364,10 +367,6 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sections = list(result["splits"].items())
     fig, axes = plt.subplots(1, len(sections) + 1, figsize=(5.5 * (len(sections) + 1), 4))
     for ax, (name, section) in zip(axes, sections):
@@ -395,9 +394,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks([i + 0.2 for i in range(len(bars))], list(bars), fontsize=7)
     ax.set(ylim=(0, 1.05), title="retrieval through [RET]")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

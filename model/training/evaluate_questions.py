@@ -28,6 +28,7 @@ from model.generate import GenerationSettings, Looked, Text, stream_reply
 from model.prompt import Turn
 from model.training.evaluate import greedy_replies, load, report
 from model.world import questions
+from model.training.plots import plt, save_figure
 
 QUESTION_OFFSET = 700_000
 SPLITS = ("test", "holdout")
@@ -52,10 +53,6 @@ def accuracy(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: in
 @torch.no_grad()
 def looked_figure(model: GroundedLM, path: Path, n: int = 6) -> None:
     """n test questions: the image with where the request looked, the question and the reply."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.3))
     for i, ax in enumerate(axes):
         sample, q = questions.question("test", QUESTION_OFFSET + i, model.visual.image_size[0], True,
@@ -67,9 +64,7 @@ def looked_figure(model: GroundedLM, path: Path, n: int = 6) -> None:
         ax.imshow(heat_map(sample.image, looked.attention))
         ax.set_title(f"{q.text}\n-> {reply}", fontsize=7)
         ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -83,10 +78,6 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def plot(rows: dict[str, dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(SPLITS), figsize=(6.5 * len(SPLITS), 3.8), sharey=True)
     for ax, split in zip(axes, SPLITS):
         kinds = list(next(iter(rows.values()))["splits"][split])
@@ -97,9 +88,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(kinds))], kinds)
         ax.set(ylim=(0, 1.05), title=f"question accuracy, {split} split")
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(labels) != len(args.checkpoint) or args.per_kind < 1:
         raise SystemExit("give one --label per --checkpoint (or none), and a positive --per-kind")
     out = args.out or resolve(args.checkpoint[0]) / "eval_questions.json"
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the first figure goes there
     rows = {}
     for checkpoint, label in zip(args.checkpoint, labels):
         t0 = time.time()

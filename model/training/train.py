@@ -30,9 +30,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,13 +41,16 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from model.checkpoint import resolve
+from model.files import write_atomically
 from model.config import CONFIG_NAME, PROJECTORS, WEIGHTS_NAME, GroundedConfig
 from model.world.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import Example, GroundedLM
 from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, dequantized
 from model.training.conversations import Conversations, QuestionConversations
-from model.training.train_clip import lr_at, resolve_device
+from model.training.optimization import lr_at, param_groups
+from model.training.train_clip import resolve_device
 from model.visual import LOCAL_DIR
+from model.training.plots import plt, save_figure, plot_batches
 
 DEFAULT_REGION_GRID = 3
 """3 x 3 cells: the shapes world's five positions each fall in one cell of the demo encoder's 8 x 8 patches."""
@@ -90,19 +91,6 @@ def run_options(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in RESUME_KEYS + ("steps",)}
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def save_state(path: Path, model: GroundedLM, optimizer: torch.optim.Optimizer, step: int, history: dict,
                options: dict, seconds: float) -> None:
     """Trainable weights, optimizer moments, step and history in one safetensors file: never half of one run
@@ -114,7 +102,7 @@ def save_state(path: Path, model: GroundedLM, optimizer: torch.optim.Optimizer, 
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     metadata = {"format": STATE_FORMAT, "step": str(step), "seconds": str(seconds), "history": json.dumps(history),
                 "param_groups": json.dumps(optim["param_groups"]), "options": json.dumps(options)}
-    _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -173,36 +161,20 @@ def validate(model: GroundedLM, batches: list[list[Example]]) -> dict[str, float
 
 
 def optimizer_for(model: GroundedLM, lr: float) -> torch.optim.AdamW:
-    """AdamW; weight decay on the mapping matrices only, not on biases, the [RET] rows or the logit scale."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": 0.01},
-                              {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.98))
+    """AdamW over the trainable weights; decay on the matrices only (`param_groups`)."""
+    return torch.optim.AdamW(param_groups(model, 0.01), lr=lr, betas=(0.9, 0.98))
 
 
 def plot_curves(history: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    steps = np.array(history["step"])
     for ax, key, title in ((axes[0], "caption", "caption loss"), (axes[1], "ret", "contrastive loss ([RET] vs image)")):
-        values = np.array(history[key])
-        ax.plot(steps, values, alpha=0.25, color="tab:blue", label="train batch")
-        window = max(1, len(values) // 40)
-        if window > 1:
-            ax.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"),
-                    color="tab:blue", label=f"train, mean of {window}")
+        plot_batches(ax, history["step"], history[key])
         ax.plot(history["val_step"], history[f"val_{key}"], marker="o", color="tab:orange", label="validation")
         ax.set(xlabel="step", title=title)
         ax.legend()
     axes[2].plot(history["val_step"], history["val_ret_acc"], marker="o", color="tab:orange")
     axes[2].set(xlabel="step", ylim=(0, 1.02), title="validation: [RET] finds its image in the batch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
@@ -216,10 +188,10 @@ def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
     if config.visual.startswith(LOCAL_DIR) and encoder.is_relative_to(out.resolve()):
         config.visual = LOCAL_DIR + encoder.relative_to(out.resolve()).as_posix()
     for source in (checkpoint / WEIGHTS_NAME, run_dir / CURVE_NAME):
-        _replace_atomically(out / source.name, lambda tmp, source=source: shutil.copyfile(source, tmp))
-    _replace_atomically(out / CONFIG_NAME,
-                        lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n"))
-    _replace_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+        write_atomically(out / source.name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    write_atomically(out / CONFIG_NAME,
+                     lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n"))
+    write_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
 def holdout_kept_out(summary: dict) -> bool:
@@ -374,14 +346,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --run-dir")
     p.add_argument("--tsv", help="train on image-caption pairs from this TSV (caption, image columns) "
                                  "instead of the shapes world; its last --val-size rows validate")
-    p.add_argument("--holdout", action="store_true",
-                   help="shapes world: keep the hold-out (shape, colour) pairs out of training")
+    p.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
+                   help="shapes world: keep the hold-out (shape, colour) pairs out of training, as stage 1 does")
     p.add_argument("--init", help="fine-tune this checkpoint (folder or preset): its model and weights are the "
                                   "start, and its config replaces --lm, --visual, --n-visual-tokens, --emb-dim "
                                   "(and --region-grid unless given: a grid it lacks starts untrained)")
     p.add_argument("--questions", action="store_true",
                    help="LMEye's stage 2: shapes-world questions, mixed with descriptions and requests "
-                        "(model/training/question_data.py)")
+                        "(model/training/conversations.py)")
     p.add_argument("--request-tokens", type=int, default=None,
                    help="LMEye's request tokens: a model (or --init checkpoint) without a request module gets one "
                         "of this many tokens, untrained")

@@ -40,6 +40,9 @@ from tqdm import tqdm
 
 from model.world import shapes
 from model.lm import default_device
+from model.training.optimization import lr_at, param_groups
+from model.visual import pre_projection_features
+from model.training.plots import plt, save_figure, plot_batches
 
 MODEL_CFG = {
     "embed_dim": 128,
@@ -142,15 +145,6 @@ def build_model(model_cfg: dict) -> open_clip.CLIP:
     return open_clip.CLIP(**model_cfg)
 
 
-def pooled_features(model: open_clip.CLIP, pixels: torch.Tensor) -> torch.Tensor:
-    """The visual tower's CLS token after ln_post, before the projection: (B, 3, H, W) -> (B, width).
-    This is the feature the demo LM maps into its input (FROMAGe's choice); open_clip has no public call
-    for it, so this runs the tower's own steps without the last one."""
-    visual = model.visual
-    pooled, _ = visual._pool(visual.transformer(visual._embeds(pixels)))
-    return pooled
-
-
 def save(model: open_clip.CLIP, model_cfg: dict, out: Path) -> None:
     """open_clip's local-dir format. Weights in fp16 halve the folder; open_clip casts them on load."""
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +163,7 @@ def _encode(model: open_clip.CLIP, cache: Cache, device: torch.device, batch: in
         pixels = normalise(cache.pixels[a:a + batch].to(device))
         images.append(model.encode_image(pixels, normalize=True))
         texts.append(model.encode_text(cache.tokens[a:a + batch].to(device), normalize=True))
-        pooled.append(pooled_features(model, pixels))
+        pooled.append(pre_projection_features(model.visual, pixels)[0])
     return torch.cat(images), torch.cat(texts), torch.cat(pooled)
 
 
@@ -235,22 +229,6 @@ def one_object_separation(model: open_clip.CLIP, cache: Cache, device: torch.dev
 
 # --- training -------------------------------------------------------------------------------------
 
-def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices only, as CLIP does: not gains, biases, embeddings (token, class, position) or
-    the logit scale."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return default_device()
@@ -260,26 +238,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def plot_curve(history: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(10, 3.8))
-    steps, losses = np.array(history["step"]), np.array(history["loss"])
-    ax_loss.plot(steps, losses, alpha=0.3, color="tab:blue", label="batch")
-    if len(losses) >= 20:
-        w = max(1, len(losses) // 50)
-        ax_loss.plot(steps[w - 1:], np.convolve(losses, np.ones(w) / w, mode="valid"), color="tab:blue",
-                     label=f"mean of {w}")
+    plot_batches(ax_loss, history["step"], history["loss"])
     ax_loss.set(xlabel="step", ylabel="contrastive loss", title="training loss")
     ax_loss.legend()
     ax_r1.plot(history["val_step"], history["val_r1"], marker="o", label="R@1 (own image)")
     ax_r1.plot(history["val_step"], history["val_objects_r1"], marker="o", label="R@1 (same objects)")
     ax_r1.set(xlabel="step", ylabel="text->image", ylim=(0, 1), title="validation retrieval")
     ax_r1.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def train(args: argparse.Namespace, model_cfg: dict = MODEL_CFG) -> dict:

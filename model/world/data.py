@@ -86,9 +86,3 @@ class TsvCaptionDataset(Dataset):
             return load_image(path), caption
         except ImageError as e:
             raise ImageError(f"{self.tsv_path} line {line}: {e}") from None
-
-
-def collate(batch: list[tuple[Image.Image, str]]) -> tuple[list[Image.Image], list[str]]:
-    """Keep PIL images as a list: the visual encoder's own preprocessing turns them into tensors."""
-    images, captions = zip(*batch) if batch else ((), ())
-    return list(images), list(captions)
