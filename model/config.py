@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.files import write_atomically
+
 CONFIG_NAME = "grounded_config.json"
 WEIGHTS_NAME = "mappings.safetensors"
 PROMPT_FORMATS = ("chat", "qa")
@@ -68,8 +70,9 @@ class GroundedConfig:
         return self.n_visual_tokens + self.region_grid ** 2
 
     def save(self, folder: str | Path) -> None:
-        path = Path(folder) / CONFIG_NAME
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        """`grounded_config.json` in `folder`, written whole or not at all."""
+        text = json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        write_atomically(Path(folder) / CONFIG_NAME, lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, folder: str | Path) -> "GroundedConfig":

@@ -27,7 +27,6 @@ file by file, so other files there (the demo's clip/ folder) are left alone.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shutil
@@ -189,8 +188,7 @@ def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
         config.visual = LOCAL_DIR + encoder.relative_to(out.resolve()).as_posix()
     for source in (checkpoint / WEIGHTS_NAME, run_dir / CURVE_NAME):
         write_atomically(out / source.name, lambda tmp, source=source: shutil.copyfile(source, tmp))
-    write_atomically(out / CONFIG_NAME,
-                     lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n"))
+    config.save(out)
     write_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
