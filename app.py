@@ -116,6 +116,7 @@ GALLERY_PAGE = 48
 DISPLAY_SIDE = 512  # chat thumbnails; the model always gets the full decoded image
 UPLOAD_SOURCE = "upload"
 SHARED_UPLOADS = "uploads"  # beside the index: uploads their owners added to the shared collection
+NO_RETRIEVAL = " · this model cannot search by text: it was aligned without captions, its retrieval never trained"
 EXAMPLE_PROMPTS = (
     ("What is in this picture?", "red-hexagon.png"),
     ("Describe the image.", "three-shapes.png"),
@@ -473,9 +474,9 @@ class ChatApp:
     def search(self, query: str) -> tuple[list[tuple[str, str]], str]:
         """The collection ranked by the model's own retrieval vector for the text."""
         query = (query or "").strip()
-        if not query:
+        if not query or not self.model.config.retrieves:
             items, label, _ = self.browse(0)
-            return items, label
+            return items, label + NO_RETRIEVAL if query else label
         try:
             vector = self.model.text_query(query)
         except ValueError:  # only punctuation: nothing to ask for
@@ -494,7 +495,8 @@ class ChatApp:
                      "display_text": text} for text, image in EXAMPLE_PROMPTS]
         with gr.Blocks(title="Grounded Chat") as demo:
             session = gr.State(Session())  # deep-copied into a fresh Session for each tab
-            gr.HTML(header_html(self.title, len(self.index)), elem_id="header")
+            retrieves = self.model.config.retrieves
+            gr.HTML(header_html(self.title, len(self.index), retrieves), elem_id="header")
             with gr.Tabs():
                 with gr.Tab("Chat", id="chat"):
                     with gr.Row(equal_height=False):
@@ -521,10 +523,11 @@ class ChatApp:
                                 max_new_tokens = gr.Slider(1, 512, value=128, step=1, label="Max new tokens",
                                                            elem_id="max-new-tokens")
                                 ret_scale = gr.Slider(0, 3, value=1.0, step=0.1, label="[RET] scale factor",
-                                                      info="how readily images are retrieved; 0 never",
-                                                      elem_id="ret-scale")
+                                                      info="how readily images are retrieved; 0 never" if retrieves
+                                                      else "This model does not retrieve", elem_id="ret-scale",
+                                                      interactive=retrieves)
                                 max_images = gr.Slider(0, 3, value=2, step=1, label="Max images per reply",
-                                                       elem_id="max-images")
+                                                       elem_id="max-images", interactive=retrieves)
                                 looks = self.model.perception is not None
                                 interactive = gr.Checkbox(
                                     looks, label="Look before answering", elem_id="interactive", interactive=looks,
@@ -536,7 +539,9 @@ class ChatApp:
                 with gr.Tab("Gallery", id="gallery"):
                     with gr.Row(equal_height=True):
                         query = gr.Textbox(show_label=False, placeholder="Search the collection by text, "
-                                           "e.g. a large red circle on the left", scale=5, elem_id="gallery-query")
+                                           "e.g. a large red circle on the left" if retrieves else
+                                           "This model cannot search by text: browse the collection below",
+                                           scale=5, elem_id="gallery-query", interactive=retrieves)
                         search_btn = gr.Button("Search", variant="primary", scale=1, elem_id="gallery-search")
                     status = gr.Markdown(elem_id="gallery-status")
                     gallery = gr.Gallery(show_label=False, columns=8, height=620, object_fit="contain",
@@ -587,13 +592,15 @@ def hit_label(hit: Hit) -> str:
     return f"{hit.caption or 'No caption'} · score {hit.score:.2f}"
 
 
-def header_html(title: str, n_images: int) -> str:
+def header_html(title: str, n_images: int, retrieves: bool = True) -> str:
+    tagline = ("Talk about your images; the model answers with text and with pictures it retrieves "
+               "from the collection, right where it says <code>[RET]</code>." if retrieves else
+               "Talk about your images; the model describes them and chats. This checkpoint was aligned to "
+               "images without captions (ESPER) and does not retrieve pictures.")
+    badge = f"{n_images:,} images indexed" if retrieves else "no retrieval"
     return (
-        '<div class="brand"><div class="logo">◆</div><div><h1>Grounded Chat</h1>'
-        "<p>Talk about your images; the model answers with text and with pictures it retrieves "
-        "from the collection, right where it says <code>[RET]</code>.</p></div></div>"
-        f'<div class="badges"><span class="badge">model: {title}</span>'
-        f'<span class="badge">{n_images:,} images indexed</span></div>')
+        f'<div class="brand"><div class="logo">◆</div><div><h1>Grounded Chat</h1><p>{tagline}</p></div></div>'
+        f'<div class="badges"><span class="badge">model: {title}</span><span class="badge">{badge}</span></div>')
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,6 +41,9 @@ class GroundedConfig:
     prompt_format: str = "chat"
     """`chat`: the LM's chat template; `qa`: FROMAGe's `Q: ...\\nA:` dialogue turns."""
     ret_token: str = "[RET]"
+    retrieves: bool = True
+    """False: `[RET]` and the image mapping were never trained (a checkpoint aligned by ESPER, which sees no
+    caption): the model never emits `[RET]` and the app offers no retrieval."""
     quantize: str | None = None
     """How the frozen LM was loaded when the mappings were trained (`4bit`, `8bit`, `none`); the model loads the
     same unless told otherwise. None (older checkpoints): 4bit."""

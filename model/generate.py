@@ -161,7 +161,7 @@ class Reply:
             self.stop = "cancelled"
         if self.stop is not None:
             return None
-        ret_allowed = (self.search is not None and self.n_images < settings.max_images
+        ret_allowed = (model.config.retrieves and self.search is not None and self.n_images < settings.max_images
                        and len(self.emitted.split()) >= settings.min_words_before_ret)
         logits[model.ret_id] = scale_ret_logit(logits[model.ret_id], settings.ret_scale_factor) \
             if ret_allowed else float("-inf")

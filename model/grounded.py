@@ -307,10 +307,13 @@ class GroundedLM(nn.Module):
         return out.last_hidden_state, out.past_key_values
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., lm_dim) -> (..., V') float32 logits, with `[RET]`'s logit at `ret_id` (V' = max(V, ret_id + 1))."""
+        """(..., lm_dim) -> (..., V') float32 logits, with `[RET]`'s logit at `ret_id` (V' = max(V, ret_id + 1));
+        -inf there for a model that does not retrieve (`config.retrieves`)."""
         logits = self.lm.get_output_embeddings()(hidden).float()
         ret_row = self.ret_embedding if self.tied else self.ret_output
         ret_logit = hidden.float() @ ret_row.float()
+        if not self.config.retrieves:
+            ret_logit = torch.full_like(ret_logit, float("-inf"))
         width = max(self.vocab_size, self.ret_id + 1)
         if width > self.vocab_size:
             logits = F.pad(logits, (0, width - self.vocab_size), value=float("-inf"))
@@ -347,6 +350,15 @@ class GroundedLM(nn.Module):
             common.append(column[0])
         return common
 
+    @torch.no_grad()
+    def run_prefix(self, prefix: list[int], n_rows: int) -> tuple[torch.Tensor, DynamicCache]:
+        """Token ids every row opens with, run once: the last hidden state (lm_dim,) and a KV cache holding their
+        keys and values for each of `n_rows` rows (the frozen LM's, so no gradient is lost)."""
+        hidden, cache = self.hidden_states(self.embed_ids(torch.tensor(prefix, device=self.device)).unsqueeze(0),
+                                           past_key_values=DynamicCache())
+        cache.batch_repeat_interleave(n_rows)                                               # P keys per row
+        return hidden[0, -1], cache
+
     def _run_rows(self, rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Image.Image]]],
                   prefix: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows of (context embeds (C_i, lm_dim) or None, rest embeds (R_i, lm_dim), rest labels (R_i,), images the
@@ -371,10 +383,7 @@ class GroundedLM(nn.Module):
         cache = None
         with torch.no_grad():
             if prefix:
-                prefix_ids = torch.tensor(prefix, device=self.device)
-                hidden, cache = self.hidden_states(self.embed_ids(prefix_ids).unsqueeze(0), past_key_values=DynamicCache())
-                before[:] = hidden[0, -1]
-                cache.batch_repeat_interleave(n_rows)                                       # P keys per row
+                before[:], cache = self.run_prefix(prefix, n_rows)
             if n_context:
                 inputs = torch.zeros(n_rows, n_context, lm_dim, dtype=dtype, device=self.device)  # (B, C, lm_dim)
                 for i, (context, _, _, _) in enumerate(rows):

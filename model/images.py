@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+"""File name endings PIL can open: a folder's other files are not images."""
 MAX_PIXELS = 40_000_000
 MAX_BYTES = 32 * 2**20
 _MB = 2**20

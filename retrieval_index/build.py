@@ -22,11 +22,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from model.images import ImageError, file_sha256, load_image
+from model.images import IMAGE_SUFFIXES, ImageError, file_sha256, load_image
 from retrieval_index.index import INFO_FILE, FingerprintMismatch, ImageIndex, ImageInfo, choose_factory
 
 SAVE_EVERY_S = 60.0
-IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 @dataclass

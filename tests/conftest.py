@@ -58,6 +58,23 @@ def make_tiny_lm(folder: Path, tie_word_embeddings: bool = True) -> Path:
     return folder
 
 
+def make_sensitive_lm(tiny_lm_dir: Path, folder: Path, std: float) -> Path:
+    """The tiny LM with its matrices redrawn ~N(0, std): with the usual 0.02 a random LM's output hardly depends
+    on earlier tokens, so nothing an image prefix does could change what it says, and nothing could be learnt."""
+    import shutil
+    from transformers import LlamaForCausalLM
+
+    shutil.copytree(tiny_lm_dir, folder, dirs_exist_ok=True)
+    lm = LlamaForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.ndim == 2:
+                p.normal_(0, std)
+    lm.save_pretrained(folder)
+    return folder
+
+
 TINY_CLIP_CFG = {  # open_clip's CLIP(**cfg): a 2-layer ViT, and a text tower for stage 1's tests
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
@@ -115,16 +132,18 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-backgroun
 REPLY_DONE = "!document.querySelector('#chatbot .pending') && !document.querySelector('#message .generating')"
 
 
-def make_tiny_app(lm_dir: Path, clip_dir: Path, folder: Path, gallery_size: int = 12, request_tokens: int = 0):
+def make_tiny_app(lm_dir: Path, clip_dir: Path, folder: Path, gallery_size: int = 12, request_tokens: int = 0,
+                  retrieves: bool = True):
     """A ChatApp over a tiny model (with a request module of `request_tokens`) and `gallery_size` shapes-world
     images indexed in `folder`. The model retrieves on demand: its `[RET]` row is scaled so that its logit is
     large in magnitude, and a `[RET]` scale factor above 1 (GILL's `|logit| * factor`) then always picks it
-    while images are allowed."""
+    while images are allowed; unless `retrieves` is False (a checkpoint ESPER made)."""
     import app
     from model.grounded import GroundedLM
     from retrieval_index.index import ImageIndex
 
-    model = GroundedLM(tiny_config(lm_dir, clip_dir, request_tokens=request_tokens), quantize="none", device="cpu")
+    model = GroundedLM(tiny_config(lm_dir, clip_dir, request_tokens=request_tokens, retrieves=retrieves),
+                       quantize="none", device="cpu")
     model.ret_embedding.data *= 1e4
     index_dir = app.demo_gallery(model, folder, size=gallery_size)
     return app.ChatApp(model, ImageIndex.load(index_dir, model.fingerprint), title="tiny")

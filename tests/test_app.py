@@ -430,6 +430,19 @@ def test_gallery_search_ranks_the_collection_by_the_models_retrieval_vector(tiny
     assert tiny_app.search(" ?! ") == ([], "“?!” names nothing to search for.")
 
 
+def test_a_model_that_does_not_retrieve_shows_no_image_and_says_so(tiny_lm_dir, tiny_clip_dir, tmp_path):
+    """A checkpoint ESPER aligned without captions describes and chats; its `[RET]` never comes, whatever the
+    settings, and the header and the gallery search say why."""
+    import app
+    describer = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path, retrieves=False)
+    chat = final_chat(run(describer.chat({"text": "show me a red circle", "files": []}, app.Session(),
+                                         max_new_tokens=8, **RETRIEVE)))
+    assert not images_in(chat[1]) and texts(chat[1]), "it goes on writing where it would have retrieved"
+    assert "does not retrieve" in app.header_html("esper-shapes", 12, retrieves=False)
+    items, label = describer.search("a large red circle")
+    assert label.startswith("Images 1–") and label.endswith(app.NO_RETRIEVAL) and items == describer.browse(0)[0]
+
+
 # ---- with the batched decoder (`--max-batch`) ---------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from model.training.evaluate import caption_scores, greedy_replies, main, recall_at_k, ret_queries, same_scene
+from model.training.evaluate import (caption_scores, greedy_replies, main, recall_at_k, reply_logits, ret_queries,
+                                     same_scene, text_only_nll)
 from model.generate import GenerationSettings, Retrieved, Text, stream_reply
 from model.grounded import GroundedLM
-from model.prompt import Turn, render_with_target
+from model.prompt import Turn, render, render_with_target
 from model.world.shapes import Scene, SceneObject
 
 
@@ -33,7 +34,8 @@ def test_a_wrong_colour_is_wrong_for_colour_and_scene_only():
     truth = Scene((SceneObject("circle", "red", "small", "left"),), "grey")
     assert caption_scores([truth], ["A small red circle on the left."])["1"]["exact"] == 1.0
     scores = caption_scores([truth], ["There is a little BLUE circle to the left!"])["1"]
-    assert scores == {"n": 1, "exact": 0.0, "count": 1.0, "shape": 1.0, "colour": 0.0, "size": 1.0, "position": 1.0}
+    assert scores == {"n": 1, "exact": 0.0, "count": 1.0, "shape": 1.0, "colour": 0.0, "size": 1.0, "position": 1.0,
+                      "shape_colour": 0.0}
 
 
 def test_caption_scores_are_grouped_by_number_of_objects():
@@ -170,3 +172,60 @@ def test_the_command_writes_json_a_plot_and_a_table(tiny_model, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "exact scene" in printed and "text -> image" in printed and "a request for a new scene after three images" in printed
     assert "[RET] emitted when asked for a picture" in printed
+
+
+def test_text_only_nll_is_the_lms_own_loss_on_the_reply_after_the_bare_instruction(tiny_lm_dir, tiny_clip_dir):
+    describer = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, retrieves=False), quantize="none")  # no [RET] mass
+    instructions, texts = ["Describe the image.", "What do you see?"], ["a red circle", "the quick brown fox jumps"]
+    nll = text_only_nll(describer, instructions, texts)
+    for instruction, text, got in zip(instructions, texts, nll):
+        prompt = render([Turn("user", [instruction])], describer.tokenizer, "chat")[0]
+        reply = describer.tokenizer.encode(text, add_special_tokens=False)
+        logits = describer.lm(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1:-1]
+        assert got == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor(reply)).item(), abs=1e-4)
+
+
+def test_compare_describes_the_same_images_with_each_checkpoint_under_one_judge(tiny_model, tiny_clip_dir, tmp_path,
+                                                                                capsys):
+    tiny_model.save_pretrained(tmp_path / "a")
+    other = GroundedLM(tiny_config(tiny_model.config.lm, tiny_clip_dir, retrieves=False), quantize="none")
+    other.save_pretrained(tmp_path / "b")
+    out = tmp_path / "compare.json"
+    main(["--compare", f"first={tmp_path / 'a'}", "--compare", f"second={tmp_path / 'b'}", "--limit", "4",
+          "--device", "cpu", "--max-new-tokens", "6", "--out", str(out)])
+    result = json.loads(out.read_text())
+    first, second = result["models"]["first"], result["models"]["second"]
+    assert [e["truth"] for e in first["examples"]] == [e["truth"] for e in second["examples"]]
+    assert result["judge"] == f"local-dir:{tiny_clip_dir}"
+    for model in (first, second):
+        assert -1 <= model["clip_score"] <= 1 and model["all"]["n"] == 4
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| one object: shape and colour both right |" in printed and "| degenerate descriptions |" in printed
+    with pytest.raises(SystemExit, match="NAME=CHECKPOINT"):
+        main(["--compare", str(tmp_path / "a")])
+
+
+def test_a_checkpoint_that_does_not_retrieve_is_evaluated_on_describing_alone(tiny_lm_dir, tiny_clip_dir, tmp_path,
+                                                                             capsys):
+    GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, retrieves=False), quantize="none").save_pretrained(tmp_path / "c")
+    out = tmp_path / "result.json"
+    result = main(["--checkpoint", str(tmp_path / "c"), "--gallery", "6", "--limit", "3", "--contexts", "3",
+                   "--device", "cpu", "--max-new-tokens", "4", "--out", str(out)])
+    assert result["splits"]["test"]["retrieval"] is None and "context" not in result
+    assert result["splits"]["test"]["captioning"]["ret_emitted"] == 0
+    assert "text -> image" not in capsys.readouterr().out and out.with_suffix(".png").is_file()
+
+
+def test_reply_logits_with_the_opening_run_once_equal_the_rows_run_whole(tiny_model, colour_images):
+    prompts = [render([Turn("user", [image, text])], tiny_model.tokenizer, "chat")
+               for image, text in zip(colour_images, ("Describe the image.", "What do you see?", "Hi"))]
+    prefix = tiny_model.shared_prefix(prompts)
+    assert prefix, "the chat template's header opens every prompt"
+    replies = [torch.tensor(ids) for ids in ([5, 6, 7], [8], [9, 10])]
+    with torch.no_grad():
+        whole = reply_logits(tiny_model, [tiny_model.embed_segments(p) for p in prompts], replies)
+        rest = [[p[0][len(prefix):], *p[1:]] for p in prompts]
+        shared = reply_logits(tiny_model, [tiny_model.embed_segments(p) for p in rest], replies, prefix)
+    for a, b in zip(whole, shared):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

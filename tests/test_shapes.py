@@ -196,14 +196,18 @@ def test_plain_caption_round_trips():
 def test_score_scene_per_attribute():
     truth = Scene((SceneObject("circle", "red", "small", "left"), SceneObject("star", "blue", "large", "top")))
     assert score_scene(truth, truth) == {"exact": 1.0, "count": 1.0, "position": 1.0, "shape": 1.0,
-                                         "colour": 1.0, "size": 1.0}
+                                         "colour": 1.0, "size": 1.0, "shape_colour": 1.0}
     one_wrong = parse_caption("a small red circle on the left and a large green star at the top")
     assert score_scene(truth, one_wrong) == {"exact": 0.0, "count": 1.0, "position": 1.0, "shape": 1.0,
-                                             "colour": 0.5, "size": 1.0}
+                                             "colour": 0.5, "size": 1.0, "shape_colour": 0.5}
     missing = parse_caption("a small red circle on the left")
     assert score_scene(truth, missing) == {"exact": 0.0, "count": 0.0, "position": 0.5, "shape": 0.5,
-                                           "colour": 0.5, "size": 0.5}
+                                           "colour": 0.5, "size": 0.5, "shape_colour": 0.5}
     assert score_scene(truth, None)["exact"] == 0.0
+    unplaced = parse_caption("a blue star and a red circle")
+    assert score_scene(truth, unplaced)["shape_colour"] == 1.0 and score_scene(truth, unplaced)["shape"] == 0.0
+    listing = parse_caption("a red circle, a blue star, a green star")  # naming everything is not knowing
+    assert score_scene(truth, listing)["shape_colour"] == 0.0
 
 
 def test_scene_equality_is_set_equality():

@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import Subset
-from transformers import LlamaForCausalLM
 
-from conftest import tiny_config
+from conftest import make_sensitive_lm, tiny_config
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
 from model.grounded import GroundedLM
 from model.prompt import REQUESTS, render_with_target, request_phrase
@@ -26,18 +25,8 @@ COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black
 
 @pytest.fixture(scope="module")
 def seeing_lm_dir(tiny_lm_dir, tmp_path_factory):
-    """The tiny LM with weights ~N(0, 0.1): with the usual 0.02 a random LM's hidden state hardly depends on
-    earlier tokens, so no [RET] vector could tell one caption from another and nothing could be learnt."""
-    folder = tmp_path_factory.mktemp("seeing_lm")
-    shutil.copytree(tiny_lm_dir, folder, dirs_exist_ok=True)
-    lm = LlamaForCausalLM.from_pretrained(folder)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in lm.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.1)
-    lm.save_pretrained(folder)
-    return folder
+    """The tiny LM with weights ~N(0, 0.1): the [RET] vector of a hidden state that depends on the caption."""
+    return make_sensitive_lm(tiny_lm_dir, tmp_path_factory.mktemp("seeing_lm"), 0.1)
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,14 @@ from model.world.data import ShapesDataset
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES, dequantized
 from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_request
+from model.training.clip_judge import ClipJudge
 from model.training.conversations import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns
+from model.training.degeneracy import is_degenerate
 from model.training.train import SUMMARY_NAME, holdout_kept_out
 from model.training.train_clip import resolve_device
 from model.training.plots import plt, save_figure
 
-FIELDS = ("exact", "count", "shape", "colour", "size", "position")
+FIELDS = ("exact", "count", "shape", "colour", "size", "position", "shape_colour")
 KS = (1, 5, 10)
 CONTEXT_OFFSET = 500_000
 """Context conversations take their scenes from this index of the split on, away from the gallery's."""
@@ -90,6 +92,34 @@ def padded(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Ten
     ones = [torch.ones(len(row), dtype=torch.long, device=row.device) for row in rows]
     return (pad_sequence(rows, batch_first=True, padding_side=side),
             pad_sequence(ones, batch_first=True, padding_side=side))
+
+
+def reply_logits(model: GroundedLM, prompts: list[torch.Tensor], replies: list[torch.Tensor],
+                 prefix: list[int] | None = None) -> list[torch.Tensor]:
+    """Prompts as embeddings (P_i, lm_dim) and reply ids (L_i,) -> the logits that predict each reply token
+    (L_i, V'), all rows in one forward (with gradient, when the prompts carry one). `prefix`: token ids that
+    every prompt opens with and that `prompts` leave out, run once for all rows (`GroundedLM.run_prefix`)."""
+    rows = [torch.cat([prompt, model.embed_ids(reply)]) for prompt, reply in zip(prompts, replies)]
+    inputs, mask = padded(rows, "right")                                                    # (N, P + L, lm_dim)
+    cache, opened = (model.run_prefix(prefix, len(rows))[1], len(prefix)) if prefix else (None, 0)
+    positions = torch.arange(opened, opened + inputs.shape[1], device=model.device).expand(len(rows), -1)
+    hidden, _ = model.hidden_states(inputs, torch.cat([mask.new_ones(len(rows), opened), mask], 1), cache, positions)
+    return [model.logits(hidden[i, len(p) - 1:len(p) - 1 + len(r)]) for i, (p, r) in enumerate(zip(prompts, replies))]
+
+
+@torch.no_grad()
+def text_only_nll(model: GroundedLM, instructions: list[str], texts: list[str], batch_size: int = 32) -> list[float]:
+    """Each reply's mean NLL per token under the LM without the image (the user's instruction alone): how
+    unlikely the words are as text, whatever the image."""
+    tokenizer, fmt, nll = model.tokenizer, model.config.prompt_format, []
+    for start in range(0, len(texts), batch_size):
+        pairs = list(zip(instructions, texts))[start:start + batch_size]
+        prompts = [model.embed_segments(render([Turn("user", [instruction])], tokenizer, fmt)) for instruction, _ in pairs]
+        replies = [torch.tensor(tokenizer.encode(text, add_special_tokens=False) or [tokenizer.eos_token_id],
+                                device=model.device) for _, text in pairs]
+        nll += [torch.nn.functional.cross_entropy(logits, reply).item()
+                for logits, reply in zip(reply_logits(model, prompts, replies), replies)]
+    return nll
 
 
 def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_tokens: int,
@@ -211,11 +241,22 @@ def load(checkpoint: str, device: str, quantize: str | None) -> tuple[GroundedLM
     return model, kept_out
 
 
-def captioning(model: GroundedLM, items: list[shapes.Sample], batch_size: int, max_new_tokens: int) -> dict:
-    conversations = [[Turn("user", [s.image, INSTRUCTIONS[i % len(INSTRUCTIONS)]])] for i, s in enumerate(items)]
+def captioning(model: GroundedLM, items: list[shapes.Sample], batch_size: int, max_new_tokens: int,
+               judge: ClipJudge | None = None) -> dict:
+    """Greedy descriptions scored against their scenes; with a `judge`, also their CLIP score and how many
+    are degenerate (`degeneracy.is_degenerate`)."""
+    instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(len(items))]
+    conversations = [[Turn("user", [s.image, instruction])] for s, instruction in zip(items, instructions)]
     replies = greedy_replies(model, conversations, max_new_tokens, batch_size)
-    result = caption_scores([s.scene for s in items], [r.text for r in replies])
+    texts = [r.text for r in replies]
+    result = caption_scores([s.scene for s in items], texts)
     result["ret_emitted"] = sum(r.ret for r in replies) / len(replies)
+    if judge is not None:
+        scores = torch.cat([judge.similarity(judge.image_embeddings([s.image for s in items[i:i + batch_size]]),
+                                             texts[i:i + batch_size]) for i in range(0, len(items), batch_size)])
+        nll = text_only_nll(model, instructions, texts, batch_size)
+        result["clip_score"] = scores.mean().item()
+        result["degenerate"] = sum(map(is_degenerate, texts, nll)) / len(texts)
     result["examples"] = [{"truth": s.caption, "reply": r.text} for s, r in zip(items[:10], replies)]
     return result
 
@@ -307,10 +348,11 @@ def evaluate(model: GroundedLM, split: str, gallery: int, limit: int, contexts: 
         section = {"captioning": captioning(model, items[:limit], batch_size, max_new_tokens) if limit else None}
         log(f"{name}: captioned {min(limit, gallery)} images in {time.time() - t0:.0f}s")
         t0 = time.time()
-        section["retrieval"] = retrieval(model, items, batch_size)
-        log(f"{name}: retrieval over a gallery of {gallery} in {time.time() - t0:.0f}s")
+        section["retrieval"] = retrieval(model, items, batch_size) if model.config.retrieves else None
+        log(f"{name}: retrieval over a gallery of {gallery} in {time.time() - t0:.0f}s" if model.config.retrieves
+            else f"{name}: no retrieval (the checkpoint does not retrieve)")
         result["splits"][name] = section
-    if contexts:
+    if contexts and model.config.retrieves:
         t0 = time.time()
         result["context"] = contextual(model, split, contexts, image_size, batch_size, max_new_tokens,
                                        galleries[split], holdout_trained)
@@ -340,6 +382,8 @@ def table(result: dict) -> str:
                          + " |" * (len(groups) - 1))
             lines.append("")
         ret = section["retrieval"]
+        if not ret:
+            continue
         lines += [f"| retrieval, {name}, gallery {ret['gallery']} (%) | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
         for key, label in (("text_to_image", "text -> image"),
                            ("text_to_image_own", "text -> image, own image only"),
@@ -383,16 +427,85 @@ def plot(result: dict, path: Path) -> None:
         ax.set(ylim=(0, 1.05), title=f"captioning accuracy ({name})")
         ax.legend(fontsize=7, loc="lower left")
     ax = axes[-1]
-    bars = {f"{name}\nt->i": s["retrieval"]["text_to_image"] for name, s in sections}
-    bars.update({f"{name}\ni->t": s["retrieval"]["image_to_text"] for name, s in sections})
+    bars = {f"{name}\nt->i": s["retrieval"]["text_to_image"] for name, s in sections if s["retrieval"]}
+    bars.update({f"{name}\ni->t": s["retrieval"]["image_to_text"] for name, s in sections if s["retrieval"]})
     if "context" in result:
         bars["context\nwith"] = result["context"]["with_context"]
         bars["context\nwithout"] = result["context"]["without_context"]
         bars["new request\nafter 3"] = result["context"]["new_request"]
+    if not bars:  # a checkpoint that does not retrieve
+        ax.set_axis_off()
+        save_figure(fig, path)
+        return
     for j, k in enumerate((1, 5)):
         ax.bar([i + j * 0.4 for i in range(len(bars))], [b[f"R@{k}"] for b in bars.values()], 0.4, label=f"R@{k}")
     ax.set_xticks([i + 0.2 for i in range(len(bars))], list(bars), fontsize=7)
     ax.set(ylim=(0, 1.05), title="retrieval through [RET]")
+    ax.legend()
+    save_figure(fig, path)
+
+
+COMPARED = (("1", "shape_colour", "one object: shape and colour both right"), ("1", "exact", "one object: exact scene"),
+            ("2", "shape_colour", "two objects: shape and colour named"), ("all", "colour", "colour, placed right"),
+            ("all", "shape", "shape, placed right"))
+
+
+def compare(checkpoints: dict[str, str], split: str, limit: int, batch_size: int, max_new_tokens: int, device: str,
+            judge_source: str | None, log=print) -> dict:
+    """Describing only, the same images for every checkpoint (the split's scenes without the hold-out pairs),
+    scored by one judge (default: the first checkpoint's encoder with its text tower): how ESPER compares with the
+    untrained mapping and the supervised demo. A checkpoint's training.json adds its CPU time and the captions
+    it saw."""
+    result: dict = {"split": split, "images": limit, "models": {}}
+    judge = None
+    for name, checkpoint in checkpoints.items():
+        t0 = time.time()
+        model, _ = load(checkpoint, device, None)
+        if judge is None:
+            judge = ClipJudge(*(judge_source, None) if judge_source else (model.config.visual,
+                                                                           model.config.visual_pretrained),
+                              device=model.device)
+            result["judge"] = judge.source
+        data = ShapesDataset(split, limit, model.visual.image_size[0], holdout=True)  # the same for every model
+        section = captioning(model, [data.sample(i) for i in range(limit)], batch_size, max_new_tokens, judge)
+        summary_path = resolve(checkpoint) / SUMMARY_NAME
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        section.update(checkpoint=checkpoint, training_seconds=summary.get("seconds"),
+                       captions_seen=summary.get("captions_seen"))
+        result["models"][name] = section
+        log(f"{name}: described {limit} images in {time.time() - t0:.0f}s")
+    return result
+
+
+def compare_table(result: dict) -> str:
+    names = list(result["models"])
+    lines = [f"| {result['split']} split, {result['images']} images (%) | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for group, field, label in COMPARED:
+        lines.append(f"| {label} | " + " | ".join(_pct(m[group][field]) if group in m else "    -"
+                                                 for m in result["models"].values()) + " |")
+    lines.append(f"| CLIP score ({result['judge']}) | " + " | ".join(f"{m['clip_score']:.3f}"
+                                                                   for m in result["models"].values()) + " |")
+    lines.append("| degenerate descriptions | " + " | ".join(_pct(m["degenerate"]) for m in result["models"].values())
+                 + " |")
+    lines.append("| training, CPU minutes | " + " | ".join(
+        "-" if m["training_seconds"] is None else f"{m['training_seconds'] / 60:.0f}" for m in result["models"].values())
+        + " |")
+    return "\n".join(lines)
+
+
+def plot_compare(result: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(11, 4))
+    bars = [(label, [m[group][field] if group in m else 0 for m in result["models"].values()])
+            for group, field, label in COMPARED]
+    bars += [("CLIP score", [m["clip_score"] for m in result["models"].values()]),
+             ("degenerate", [m["degenerate"] for m in result["models"].values()])]
+    width = 0.8 / len(result["models"])
+    for j, name in enumerate(result["models"]):
+        ax.bar([i + j * width for i in range(len(bars))], [values[j] for _, values in bars], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bars))], [label for label, _ in bars], fontsize=7,
+                  rotation=12)
+    ax.set(ylim=(0, 1.05), title=f"describing the {result['split']} split's images ({result['images']})")
     ax.legend()
     save_figure(fig, path)
 
@@ -409,12 +522,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest reply generated")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help="default: as the checkpoint was trained")
-    p.add_argument("--out", type=Path, default=None, help="JSON to write (default: <checkpoint>/eval_<split>.json); "
-                                                          "the plot goes beside it as .png")
+    p.add_argument("--out", type=Path, default=None, help="JSON to write (default: <checkpoint>/eval_<split>.json, "
+                                                          "with --compare runs/compare_<split>.json); the plot goes "
+                                                          "beside it as .png")
+    p.add_argument("--compare", action="append", metavar="NAME=CHECKPOINT",
+                   help="describe the same images with each of these checkpoints (repeat) and compare them, with the "
+                        "CLIP score and the share of degenerate descriptions (ESPER against the supervised demo)")
+    p.add_argument("--judge", help="with --compare: the open_clip model that scores descriptions (default: the first "
+                                   "checkpoint's encoder)")
     args = p.parse_args(argv)
     if min(args.gallery, args.batch_size, args.max_new_tokens) < 1 or min(args.limit or 0, args.contexts) < 0:
         raise SystemExit("--gallery, --batch-size and --max-new-tokens must be positive, --limit and --contexts "
                          "not negative")
+    if args.compare:
+        pairs = [item.partition("=") for item in args.compare]
+        if any(not name or not sep or not checkpoint for name, sep, checkpoint in pairs):
+            raise SystemExit("--compare takes NAME=CHECKPOINT")
+        result = compare({name: checkpoint for name, _, checkpoint in pairs}, args.split, args.limit or 300,
+                         args.batch_size, args.max_new_tokens, args.device, args.judge,
+                         log=lambda m: print(m, flush=True))
+        report(result, args.out or Path("runs") / f"compare_{args.split}.json", plot_compare, compare_table)
+        return result
     folder = resolve(args.checkpoint)
     t0 = time.time()
     model, holdout_trained = load(args.checkpoint, args.device, args.quantize)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -178,18 +179,45 @@ def plot_curves(history: dict, path: Path) -> None:
 
 def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
     """The checkpoint into `out`, file by file: whatever else `out` holds (the demo's clip/) stays. An
-    encoder folder inside `out` is named relative to it, so the checkpoint loads from anywhere."""
+    encoder folder inside `out` or beside it (assets/demo/clip for assets/lmeye) is named relative to it,
+    so the two move together."""
     checkpoint = run_dir / "checkpoint"
     model.save_pretrained(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     config = GroundedConfig.load(checkpoint)
     encoder = Path(config.visual.removeprefix(LOCAL_DIR)).resolve()
-    if config.visual.startswith(LOCAL_DIR) and encoder.is_relative_to(out.resolve()):
-        config.visual = LOCAL_DIR + encoder.relative_to(out.resolve()).as_posix()
+    if config.visual.startswith(LOCAL_DIR) and encoder.is_relative_to(out.resolve().parent):
+        config.visual = LOCAL_DIR + Path(os.path.relpath(encoder, out.resolve())).as_posix()
     for source in (checkpoint / WEIGHTS_NAME, run_dir / CURVE_NAME):
         write_atomically(out / source.name, lambda tmp, source=source: shutil.copyfile(source, tmp))
     config.save(out)
     write_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+def run_folders(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """(checkpoint folder, run folder, state file) for `--out`, `--run-dir` and `--resume`: a run starts where
+    no state is, and resumes only where one is."""
+    out_dir, run_dir = Path(args.out), Path(args.run_dir or Path("runs") / Path(args.out).name)
+    state_path = run_dir / STATE_NAME
+    if state_path.exists() and not args.resume:
+        raise SystemExit(f"{run_dir} already holds a training state (step {read_state(state_path)[1]['step']}): "
+                         f"pass --resume to continue it, or another --run-dir to start afresh")
+    if args.resume and not state_path.exists():
+        raise SystemExit(f"--resume: there is no {STATE_NAME} in {run_dir} to resume from")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir, run_dir, state_path
+
+
+def conclude(model: GroundedLM, run_dir: Path, out_dir: Path, summary: dict, args: argparse.Namespace) -> None:
+    """Export the checkpoint of a finished run, or say how to continue one its time limit stopped."""
+    if summary["finished"]:
+        export(model, run_dir, out_dir, summary)
+        print(f"saved the checkpoint to {out_dir} ({WEIGHTS_NAME}, {CONFIG_NAME}, {CURVE_NAME}, {SUMMARY_NAME})",
+              flush=True)
+    else:
+        print(f"stopped at step {summary['step']} of {args.steps} (--time-limit {args.time_limit} min); "
+              f"continue with the same command and --resume", flush=True)
+    print("summary " + json.dumps(summary), flush=True)
 
 
 def holdout_kept_out(summary: dict) -> bool:
@@ -211,14 +239,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.steps < 1 or args.val_every < 1 or args.val_size < 1:
         raise ValueError("--steps, --val-every and --val-size must be positive")
     device = resolve_device(args.device)
-    out_dir, run_dir = Path(args.out), Path(args.run_dir or Path("runs") / Path(args.out).name)
-    state_path = run_dir / STATE_NAME
-    if state_path.exists() and not args.resume:
-        raise SystemExit(f"{run_dir} already holds a training state (step {read_state(state_path)[1]['step']}): "
-                         f"pass --resume to continue it, or another --run-dir to start afresh")
-    if args.resume and not state_path.exists():
-        raise SystemExit(f"--resume: there is no {STATE_NAME} in {run_dir} to resume from")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, run_dir, state_path = run_folders(args)
 
     torch.manual_seed(args.seed)
     kept_out = args.holdout
@@ -325,14 +346,7 @@ def train(args: argparse.Namespace) -> dict:
         "val_ret_loss": history["val_ret"][-1] if history["val_ret"] else None,
         "val_ret_acc": history["val_ret_acc"][-1] if history["val_ret_acc"] else None,
     }
-    if stopped_early:
-        print(f"stopped at step {summary['step']} of {args.steps} (--time-limit {args.time_limit} min); "
-              f"continue with the same command and --resume", flush=True)
-    else:
-        export(model, run_dir, out_dir, summary)
-        print(f"saved the checkpoint to {out_dir} ({WEIGHTS_NAME}, {CONFIG_NAME}, {CURVE_NAME}, {SUMMARY_NAME})",
-              flush=True)
-    print("summary " + json.dumps(summary), flush=True)
+    conclude(model, run_dir, out_dir, summary, args)
     return summary
 
 

@@ -1,7 +1,8 @@
 """Datasets shared by all training code. Items are `(image: PIL RGB, caption: str)`; the model preprocesses.
 
 `ShapesDataset` serves the synthetic shapes world (see model/world/shapes.py); `TsvCaptionDataset` serves real
-image-caption pairs in FROMAGe's CC3M format.
+image-caption pairs in FROMAGe's CC3M format. `ShapesImages` and `ImageFolder` serve images alone, for training
+that must see no caption (ESPER).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from model.world import shapes
-from model.images import ImageError, load_image
+from model.images import IMAGE_SUFFIXES, ImageError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +87,56 @@ class TsvCaptionDataset(Dataset):
             return load_image(path), caption
         except ImageError as e:
             raise ImageError(f"{self.tsv_path} line {line}: {e}") from None
+
+
+class ShapesImages(Dataset):
+    """The first `size` scenes of a shapes-world split as images alone: they are drawn, never described
+    (`shapes.image`), so nothing reading this dataset can reach a caption."""
+
+    def __init__(self, split: str, size: int, image_size: int = 128, holdout: bool = False):
+        if split not in shapes.SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {tuple(shapes.SPLITS)}")
+        self.split, self.size, self.image_size, self.holdout = split, size, image_size, holdout
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> Image.Image:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for a dataset of {self.size}")
+        return shapes.image(self.split, index, self.image_size, self.holdout)
+
+
+class ImageFolder(Dataset):
+    """Every image under `folder` (recursively), decoded through `load_image`. Files that are not images or do
+    not decode are found once, when the folder is read, and listed in `skipped` as (path, reason), as the index
+    build reports them; the rest are decoded again on demand, so a large folder is not held in memory."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise NotADirectoryError(f"{self.folder} is not a folder")
+        self.paths: list[Path] = []
+        self.skipped: list[tuple[str, str]] = []
+        for path in sorted(p for p in self.folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            rel = path.relative_to(self.folder).as_posix()
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                self.skipped.append((rel, f"not an image file (suffix {path.suffix or 'none'!r})"))
+                continue
+            try:
+                load_image(path)
+            except ImageError as e:
+                self.skipped.append((rel, str(e).removeprefix(f"{path.name}: ")))
+                continue
+            except OSError as e:
+                self.skipped.append((rel, f"unreadable ({e.strerror})"))
+                continue
+            self.paths.append(path)
+        if not self.paths:
+            raise ValueError(f"{self.folder} holds no readable image ({len(self.skipped)} files skipped)")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return load_image(self.paths[index])

@@ -258,6 +258,14 @@ def sample(split: str, index: int, image_size: int = 128, holdout: bool = False)
     return generate(seed_for(split, index), image_size, split_mode(split, holdout))
 
 
+def image(split: str, index: int, image_size: int = 128, holdout: bool = False) -> Image.Image:
+    """Item `index`'s image alone, the same pixels as `sample`'s: its scene is drawn and never described, so a
+    caller that must not see captions (ESPER) has none to see."""
+    seed = seed_for(split, index)
+    return render(make_scene(random.Random(seed), split_mode(split, holdout)), random.Random(f"render:{seed}"),
+                  image_size)
+
+
 # --- parsing --------------------------------------------------------------------------------------
 
 _WORDS: dict[str, tuple[str, str]] = {}
@@ -341,14 +349,19 @@ def score_scene(truth: Scene, predicted: Scene | None) -> dict[str, float]:
     exact: the predicted object set equals the true one (background ignored); count: same number of
     objects; shape/colour/size/position: fraction of true objects whose attribute is right, objects
     matched by position (a true object with no predicted object at its place scores 0 on shape, colour
-    and size; position counts objects placed right at all).
+    and size; position counts objects placed right at all); shape_colour: fraction of true objects whose
+    shape and colour together are named, wherever and however big, by a caption naming no more objects than
+    there are (a caption that does not place its objects, as one learnt without captions may not, still counts).
     """
     if predicted is None:
-        return {"exact": 0.0, "count": 0.0, **{f: 0.0 for f in _FIELDS}}
+        return {"exact": 0.0, "count": 0.0, "shape_colour": 0.0, **{f: 0.0 for f in _FIELDS}}
     by_position = {o.position: o for o in predicted.objects if o.position is not None}
+    named = {(o.shape, o.colour) for o in predicted.objects}
     n = len(truth.objects)
     scores = {"exact": float(truth.objects == predicted.objects),
               "count": float(len(truth.objects) == len(predicted.objects)),
+              "shape_colour": sum((o.shape, o.colour) in named for o in truth.objects) / n
+              if len(predicted.objects) <= n else 0.0,
               "position": sum(o.position in by_position for o in truth.objects) / n}
     for field in ("shape", "colour", "size"):
         scores[field] = sum(getattr(by_position.get(o.position), field, None) == getattr(o, field)

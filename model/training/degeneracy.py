@@ -1,0 +1,38 @@
+"""Degenerate text, the known failure of RL from a similarity reward: repetition, and text no LM would write.
+
+ESPER's reward can be raised by text that only CLIP likes (the same phrase again and again, lists of keywords);
+both measures here are reported in its curves and in the evaluation, and the repetition also costs reward.
+"""
+from __future__ import annotations
+
+import re
+
+REPEAT_N = 3
+"""Word n-grams that count as repetition: trigrams (a bigram such as "on the" recurs in good captions)."""
+MAX_REPETITION = 0.2
+"""Share of repeated trigrams above which text is degenerate. A right caption of a scene with two alike objects
+repeats some ("a large orange square ... a large orange square": 0.11); the loops of an untrained mapping's
+descriptions ("with a cityscape with a cityscape ...") repeat 0.4-0.7 of theirs."""
+UNLIKELY_NLL = 6.0
+"""Mean negative log-likelihood per token (nats) under the text-only LM above which text counts as unlikely. The
+LM's own descriptions sit at 1-2.2; the supervised demo's terse captions, which it cannot guess without the
+image, at 2.4-4.8; keyword salad far above."""
+
+
+def repetition(text: str, n: int = REPEAT_N) -> float:
+    """Share of the text's word n-grams that already occurred earlier in it (0: none repeats)."""
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    repeated = 0
+    for gram in grams:
+        repeated += gram in seen
+        seen.add(gram)
+    return repeated / len(grams)
+
+
+def is_degenerate(text: str, nll: float | None = None, unlikely_nll: float = UNLIKELY_NLL) -> bool:
+    """Repeats itself, or (when its NLL under the text-only LM is known) is text that LM finds very unlikely."""
+    return repetition(text) > MAX_REPETITION or (nll is not None and nll > unlikely_nll)

@@ -1,0 +1,458 @@
+"""ESPER: align images to the frozen LM by reinforcement learning from CLIP similarity, with no captions.
+
+    python -m model.training.esper --out runs/esper-shapes              # the shapes world's images, no captions
+    python -m model.training.esper --out runs/mine --images photos/     # a folder of images of your own
+    python -m model.training.esper --out runs/esper-shapes --resume     # continue after an interruption
+    python -m model.training.esper --out runs/esper-more --init runs/esper-shapes   # go further, a later session
+
+The policy is the input mapping (CLIP features -> the LM input tokens of an image, region tokens included);
+the LM, CLIP and every other weight stay frozen. One step:
+
+    prompts    B images, each with an instruction ("Describe the image.") and an opening of the reply ("The
+               image shows"), both drawn at random
+    rollouts   G replies per image of exactly `length` tokens, sampled at `temperature` with EOS and `[RET]`
+               masked and no token trigram repeated                                   ids (B * G, length)
+    reward     the judge's cosine(image, opening + reply), standardised by the mean and spread the untrained
+               policy scores (measured in the warm-up), minus the reply's repeated-trigram share and minus how
+               far its NLL under the text-only LM exceeds `unlikely_nll`                (B, G)
+    loss       RLOO: a reply's advantage is its reward minus the mean of the other G - 1 of its image; the
+               policy gradient of the sampled tokens' log-probabilities, plus `kl` times the per-token KL from
+               the policy to the text-only LM (the same prompt without the image) over the whole vocabulary
+    warm-up    the first `warmup_steps` steps train the KL term alone and measure the reward's scale
+
+The mapping starts quiet (`quiet_start`): every image token is the LM's newline token plus a small image-dependent
+part, so the first prefix barely disturbs the LM (ESPER scaled its mapper's input down likewise).
+
+Nothing here reads a caption: images come from `ShapesImages` (scenes drawn, never described) or `ImageFolder`.
+Why not trl: its GRPO/RLOO/PPO trainers optimise a causal LM's own weights from text prompts; here the policy
+is a mapping whose output is spliced into the LM's input embeddings, which they cannot feed. The loop is
+small; the optimiser, schedule and resumable state are the supervised trainer's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+from transformers import NoRepeatNGramLogitsProcessor
+
+from model.checkpoint import read_checkpoint, resolve
+from model.config import PROJECTORS, GroundedConfig
+from model.grounded import GroundedLM
+from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, dequantized
+from model.prompt import Segment, Turn, render
+from model.training.clip_judge import ClipJudge
+from model.training.conversations import INSTRUCTIONS
+from model.training.degeneracy import UNLIKELY_NLL, is_degenerate, repetition
+from model.training.evaluate import greedy_replies, padded, reply_logits
+from model.training.optimization import lr_at, param_groups
+from model.training.plots import plot_batches, plt, save_figure
+from model.training.train import (CURVE_NAME, SUMMARY_NAME, TRAIN_SCENES, VAL_SCENES, conclude, load_state, mean_tail, run_folders,
+                                  save_state)
+from model.training.train_clip import resolve_device
+from model.world.data import ImageFolder, ShapesImages
+
+OPENINGS = ("", "The image shows a", "I see a", "There is a", "A picture of a")
+"""How a sampled reply may begin (ESPER's sentence openings): the judge scores the opening and the reply."""
+POLICY = ("input_mapping.", "region_mapping.")
+NEG = -1e4
+"""Logit of a masked token: finite, so the KL's 0 * log 0 terms stay 0."""
+SAMPLES_NAME = "samples.txt"
+UNTRAINED_NAME = "untrained"
+SAMPLES_FIGURE = "samples.png"
+RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_grid", "projector", "images",
+               "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
+               "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed")
+
+
+def quiet_start(model: GroundedLM, scale: float) -> None:
+    """Each image token starts as the LM's own newline token plus `scale` times the mapping's output: a token
+    that barely disturbs the LM (measured on SmolLM2, KL to the text-only LM per reply token: 0.019 from a
+    newline, 0.088 from zeros, 0.34 from the mean embedding), still telling images apart."""
+    newline = model.tokenizer.encode("\n", add_special_tokens=False)[-1]
+    centre = model.lm.get_input_embeddings().weight.detach().float()[newline]               # (lm_dim,)
+    with torch.no_grad():
+        for mapping, n_tokens in ((model.input_mapping, model.config.n_visual_tokens), (model.region_mapping, 1)):
+            if mapping is None:
+                continue
+            last = mapping if isinstance(mapping, nn.Linear) else mapping[-1]
+            last.weight.mul_(scale)
+            last.bias.copy_(centre.repeat(n_tokens))
+
+
+def masked(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V') with the `banned` ids (EOS, `[RET]`) and any -inf column at NEG."""
+    return logits.index_fill(-1, banned, NEG).clamp(min=NEG)
+
+
+class Judge(Protocol):
+    """What scores a reply against its image: `ClipJudge`, or anything with the same two methods."""
+    source: str
+
+    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor: ...
+
+    def similarity(self, image_embeddings: torch.Tensor, texts: list[str]) -> torch.Tensor: ...
+
+
+@dataclass
+class Prompts:
+    """B prompts, each for one image: with the image (the policy's) and without it (the text-only LM's)."""
+    images: list[Image.Image]
+    openings: list[str]
+    with_image: list[list[Segment]]
+    text_only: list[list[Segment]]
+
+
+def make_prompts(model: GroundedLM, images: list[Image.Image], rng: random.Random, instructions: list[str],
+                 openings_to_draw: list[str]) -> Prompts:
+    """Each image with a random instruction and opening, rendered as the app renders a chat turn."""
+    tokenizer, fmt = model.tokenizer, model.config.prompt_format
+    openings, with_image, text_only = [], [], []
+    for image in images:
+        instruction, opening = rng.choice(instructions), rng.choice(openings_to_draw)
+        opened = [tokenizer.encode(opening, add_special_tokens=False)] if opening else []
+        openings.append(opening)
+        with_image.append(render([Turn("user", [image, instruction])], tokenizer, fmt) + opened)
+        text_only.append(render([Turn("user", [instruction])], tokenizer, fmt) + opened)
+    return Prompts(images, openings, with_image, text_only)
+
+
+@torch.no_grad()
+def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int], length: int, temperature: float,
+                   banned: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Prompts as the token ids they all open with and embeddings of the rest (T_i, lm_dim) -> replies of exactly
+    `length` sampled tokens (N, length), decoded together: the opening run once, the rest left-padded after it,
+    one forward per token over the KV cache."""
+    inputs, mask = padded(rows, "left")                                                     # (N, T, lm_dim), (N, T)
+    cache = model.run_prefix(prefix, len(rows))[1] if prefix else None
+    mask = torch.cat([mask.new_ones(len(rows), len(prefix)), mask], 1)                      # (N, P + T)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, len(prefix):]
+    no_repeat = NoRepeatNGramLogitsProcessor(3)
+    ids = torch.zeros(len(rows), 0, dtype=torch.long, device=model.device)
+    for _ in range(length):
+        out = model.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = masked(model.logits(out.last_hidden_state[:, -1]), banned) / temperature   # (N, V')
+        logits = no_repeat(ids, logits)
+        token = torch.multinomial(logits.softmax(-1), 1, generator=generator)              # (N, 1)
+        ids = torch.cat([ids, token], 1)
+        inputs = model.embed_ids(token)                                                     # (N, 1, lm_dim)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        positions = positions[:, -1:] + 1
+    return ids
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    clip: torch.Tensor
+    """(B * G,) the judge's cosine for each reply."""
+    reward: torch.Tensor
+    kl: float
+    nll: torch.Tensor
+    """(B * G,) each reply's mean NLL per token under the text-only LM."""
+    texts: list[str]
+
+
+def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: random.Random,
+               generator: torch.Generator, args: argparse.Namespace, baseline: tuple[float, float] | None
+               ) -> StepResult:
+    """One batch of rollouts and its loss (settings from the command line's `args`); `baseline` (mean, std of
+    the untrained policy's cosine) None in the warm-up, where only the KL term trains."""
+    group, length, temperature = args.group, args.length, args.temperature
+    prompts = make_prompts(model, images, rng, args.instruction or list(INSTRUCTIONS), args.opening or list(OPENINGS))
+    banned = torch.tensor(sorted(model.eos_ids | {model.ret_id}), device=model.device)
+    model.visual_features(images)  # one batched CLIP pass; embedding the prompts finds them cached
+    # the system prompt and the user's header open every prompt: their keys and values are computed once
+    prefix = model.shared_prefix(prompts.with_image + prompts.text_only)
+
+    def rest(prompt: list[Segment]) -> list[Segment]:
+        if not prefix:
+            return prompt
+        return ([prompt[0][len(prefix):]] if len(prompt[0]) > len(prefix) else []) + prompt[1:]
+    policy_rows = [row for prompt in prompts.with_image for row in [model.embed_segments(rest(prompt))] * group]
+    with torch.no_grad():
+        ref_rows = [row for prompt in prompts.text_only for row in [model.embed_segments(rest(prompt))] * group]
+    ids = sample_replies(model, [r.detach() for r in policy_rows], prefix, length, temperature, banned, generator)
+    texts = [opening + model.tokenizer.decode(reply, skip_special_tokens=True)
+             for opening, reply in zip([o for o in prompts.openings for _ in range(group)], ids)]
+
+    logits = masked(torch.stack(reply_logits(model, policy_rows, list(ids), prefix)), banned)  # (N, L, V')
+    with torch.no_grad():
+        ref_logp = masked(torch.stack(reply_logits(model, ref_rows, list(ids), prefix)), banned).log_softmax(-1)
+        nll = -ref_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(1)                   # (N,)
+        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(group, 0), texts)  # (N,)
+    logp = logits.log_softmax(-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()                                    # per token
+    loss = args.kl * kl
+    reward = torch.zeros_like(clip)
+    if baseline is not None:
+        penalty = torch.tensor([repetition(t) for t in texts], device=clip.device) + (nll - args.unlikely_nll).clamp(min=0)
+        reward = (clip - baseline[0]) / baseline[1] - penalty
+        grouped = reward.view(-1, group)                                                    # (B, G)
+        advantage = grouped - (grouped.sum(1, keepdim=True) - grouped) / (group - 1)       # leave one out
+        sampled = (logits / temperature).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (N, L)
+        loss = loss - (advantage.flatten() * sampled.sum(1)).mean() / length
+    return StepResult(loss, clip, reward, kl.item(), nll, texts)
+
+
+@torch.no_grad()
+def describe(model: GroundedLM, judge: Judge, images: list[Image.Image], max_new_tokens: int = 32
+             ) -> tuple[list[str], torch.Tensor]:
+    """Greedy replies to "Describe the image." and the judge's cosine for each (N,): how the app would answer."""
+    replies = greedy_replies(model, [[Turn("user", [im, INSTRUCTIONS[0]])] for im in images], max_new_tokens)
+    texts = [r.text for r in replies]
+    return texts, judge.similarity(judge.image_embeddings(images), texts)
+
+
+def new_history() -> dict[str, list]:
+    return {"step": [], "clip": [], "clip_spread": [], "reward": [], "kl": [], "degenerate": [], "repetition": [], "nll": [],
+            "lr": [], "val_step": [], "val_clip": [], "val_repetition": [], "baseline": []}
+
+
+def plot_curves(history: dict, path: Path, warmup_steps: int) -> None:
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    panels = (("clip", "CLIP cosine(image, sampled reply)"), ("kl", "KL to the text-only LM, per token"),
+              ("degenerate", "degenerate samples (share)"), ("reward", "shaped reward (after warm-up)"))
+    for ax, (key, title) in zip(axes, panels):
+        plot_batches(ax, history["step"], history[key])
+        ax.axvline(warmup_steps, color="grey", linestyle=":", label="end of warm-up")
+        ax.set(xlabel="step", title=title)
+    axes[0].plot(history["val_step"], history["val_clip"], marker="o", color="tab:orange", label="greedy, validation")
+    axes[2].plot(history["val_step"], history["val_repetition"], marker="o", color="tab:orange",
+                 label="greedy repetition, validation")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_samples(images: list[Image.Image], texts: list[str], step: int, path: Path) -> None:
+    """The validation images with the model's greedy descriptions, as of `step`."""
+    fig, axes = plt.subplots(2, len(images) // 2, figsize=(2.6 * len(images) // 2, 6.2))
+    for ax, image, text in zip(axes.flat, images, texts):
+        ax.imshow(image)
+        ax.set_axis_off()
+        ax.set_title("\n".join(text[i:i + 28] for i in range(0, min(len(text), 84), 28)), fontsize=8)
+    fig.suptitle(f"ESPER, step {step}: \"Describe the image.\" (greedy; no caption was ever seen)")
+    save_figure(fig, path)
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> tuple[GroundedLM, list[float] | None]:
+    """The model to train, never retrieving, and the reward scale it inherits (None: to be measured). `--init`
+    an ESPER checkpoint (no caption seen): continue from its mappings and its untrained policy's reward scale,
+    the way a later session goes further. Any other checkpoint lends only its LM, encoder and token layout:
+    its mappings saw captions. Without `--init`: fresh quiet mappings."""
+    if args.init:
+        folder = resolve(args.init)
+        named, _ = read_checkpoint(folder)
+        args.lm, args.visual, args.visual_pretrained = named.lm, named.visual, named.visual_pretrained
+        args.n_visual_tokens, args.region_grid, args.projector = (named.n_visual_tokens, named.region_grid,
+                                                                  named.projector)
+        summary = json.loads((folder / SUMMARY_NAME).read_text()) if (folder / SUMMARY_NAME).is_file() else {}
+        if not named.retrieves and summary.get("captions_seen") == 0:
+            model = GroundedLM.from_pretrained(folder, quantize=args.quantize, device=device,
+                                               compute_dtype=args.compute_dtype)
+            return model, summary.get("baseline")
+    config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
+                            n_visual_tokens=args.n_visual_tokens, region_grid=args.region_grid,
+                            projector=args.projector, retrieves=False)
+    model = GroundedLM(config, quantize=args.quantize, device=device, compute_dtype=args.compute_dtype)
+    quiet_start(model, args.quiet)
+    return model, None
+
+
+def image_source(args: argparse.Namespace, image_size: int) -> tuple[Dataset, Dataset]:
+    """(train, validation) images: a folder's (its last 8 images validate) or the shapes world's splits."""
+    if args.images is None:
+        return (ShapesImages("train", TRAIN_SCENES, image_size, args.holdout),
+                ShapesImages("val", VAL_SCENES, image_size, args.holdout))
+    folder = ImageFolder(args.images)
+    if folder.skipped:
+        print(f"{args.images}: {len(folder)} images, {len(folder.skipped)} files skipped:", flush=True)
+        for path, reason in folder.skipped[:10]:
+            print(f"    {path}: {reason}", flush=True)
+    if len(folder) < 16:
+        raise SystemExit(f"{args.images} has {len(folder)} readable images: ESPER needs at least 16")
+    return torch.utils.data.Subset(folder, range(len(folder) - 8)), torch.utils.data.Subset(
+        folder, range(len(folder) - 8, len(folder)))
+
+
+def train(args: argparse.Namespace, judge: Judge | None = None) -> dict:
+    """Train (or resume), validate and save periodically, export the checkpoint; returns the summary. `judge`
+    replaces the CLIP named by --judge or the checkpoint (a toy reward in tests)."""
+    if args.group < 2 or args.batch_size < 1 or args.steps < 1 or args.length < 1:
+        raise ValueError("--group must be at least 2 (the baseline leaves one out); --batch-size, --steps and "
+                         "--length positive")
+    device = resolve_device(args.device)
+    out_dir, run_dir, state_path = run_folders(args)
+
+    torch.manual_seed(args.seed)
+    model, inherited_baseline = build_model(args, device)
+    args.compute_dtype = model.config.compute_dtype
+    for name, p in model.named_parameters():
+        if not name.startswith(("lm.", "visual.")):
+            p.requires_grad_(name.startswith(POLICY))
+    if args.quantize == "4bit":
+        model.lm = dequantized(model.lm)
+    judge = judge or ClipJudge(*(args.judge, None) if args.judge else (model.config.visual,
+                                                                       model.config.visual_pretrained), device=device)
+    train_images, val_images = image_source(args, model.visual.image_size[0])
+    val_set = [val_images[i] for i in range(min(8, len(val_images)))]
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=args.lr, betas=(0.9, 0.98))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    options = {key: getattr(args, key) for key in RESUME_KEYS + ("steps",)}
+    history, start, seconds_before = new_history(), 0, 0.0
+    history["baseline"] = inherited_baseline or []
+    if args.resume:
+        meta = load_state(state_path, model, optimizer, options)
+        history, start, seconds_before = meta["history"], meta["step"], meta["seconds"]
+        print(f"resumed {run_dir} at step {start} of {args.steps}", flush=True)
+    else:  # the starting point, to compare against (`evaluate --compare untrained=<run-dir>/untrained ...`)
+        model.save_pretrained(run_dir / UNTRAINED_NAME)
+    n_trainable = sum(p.numel() for p in params)
+    print(f"ESPER: training {n_trainable:,} parameters on {device} (LM {args.lm}, {args.quantize}, "
+          f"{args.compute_dtype} compute; visual {args.visual}; judge {judge.source}); images: "
+          f"{args.images or 'shapes world (no captions)'}; {args.steps} steps of {args.batch_size} images x "
+          f"{args.group} replies of {args.length} tokens", flush=True)
+
+    t_start, stopped_early, steps_here = time.time(), False, 0
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="esper", unit="step",
+               dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, args.steps, args.warmup_steps, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rng = random.Random(f"esper:{args.seed}:{step}")
+        generator = torch.Generator(device).manual_seed(rng.randrange(2 ** 63))
+        images = [train_images[rng.randrange(len(train_images))] for _ in range(args.batch_size)]
+        baseline = tuple(history["baseline"]) if history["baseline"] else None
+        result = esper_loss(model, judge, images, rng, generator, args, baseline)
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+
+        done, steps_here = step + 1, steps_here + 1
+        degenerate = [is_degenerate(t, n, args.unlikely_nll) for t, n in zip(result.texts, result.nll.tolist())]
+        for key, value in (("step", done), ("clip", result.clip.mean().item()),
+                           ("reward", result.reward.mean().item()), ("kl", result.kl),
+                           ("degenerate", sum(degenerate) / len(degenerate)),
+                           ("repetition", sum(map(repetition, result.texts)) / len(result.texts)),
+                           ("nll", result.nll.mean().item()), ("lr", lr)):
+            history[key].append(value)
+        history["clip_spread"].append(result.clip.std().item())
+        if done == args.warmup_steps and not history["baseline"]:  # the untrained policy's scale: rewards are
+            # standardised by it from now on
+            history["baseline"] = [mean_tail(history["clip"], done), max(mean_tail(history["clip_spread"], done), 1e-3)]
+        elapsed = time.time() - t_start
+        bar.set_postfix(clip=f"{history['clip'][-1]:.3f}", kl=f"{result.kl:.3f}",
+                        img_s=f"{steps_here * args.batch_size / elapsed:.2f}")
+        out_of_time = args.time_limit is not None and elapsed >= args.time_limit * 60
+        if done % args.val_every == 0 or done == args.steps:
+            texts, scores = describe(model, judge, val_set)
+            history["val_step"].append(done)
+            history["val_clip"].append(scores.mean().item())
+            history["val_repetition"].append(sum(map(repetition, texts)) / len(texts))
+            with open(run_dir / SAMPLES_NAME, "a") as f:
+                f.write(f"step {done}: greedy, validation images\n" +
+                        "".join(f"  {s:.3f}  {t}\n" for s, t in zip(scores.tolist(), texts)))
+                f.write(f"step {done}: sampled, this batch\n" +
+                        "".join(f"  {c:.3f}  {t}\n" for c, t in zip(result.clip.tolist()[:8], result.texts[:8])))
+            plot_samples(val_set, texts, done, run_dir / SAMPLES_FIGURE)
+            bar.write(f"step {done}/{args.steps}  clip {mean_tail(history['clip'], args.val_every):.3f}  "
+                      f"kl {mean_tail(history['kl'], args.val_every):.3f}  degenerate "
+                      f"{mean_tail(history['degenerate'], args.val_every):.2f}  |  val clip {scores.mean():.3f}  "
+                      f"e.g. {texts[0]!r}  |  {elapsed / steps_here:.2f} s/step")
+        if done % args.val_every == 0 or done == args.steps or out_of_time:
+            save_state(state_path, model, optimizer, done, history, options, seconds_before + time.time() - t_start)
+            plot_curves(history, run_dir / CURVE_NAME, args.warmup_steps)
+        if out_of_time and done < args.steps:
+            stopped_early = True
+            break
+    bar.close()
+    summary = {
+        "finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0, "options": options,
+        "captions_seen": 0, "holdout_kept_out": args.images is None and args.holdout, "device": str(device),
+        "quantize": args.quantize, "compute_dtype": args.compute_dtype, "trained_parameters": n_trainable,
+        "seconds": round(seconds_before + time.time() - t_start, 1),
+        "seconds_per_step": round((time.time() - t_start) / steps_here, 3) if steps_here else None,
+        "baseline": history["baseline"] or None,
+        "train_clip": mean_tail(history["clip"]), "train_kl": mean_tail(history["kl"]),
+        "train_degenerate": mean_tail(history["degenerate"]),
+        "val_clip": history["val_clip"][-1] if history["val_clip"] else None,
+    }
+    conclude(model, run_dir, out_dir, summary, args)
+    print(f"samples in {run_dir / SAMPLES_NAME}", flush=True)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--run-dir", help="resumable state, curves and samples (default: runs/<name of --out>)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --run-dir")
+    p.add_argument("--images", help="a folder of images (recursive) to align to; default: the shapes world's "
+                                    "training images, without their captions")
+    p.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the shapes world's hold-out (shape, colour) pairs out of training")
+    p.add_argument("--init", help="continue from this ESPER checkpoint (folder or preset: its mappings and reward "
+                                  "scale); another checkpoint lends only its LM, encoder and token layout")
+    p.add_argument("--judge", help="open_clip model (name or local-dir:) that scores the replies; default: the "
+                                   "checkpoint's own encoder with its text tower")
+    p.add_argument("--instruction", action="append", help="what the user asks with each image (repeat for "
+                                                          "several; default: the demo's description requests)")
+    p.add_argument("--opening", action="append", help="how a reply may begin (repeat for several; \"\" for none; "
+                                                      f"default: {', '.join(map(repr, OPENINGS))})")
+    p.add_argument("--lm", default="smollm2-135m-instruct")
+    p.add_argument("--visual", default="local-dir:assets/demo/clip")
+    p.add_argument("--visual-pretrained", default=None, help="open_clip tag, for a named --visual model")
+    p.add_argument("--n-visual-tokens", type=int, default=4)
+    p.add_argument("--region-grid", type=int, default=0,
+                   help="region tokens (N x N cells) besides the CLS tokens; default none: fewer weights to learn "
+                        "from a reward alone, and the CLS feature names one object's shape and colour")
+    p.add_argument("--projector", choices=PROJECTORS, default="mlp")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--group", type=int, default=4, help="replies sampled per image (the leave-one-out baseline)")
+    p.add_argument("--length", type=int, default=12, help="tokens per sampled reply")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--kl", type=float, default=0.15, help="weight of the per-token KL to the text-only LM")
+    p.add_argument("--warmup-steps", type=int, default=20, help="steps that train only the KL and measure the "
+                                                                "untrained policy's reward scale")
+    p.add_argument("--unlikely-nll", type=float, default=UNLIKELY_NLL,
+                   help="mean NLL per token under the text-only LM above which a reply is degenerate and loses reward")
+    p.add_argument("--quiet", type=float, default=0.1, help="scale of the image-dependent part of the first prefix")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--val-every", type=int, default=25, help="describe the validation images, save a resumable "
+                                                             "state and the curves every N steps")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="minutes: save and stop once this much time has passed (then --resume)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="4bit")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
+                   help="the LM's compute dtype (default: bf16 where native, else fp32)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.warmup_steps >= args.steps:
+        p.error("--warmup-steps must be fewer than --steps")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""ESPER: images aligned to the LM by RL from a similarity judge, with no caption anywhere on the path."""
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_sensitive_lm, png_bytes
+from model.config import GroundedConfig
+from model.grounded import GroundedLM
+from model.lm import SMOLLM2
+from model.prompt import Turn, render
+from model.training import esper
+from model.training.degeneracy import is_degenerate, repetition
+from model.training.train import STATE_NAME, read_state
+from model.world import shapes
+from model.world.data import ImageFolder
+
+
+@pytest.fixture(scope="module")
+def sensitive_lm_dir(tiny_lm_dir, tmp_path_factory):
+    return make_sensitive_lm(tiny_lm_dir, tmp_path_factory.mktemp("sensitive_lm"), 0.3)
+
+
+@pytest.fixture(scope="module")
+def red_and_blue(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("red_and_blue")
+    for i in range(24):
+        Image.new("RGB", (32, 32), "red" if i % 2 == 0 else "blue").save(folder / f"{i:02d}.png")
+    return folder
+
+
+class LetterJudge:
+    """A toy judge whose right answer is known: replies to red images should be full of 'e', to blue ones of 'o'."""
+    source = "letters"
+
+    def image_embeddings(self, images):
+        return torch.tensor([[1.0 if im.getpixel((0, 0))[0] > 128 else -1.0] for im in images])
+
+    def similarity(self, image_embeddings, texts):
+        return image_embeddings[:, 0] * torch.tensor([letter_score(t) for t in texts])
+
+
+def letter_score(text: str) -> float:
+    return (text.count("e") - text.count("o")) / max(len(text), 1)
+
+
+def esper_args(lm_dir, clip_dir, tmp_path, *extra):
+    return esper.parse_args(["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--lm", str(lm_dir),
+                             "--visual", f"local-dir:{clip_dir}", "--n-visual-tokens", "2", "--region-grid", "0",
+                             "--projector", "linear", "--quantize", "none", "--device", "cpu", *extra])
+
+
+@torch.no_grad()
+def expected_first_letter_score(model: GroundedLM, image: Image.Image) -> float:
+    """The judge's expected score of a one-token reply to `image`, exactly: over the whole vocabulary."""
+    banned = torch.tensor(sorted(model.eos_ids | {model.ret_id}))
+    prompt = model.embed_segments(render([Turn("user", [image, "Describe the image."])], model.tokenizer, "chat"))
+    hidden, _ = model.hidden_states(prompt.unsqueeze(0))
+    probs = (esper.masked(model.logits(hidden[0, -1]), banned) / 0.7).softmax(-1)
+    scores = torch.tensor([letter_score(model.tokenizer.decode([i])) if i < len(model.tokenizer) else 0.0
+                           for i in range(len(probs))])
+    return (probs * scores).sum().item()
+
+
+def test_esper_steps_teach_the_mapping_what_each_image_should_make_the_lm_say(sensitive_lm_dir, tiny_clip_dir,
+                                                                             red_and_blue, tmp_path):
+    args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--images", str(red_and_blue), "--steps", "60",
+                      "--warmup-steps", "2", "--batch-size", "4", "--group", "16", "--length", "1", "--lr", "0.05",
+                      "--kl", "0", "--quiet", "1", "--unlikely-nll", "100", "--opening", "", "--val-every", "60")
+    torch.manual_seed(args.seed)
+    before, _ = esper.build_model(args, torch.device("cpu"))
+    summary = esper.train(args, judge=LetterJudge())
+    after = GroundedLM.from_pretrained(tmp_path / "out")
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    # red wants 'e' (the score up), blue wants 'o' (the score down): only a mapping that tells them apart does both
+    assert expected_first_letter_score(after, red) > expected_first_letter_score(before, red) + 0.05
+    assert expected_first_letter_score(after, blue) < expected_first_letter_score(before, blue)
+    assert summary["captions_seen"] == 0 and summary["finished"]
+
+
+def test_the_checkpoint_esper_writes_does_not_retrieve(tiny_lm_dir, tiny_clip_dir, red_and_blue, tmp_path):
+    esper.main(["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--lm", str(tiny_lm_dir),
+                "--visual", f"local-dir:{tiny_clip_dir}", "--n-visual-tokens", "2", "--region-grid", "0",
+                "--quantize", "none", "--device", "cpu", "--images", str(red_and_blue), "--steps", "2",
+                "--warmup-steps", "1", "--batch-size", "2", "--group", "2", "--length", "3"])
+    assert GroundedConfig.load(tmp_path / "out").retrieves is False
+    model = GroundedLM.from_pretrained(tmp_path / "out")
+    hidden = torch.randn(5, model.config.lm_dim)
+    assert torch.isneginf(model.logits(hidden)[:, model.ret_id]).all()  # `[RET]` can never be decoded
+    assert (tmp_path / "run" / esper.SAMPLES_NAME).read_text().startswith("step 2: greedy")
+
+
+def test_the_shapes_world_path_never_reads_a_caption(tiny_lm_dir, tiny_clip_dir, tmp_path, monkeypatch):
+    def no_captions(*args, **kwargs):
+        raise AssertionError("ESPER must not read a caption")
+    for name in ("describe", "plain_caption", "generate", "sample"):
+        monkeypatch.setattr(shapes, name, no_captions)
+    summary = esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, "--steps", "2", "--warmup-steps", "1",
+                                     "--batch-size", "2", "--group", "2", "--length", "3"))
+    assert summary["step"] == 2 and summary["holdout_kept_out"]
+
+
+def test_an_interrupted_run_resumes_at_its_saved_step(tiny_lm_dir, tiny_clip_dir, red_and_blue, tmp_path):
+    options = ["--images", str(red_and_blue), "--steps", "4", "--warmup-steps", "1", "--batch-size", "2",
+               "--group", "2", "--length", "3", "--val-every", "100"]
+    stopped = esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--time-limit", "0"))
+    assert stopped == {**stopped, "finished": False, "step": 1}
+    assert not (tmp_path / "out").exists()  # nothing exported from half a run
+    with pytest.raises(SystemExit, match="--resume"):
+        esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options))
+    with pytest.raises(ValueError, match="other options"):
+        esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--lr", "0.1", "--resume"))
+    finished = esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--resume"))
+    assert finished["finished"] and finished["step"] == 4
+    _, meta = read_state(tmp_path / "run" / STATE_NAME)
+    assert meta["history"]["step"] == [1, 2, 3, 4]
+    assert len(meta["history"]["baseline"]) == 2  # the warm-up's scale, kept across the interruption
+    assert json.loads((tmp_path / "out" / "training.json").read_text())["step"] == 4
+
+
+def test_init_continues_an_esper_checkpoint_but_takes_only_the_layout_of_a_captioned_one(
+        tiny_lm_dir, tiny_clip_dir, red_and_blue, tmp_path):
+    options = ["--images", str(red_and_blue), "--steps", "2", "--warmup-steps", "1", "--batch-size", "2",
+               "--group", "2", "--length", "3"]
+    first = esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path / "first", *options))
+    trained = GroundedLM.from_pretrained(tmp_path / "first" / "out")
+    args = esper.parse_args(["--out", str(tmp_path / "next"), "--init", str(tmp_path / "first" / "out"),
+                             "--quantize", "none", "--device", "cpu"])
+    continued, baseline = esper.build_model(args, torch.device("cpu"))
+    assert baseline == first["baseline"] and len(baseline) == 2  # no new warm-up: the same reward scale
+    torch.testing.assert_close(continued.input_mapping.weight, trained.input_mapping.weight)
+
+    captioned = GroundedLM(GroundedConfig(lm=str(tiny_lm_dir), visual=f"local-dir:{tiny_clip_dir}",
+                                          visual_pretrained=None, n_visual_tokens=2), quantize="none")
+    captioned.save_pretrained(tmp_path / "captioned")
+    args = esper.parse_args(["--out", str(tmp_path / "next"), "--init", str(tmp_path / "captioned"),
+                             "--quantize", "none", "--device", "cpu"])
+    fresh, baseline = esper.build_model(args, torch.device("cpu"))
+    assert baseline is None and not fresh.config.retrieves
+    assert fresh.config.n_visual_tokens == 2  # its layout, not the defaults (4)
+    assert not torch.allclose(fresh.input_mapping.weight, captioned.input_mapping.weight)
+
+
+def test_quiet_start_barely_disturbs_the_real_lm(tiny_clip_dir, tmp_path):
+    """On SmolLM2 the first prefix (its newline token plus a little of the image) changes the next-token
+    distribution far less than a mapping as a supervised run starts it."""
+    args = esper_args(SMOLLM2, tiny_clip_dir, tmp_path, "--length", "4")
+    torch.manual_seed(0)
+    quiet, _ = esper.build_model(args, torch.device("cpu"))
+    plain = GroundedLM(GroundedConfig(lm=SMOLLM2, visual=f"local-dir:{tiny_clip_dir}", visual_pretrained=None,
+                                      n_visual_tokens=2, retrieves=False), quantize="none")
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue", "white")]
+
+    def kl(model: GroundedLM) -> float:
+        with torch.no_grad():
+            return esper.esper_loss(model, LetterJudge(), images, random.Random(0), torch.Generator().manual_seed(0),
+                                    args, None).kl
+    quiet_kl, plain_kl = kl(quiet), kl(plain)
+    assert quiet_kl < 0.05 and quiet_kl < plain_kl / 4
+
+
+def test_a_folder_of_images_skips_and_reports_what_is_not_one(tmp_path):
+    for i in range(3):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        (tmp_path / "sub" / f"{i}.png").write_bytes(png_bytes(Image.new("RGB", (8, 8), "red")))
+    (tmp_path / "notes.txt").write_text("no image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    folder = ImageFolder(tmp_path)
+    assert len(folder) == 3 and folder[0].size == (8, 8)
+    assert [path for path, _ in folder.skipped] == ["broken.png", "notes.txt"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no readable image"):
+        ImageFolder(tmp_path / "empty")
+
+
+def test_degenerate_text_is_repetition_or_what_the_lm_would_not_write():
+    assert repetition("a red circle on the left and a blue square on the right") == 0  # "on the" may recur
+    assert repetition("red circle red circle red circle") == 0.5  # 2 of its 4 trigrams came before
+    assert is_degenerate("red circle red circle red circle")
+    assert not is_degenerate("A large orange square on the left, a small blue square at the top and a large "
+                             "orange square at the bottom.")  # two alike objects, said right
+    assert is_degenerate("a red circle", nll=9.0) and not is_degenerate("a red circle", nll=4.5)
