@@ -106,7 +106,6 @@ class Judge(Protocol):
 @dataclass
 class Prompts:
     """B prompts, each for one image: with the image (the policy's) and without it (the text-only LM's)."""
-    images: list[Image.Image]
     openings: list[str]
     with_image: list[list[Segment]]
     text_only: list[list[Segment]]
@@ -123,7 +122,7 @@ def make_prompts(model: GroundedLM, images: list[Image.Image], rng: random.Rando
         openings.append(opening)
         with_image.append(render([Turn("user", [image, instruction])], tokenizer, fmt) + opened)
         text_only.append(render([Turn("user", [instruction])], tokenizer, fmt) + opened)
-    return Prompts(images, openings, with_image, text_only)
+    return Prompts(openings, with_image, text_only)
 
 
 @torch.no_grad()
