@@ -152,8 +152,9 @@ def test_a_batch_shares_its_opening_tokens_without_changing_the_loss(tiny_model,
         grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
         grads[-1]["loss"] = loss.detach()
     assert set(grads[0]) == set(grads[1])
-    for name in grads[0]:
-        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+    for name in grads[0]:  # fp32, summed in another order: the noise scales with the largest entry
+        scale = max(1.0, grads[1][name].abs().max().item())
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5 * scale, rtol=1e-4), name
 
 
 def test_earlier_turns_are_context_computed_without_gradient(tiny_model, colour_images):

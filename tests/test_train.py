@@ -154,7 +154,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_lm_dir, tiny_clip_dir,
     model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, projector="mlp"), quantize="none",
                        device="cpu")
     optimizer = optimizer_for(model, 1e-3)
-    load_state(state_path, model, optimizer, run_options(parse_args(cut)))
+    load_state(state_path, model.trainable_state_dict(), optimizer, run_options(parse_args(cut)))
     restored = optimizer.state_dict()["state"]
     assert restored and all(torch.equal(value, tensors[f"optim.{i}.{key}"])
                             for i, state in restored.items() for key, value in state.items())

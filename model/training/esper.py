@@ -313,7 +313,8 @@ def train(args: argparse.Namespace, judge: Judge | None = None) -> dict:
     history, start, seconds_before = new_history(), 0, 0.0
     history["baseline"] = inherited_baseline or []
     if args.resume:
-        meta = load_state(state_path, model, optimizer, options)
+        weights, meta = load_state(state_path, model.trainable_state_dict(), optimizer, options)
+        model.load_state_dict(weights, strict=False)
         history, start, seconds_before = meta["history"], meta["step"], meta["seconds"]
         print(f"resumed {run_dir} at step {start} of {args.steps}", flush=True)
     else:  # the starting point, to compare against (`evaluate --compare untrained=<run-dir>/untrained ...`)
@@ -373,7 +374,7 @@ def train(args: argparse.Namespace, judge: Judge | None = None) -> dict:
                       f"{mean_tail(history['degenerate'], args.val_every):.2f}  |  val clip {scores.mean():.3f}  "
                       f"e.g. {texts[0]!r}  |  {elapsed / steps_here:.2f} s/step")
         if done % args.val_every == 0 or done == args.steps or out_of_time:
-            save_state(state_path, model, optimizer, done, history, options, seconds_before + time.time() - t_start)
+            save_state(state_path, model.trainable_state_dict(), optimizer, done, history, options, seconds_before + time.time() - t_start)
             plot_curves(history, run_dir / CURVE_NAME, args.warmup_steps)
         if out_of_time and done < args.steps:
             stopped_early = True

@@ -91,11 +91,11 @@ def run_options(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in RESUME_KEYS + ("steps",)}
 
 
-def save_state(path: Path, model: GroundedLM, optimizer: torch.optim.Optimizer, step: int, history: dict,
-               options: dict, seconds: float) -> None:
+def save_state(path: Path, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, step: int,
+               history: dict, options: dict, seconds: float) -> None:
     """Trainable weights, optimizer moments, step and history in one safetensors file: never half of one run
     and half of another."""
-    tensors = {f"model.{k}": v.float().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    tensors = {f"model.{k}": v.float().cpu().contiguous() for k, v in weights.items()}
     optim = optimizer.state_dict()
     for index, state in optim["state"].items():
         for key, value in state.items():
@@ -117,8 +117,10 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(path), decoded
 
 
-def load_state(path: Path, model: GroundedLM, optimizer: torch.optim.Optimizer, options: dict) -> dict:
-    """Restore weights and optimizer from `path`; returns its metadata. Refuses a run started differently."""
+def load_state(path: Path, expected: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, options: dict
+               ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Restore the optimizer from `path`; returns the trainable weights (their names and shapes those of
+    `expected`) and its metadata. Refuses a run started differently."""
     tensors, meta = read_state(path)
     saved = {**LATER_OPTIONS, **meta["options"]}
     differ = {k: (saved.get(k), v) for k, v in options.items() if k != "steps" and saved.get(k) != v}
@@ -127,17 +129,15 @@ def load_state(path: Path, model: GroundedLM, optimizer: torch.optim.Optimizer, 
         raise ValueError(f"{path} was written by a run with other options ({listed}). Resume with the same "
                          f"options, or start afresh with another --run-dir.")
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    expected = model.trainable_state_dict()
     if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
-        raise ValueError(f"{path} holds weights for another model shape than {options['lm']} + {options['visual']}")
-    model.load_state_dict(weights, strict=False)
+        raise ValueError(f"{path} holds weights of other names or shapes than this model's")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta
+    return weights, meta
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -194,18 +194,23 @@ def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
     write_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
-def run_folders(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """(checkpoint folder, run folder, state file) for `--out`, `--run-dir` and `--resume`: a run starts where
-    no state is, and resumes only where one is."""
-    out_dir, run_dir = Path(args.out), Path(args.run_dir or Path("runs") / Path(args.out).name)
+def state_file(run_dir: Path, resume: bool) -> Path:
+    """The run folder's state file, the folder made: a run starts where no state is, and resumes (`resume`) only
+    where one is."""
     state_path = run_dir / STATE_NAME
-    if state_path.exists() and not args.resume:
+    if state_path.exists() and not resume:
         raise SystemExit(f"{run_dir} already holds a training state (step {read_state(state_path)[1]['step']}): "
                          f"pass --resume to continue it, or another --run-dir to start afresh")
-    if args.resume and not state_path.exists():
+    if resume and not state_path.exists():
         raise SystemExit(f"--resume: there is no {STATE_NAME} in {run_dir} to resume from")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir, run_dir, state_path
+    return state_path
+
+
+def run_folders(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """(checkpoint folder, run folder, state file) for `--out`, `--run-dir` and `--resume` (`state_file`)."""
+    out_dir, run_dir = Path(args.out), Path(args.run_dir or Path("runs") / Path(args.out).name)
+    return out_dir, run_dir, state_file(run_dir, args.resume)
 
 
 def conclude(model: GroundedLM, run_dir: Path, out_dir: Path, summary: dict, args: argparse.Namespace) -> None:
@@ -285,7 +290,8 @@ def train(args: argparse.Namespace) -> dict:
     options = run_options(args)
     history, start, seconds_before = new_history(), 0, 0.0
     if args.resume:
-        meta = load_state(state_path, model, optimizer, options)
+        weights, meta = load_state(state_path, model.trainable_state_dict(), optimizer, options)
+        model.load_state_dict(weights, strict=False)
         history, start, seconds_before = meta["history"], meta["step"], meta["seconds"]
         print(f"resumed {run_dir} at step {start} of {args.steps}", flush=True)
     warmup = max(1, int(args.warmup * args.steps))
@@ -329,7 +335,7 @@ def train(args: argparse.Namespace) -> dict:
                       f"ret {val['ret']:.3f} [RET] acc {val['ret_acc']:.3f}  |  lr {lr:.2e}  "
                       f"{elapsed / steps_here:.2f} s/step")
         if done % args.val_every == 0 or done == args.steps or out_of_time:
-            save_state(state_path, model, optimizer, done, history, options, seconds_before + time.time() - t_start)
+            save_state(state_path, model.trainable_state_dict(), optimizer, done, history, options, seconds_before + time.time() - t_start)
             plot_curves(history, run_dir / CURVE_NAME)
         if out_of_time and done < args.steps:
             stopped_early = True
