@@ -33,12 +33,13 @@ from tqdm.auto import tqdm
 
 from model.config import CONFIG_NAME
 from model.files import write_atomically
-from model.generate import Done, GenerationSettings, Looked, Notice, Retrieved, Text, stream_reply
+from model.generate import Done, GenerationSettings, Looked, Notice, Retrieved, Text, Thought, stream_reply
 from model.grounded import GroundedLM
 from model.images import MAX_BYTES, ImageError, file_sha256, image_key, load_image
 from model.lm import QUANTIZE_CHOICES, cache_dir, default_device
+from model.monologue import think
 from model.perception import heat_map
-from model.prompt import Turn
+from model.prompt import Turn, looked_at
 from model.serving import Busy, DecodeEngine, Waiting
 from model.world import shapes
 from retrieval_index.build import build_index, read_captions
@@ -196,8 +197,13 @@ class Exchange:
     retrieved: list[int] = field(default_factory=list)
     stopped: bool = False
     ahead: int | None = None  # waiting for the batched decoder: how many replies start before this one
+    thoughts: list[list[str]] = field(default_factory=list)  # the inner monologue's lines: [role, text]
+    thinking: bool = False  # the monologue is still being written
 
     def messages(self) -> list[dict]:
+        monologue = [] if not self.thoughts else [{
+            "role": "assistant", "content": "\n\n".join(f"**{role}:** {html.escape(text)}" for role, text in self.thoughts),
+            "metadata": {"title": "Inner monologue", "status": "pending" if self.thinking else "done"}}]
         content: list = []
         if self.ahead is not None:
             place = "yours is next" if self.ahead == 0 else f"{self.ahead} ahead of yours"
@@ -211,7 +217,7 @@ class Exchange:
         if self.stopped:
             content.append('<span class="stopped">Stopped</span>')
         reply = [{"role": "assistant", "content": content}] if content else []
-        return self.user_view + [notice_message(n) for n in self.notices] + reply
+        return self.user_view + [notice_message(n) for n in self.notices] + monologue + reply
 
 
 class Session:
@@ -278,9 +284,12 @@ class ChatApp:
     # ---- chat ------------------------------------------------------------------------------------
     def chat(self, message: dict | None, session: Session, temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 128, ret_scale: float = 1.0, max_images: int = 2,
-             share_uploads: bool = False, interactive: bool = True) -> Iterator[tuple[list[dict], dict | None]]:
+             share_uploads: bool = False, interactive: bool = True, monologue: bool = False
+             ) -> Iterator[tuple[list[dict], dict | None]]:
         """Add the user's message (text and any number of images) and stream the reply. `interactive`: a model
-        with a request module looks at the images asked about first, and the reply shows where (LMEye)."""
+        with a request module looks at the images asked about first, and the reply shows where (LMEye).
+        `monologue`: a model with a Reasoner thinks before answering about an image, and the chat shows the
+        monologue (IMMO); without an image in the conversation it has no effect."""
         text = ((message or {}).get("text") or "").strip()
         files = list((message or {}).get("files") or [])
         if not text and not files:
@@ -292,21 +301,22 @@ class ChatApp:
         yield session.messages(), None  # the message shows at once, the input box clears
         if exchange.user is not None:
             settings = self._settings(temperature, top_p, max_new_tokens, ret_scale, max_images, interactive)
-            for messages in self._reply(session, exchange, settings):
+            for messages in self._reply(session, exchange, settings, monologue):
                 yield messages, gr.skip()
 
     def retry(self, session: Session, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 128,
-              ret_scale: float = 1.0, max_images: int = 2, interactive: bool = True) -> Iterator[list[dict]]:
+              ret_scale: float = 1.0, max_images: int = 2, interactive: bool = True, monologue: bool = False
+              ) -> Iterator[list[dict]]:
         """Answer the last message again (with the current settings)."""
         with session.lock:
             exchange = session.exchanges[-1] if session.exchanges else None
             if exchange is not None and exchange.user is not None:
                 exchange.reply, exchange.reply_view, exchange.notices = None, [], []
-                exchange.retrieved, exchange.stopped = [], False
+                exchange.retrieved, exchange.stopped, exchange.thoughts = [], False, []
         yield session.messages()
         if exchange is not None and exchange.user is not None:
             yield from self._reply(session, exchange, self._settings(temperature, top_p, max_new_tokens, ret_scale,
-                                                                     max_images, interactive))
+                                                                     max_images, interactive), monologue)
 
     def undo(self, session: Session) -> tuple[list[dict], dict | None]:
         """Take back the last message and its reply; its text and images go back into the input box."""
@@ -372,8 +382,10 @@ class ChatApp:
         user_view = [{"role": "user", "content": bubble}] + [notice_message(n) for n in notices]
         return Exchange(text, files, user, user_view, known)
 
-    def _reply(self, session: Session, exchange: Exchange, settings: GenerationSettings) -> Iterator[list[dict]]:
-        """Stream the reply to `exchange` into it, event by event; yields the chat after each change."""
+    def _reply(self, session: Session, exchange: Exchange, settings: GenerationSettings,
+               monologue: bool = False) -> Iterator[list[dict]]:
+        """Stream the reply to `exchange` into it, event by event; yields the chat after each change. With
+        `monologue`, a model with a Reasoner and a conversation with an image think first (`model.monologue`)."""
         with session.lock:
             session.cancel = cancel = threading.Event()
             session.replying = exchange
@@ -382,8 +394,12 @@ class ChatApp:
             exchange.reply = Turn("assistant", [])
         search = lambda query, exclude: self.index.search(query, k=settings.images_per_ret, exclude=exclude)  # noqa: E731
         try:
-            events = (self.engine.submit(history, settings, search, cancel) if self.engine is not None
-                      else stream_reply(self.model, history, settings, search, cancel))
+            if monologue and self.model.reasoner is not None and looked_at(history) and history[-1].text.strip():
+                events = think(self.model, history, settings, search, cancel)
+            elif self.engine is not None:
+                events = self.engine.submit(history, settings, search, cancel)
+            else:
+                events = stream_reply(self.model, history, settings, search, cancel)
             for event in events:
                 with session.lock:
                     if cancel.is_set():  # Stop, Undo or Clear: nothing more goes into the session
@@ -403,16 +419,23 @@ class ChatApp:
                 exchange.notices.append(f"The model failed: {type(e).__name__}: {e}")
         finally:
             with session.lock:
-                exchange.ahead = None
+                exchange.ahead, exchange.thinking = None, False
                 if session.replying is exchange:
                     session.replying = None
         yield session.messages()
 
-    def _apply(self, exchange: Exchange, event: Waiting | Looked | Text | Retrieved | Notice | Done) -> None:
-        """One generation event into the reply: the model's turn and the chat's view grow together."""
+    def _apply(self, exchange: Exchange, event: Waiting | Looked | Thought | Text | Retrieved | Notice | Done) -> None:
+        """One generation event into the reply: the model's turn and the chat's view grow together (the
+        monologue only in the view: the next turns see the answer, not the thinking)."""
         parts, view = exchange.reply.parts, exchange.reply_view
         exchange.ahead = event.ahead if isinstance(event, Waiting) else None
-        if isinstance(event, Looked):  # shown, not said: the model's turn does not hold it
+        exchange.thinking = isinstance(event, Thought)
+        if isinstance(event, Thought):
+            if event.line < len(exchange.thoughts):
+                exchange.thoughts[event.line][1] += event.delta
+            else:
+                exchange.thoughts.append([event.role, event.delta])
+        elif isinstance(event, Looked):  # shown, not said: the model's turn does not hold it
             picture = heat_map(event.image, event.attention)
             key = hashlib.sha256(image_key(event.image).encode() + event.attention.cpu().numpy().tobytes()).hexdigest()
             view.append(Shown(self._display_copy(picture, f"looked-{key}"),
@@ -533,6 +556,12 @@ class ChatApp:
                                     looks, label="Look before answering", elem_id="interactive", interactive=looks,
                                     info="The model asks the image for what the question needs and shows where it "
                                          "looked (LMEye)" if looks else "This model has no request module")
+                                thinks = self.model.reasoner is not None
+                                monologue = gr.Checkbox(
+                                    False, label="Think before answering", elem_id="monologue", interactive=thinks,
+                                    info="About an image: a text-only Reasoner asks the Observer questions first, "
+                                         "and the chat shows the monologue (IMMO)" if thinks
+                                    else "This model has no Reasoner")
                             share_uploads = gr.Checkbox(
                                 False, label="Add my uploads to the shared collection", elem_id="share-uploads",
                                 info="Off: your images stay in this session. On: everyone can be shown them.")
@@ -552,10 +581,11 @@ class ChatApp:
                     page = gr.State(0)
 
             settings = [temperature, top_p, max_new_tokens, ret_scale, max_images]
+            switches = [interactive, monologue]
             generate = {"concurrency_id": "generate", "concurrency_limit": max_concurrency}
-            chat_event = textbox.submit(self.chat, [textbox, session, *settings, share_uploads, interactive],
+            chat_event = textbox.submit(self.chat, [textbox, session, *settings, share_uploads, *switches],
                                         [chatbot, textbox], api_name="chat", **generate)
-            retry_event = gr.on([retry_btn.click, chatbot.retry], self.retry, [session, *settings, interactive],
+            retry_event = gr.on([retry_btn.click, chatbot.retry], self.retry, [session, *settings, *switches],
                                 chatbot, api_name="retry", **generate)
             chatbot.example_select(example_message, None, textbox, api_name="example")  # fills the input box
             gr.on([stop_btn.click], self.stop, session, chatbot, api_name="stop", concurrency_limit=None,

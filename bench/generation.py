@@ -9,7 +9,9 @@ alternating repetitions, so both see the same machine load); for a checkpoint wi
 the same stream again looking at the image first (its two passes share the prefix: target <= 1.15x the
 first token of the stream without it, on the same model and prompt); and the memory of a process that loaded
 the model with `--quantize none` vs `4bit` and generated a few tokens: resident in all, and what loading
-the model added to what the imports took.
+the model added to what the imports took. For a checkpoint with IMMO's Reasoner: the time to the answer's first
+token thinking first (`model.monologue.think`) against answering at once, on shapes-world compound questions,
+with the rounds used; and the memory of the process with the adapter against the same checkpoint without it.
 
     python -m bench.generation [--checkpoint demo] [--device cpu|cuda] [--reps 5] [--new-tokens 48]
 """
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
+import tempfile
 import subprocess
 import sys
 import time
@@ -28,10 +32,14 @@ import torch
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
-from model.generate import GenerationSettings, stream_reply
+from model.config import GroundedConfig
+from model.generate import GenerationSettings, Text, stream_reply
 from model.grounded import GroundedLM
+from model.monologue import Monologue, think
 from model.prompt import Turn, count_tokens, render
 from model.serving import DecodeEngine
+from model.training.evaluate_questions import QUESTION_OFFSET
+from model.world import questions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTION = "Write a long story about a red circle and a blue square who become friends."
@@ -76,6 +84,41 @@ def baseline(model: GroundedLM, ids: torch.Tensor, new_tokens: int) -> tuple[flo
     times = clock.times
     rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
     return times[0] - start, rate, len(times)
+
+
+def first_answer_token_s(model: GroundedLM, turns: list[Turn], monologue: bool) -> tuple[float, int]:
+    """Seconds to the first token of the answer (after the monologue, thinking first) and the rounds used."""
+    start, first, record = time.perf_counter(), None, Monologue()
+    events = (think(model, turns, GenerationSettings(max_new_tokens=32), record=record) if monologue
+              else stream_reply(model, turns, GenerationSettings(max_new_tokens=32)))
+    for event in events:
+        if first is None and isinstance(event, Text):
+            first = time.perf_counter() - start
+    return first if first is not None else float("nan"), record.rounds
+
+
+def thinking(model: GroundedLM, n: int) -> dict:
+    """Thinking first against answering at once, on n compound questions (medians)."""
+    image_size = model.visual.image_size[0]
+    asked = [questions.question("test", QUESTION_OFFSET + i, image_size, True, questions.COMPOUND_KINDS)
+             for i in range(n)]
+    on = [first_answer_token_s(model, [Turn("user", [s.image, q.text])], True) for s, q in asked]
+    off = [first_answer_token_s(model, [Turn("user", [s.image, q.text])], False) for s, q in asked]
+    first_on, first_off = statistics.median(t for t, _ in on), statistics.median(t for t, _ in off)
+    return {"questions": n, "first_answer_token_s": {"thinking": first_on, "answering": first_off},
+            "ratio": first_on / first_off, "mean_rounds": sum(r for _, r in on) / n}
+
+
+def without_reasoner(checkpoint: str) -> str:
+    """A temporary copy of the checkpoint without its Reasoner (the same mappings and encoder)."""
+    from model.checkpoint import resolve
+    source = resolve(checkpoint)
+    copy = Path(tempfile.mkdtemp(prefix="no-reasoner-")) / source.name
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("reasoner"))
+    config = GroundedConfig.load(copy)
+    config.reasoner = False
+    config.save(copy)
+    return str(copy)
 
 
 def resident_mb(checkpoint: str, quantize: str, device: str) -> dict[str, float]:
@@ -142,6 +185,13 @@ def main() -> None:
     if looks:
         result["looking_first_token_ratio"] = med["looking"][0] / med["ours"][0]
         result["looking_decode_ratio"] = med["looking"][1] / med["ours"][1]
+    if model.reasoner is not None:
+        plain = without_reasoner(args.checkpoint)
+        result["thinking"] = thinking(model, args.reps)
+        result["thinking"]["memory_mb"] = {"with adapter": memory[args.quantize]["process"] if args.quantize in memory
+                                           else resident_mb(args.checkpoint, args.quantize, args.device)["process"],
+                                           "without": resident_mb(plain, args.quantize, args.device)["process"]}
+        shutil.rmtree(Path(plain).parent)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"generation-{args.device}.json").write_text(json.dumps(result, indent=2))
     print(f"\nSmolLM2-135M-Instruct ({args.quantize}, {args.device}), prompt {length} tokens, "
@@ -157,6 +207,14 @@ def main() -> None:
               f"{med['looking'][1]:.1f} | {med['looking'][0]:.3f} |")
         print(f"| looking / not (target) | {result['looking_decode_ratio']:.2f} (~1) | "
               f"{result['looking_first_token_ratio']:.2f} (<= 1.15) |")
+    if model.reasoner is not None:
+        t = result["thinking"]
+        print(f"| answering at once: first token of the answer (s) | | {t['first_answer_token_s']['answering']:.2f} |")
+        print(f"| thinking first (IMMO, {t['mean_rounds']:.1f} rounds on average) | | "
+              f"{t['first_answer_token_s']['thinking']:.2f} |")
+        print(f"| thinking / not | | {t['ratio']:.1f} |")
+        print(f"\nresident MB with the Reasoner's adapter {t['memory_mb']['with adapter']:.0f}, without "
+              f"{t['memory_mb']['without']:.0f}")
     peak = "GPU MB allocated" if args.device == "cuda" else "resident MB"
     print(f"\n| quantize | {peak}: process | loading the model added |\n|---|---|---|")
     for q in ("none", "4bit"):

@@ -2,11 +2,13 @@
 
     python app.py &                                   # the demo, on http://127.0.0.1:7860
     python -m docs.screenshot --out docs/screenshot.png
+    python -m docs.screenshot --monologue --out docs/monologue.png
 
 It sends the chat's messages in one conversation, with the app's default settings, and captures the
 whole page once every reply is complete: a picture requested and shown inline, an uploaded scene
 described, and a photograph (scikit-image's sample cat) answered with the note that the demo was trained on
-another kind of image.
+another kind of image. With `--monologue`: "Think before answering" on, a compound question about an uploaded
+scene, and the inner monologue opened above the answer.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ def cat_photograph() -> Path:
 MESSAGES = (("Find an image of a large blue circle in the centre.", None),
             ("Describe this picture.", ROOT / "assets" / "examples" / "two-shapes.png"),
             ("And what is in this one?", cat_photograph()))
+MONOLOGUE = (("Are the cross and the star the same size?", ROOT / "assets" / "examples" / "two-shapes.png"),)
 
 
 def main() -> None:
@@ -35,13 +38,16 @@ def main() -> None:
     p.add_argument("--url", default="http://127.0.0.1:7860/")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshot.png")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for each reply")
+    p.add_argument("--monologue", action="store_true", help="think before answering, and show the monologue")
     args = p.parse_args()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1360, "height": 1500})  # the chat (66% of it) shows all three
         page.goto(args.url)
         page.wait_for_selector("#message textarea")
-        for text, image in MESSAGES:
+        if args.monologue:
+            page.locator("#monologue input[type=checkbox]").check()
+        for text, image in MONOLOGUE if args.monologue else MESSAGES:
             shown = page.locator("#chatbot .message.bot").count()
             if image is not None:
                 page.locator("#message input[type=file]").set_input_files(str(image))
@@ -52,6 +58,11 @@ def main() -> None:
                                    f"{REPLY_DONE}", timeout=args.timeout * 1000)
             page.wait_for_timeout(2000)  # a note can arrive before the reply: wait for the reply itself too
             page.wait_for_function(REPLY_DONE, timeout=args.timeout * 1000)
+        if args.monologue:
+            header = page.locator("#chatbot .thought-group .title")  # Gradio's collapsible thought message
+            if "expanded" not in (header.get_attribute("class") or "").split():
+                header.click()  # collapsed once the answer started: open it
+            page.wait_for_timeout(800)  # the opening slides
         page.screenshot(path=args.out, full_page=True)
         browser.close()
     print(f"wrote {args.out}")

@@ -11,6 +11,7 @@ import json
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,14 +41,17 @@ def versions() -> dict[str, str]:
 
 
 def write_checkpoint(folder: str | Path, config: GroundedConfig, weights: dict[str, torch.Tensor],
-                     metadata: dict[str, str]) -> None:
-    """Write the checkpoint atomically: a reader sees the old folder or the new one, never half."""
+                     metadata: dict[str, str], also: Callable[[Path], None] | None = None) -> None:
+    """Write the checkpoint atomically: a reader sees the old folder or the new one, never half. `also(staging)`
+    writes a module's own files into it (the Reasoner's adapter)."""
     config.versions = {**config.versions, **versions()}
 
     def fill(staging: Path) -> None:
         config.save(staging)
         save_file({k: v.float().cpu().contiguous() for k, v in weights.items()}, staging / WEIGHTS_NAME,
                   metadata=metadata)
+        if also is not None:
+            also(staging)
 
     replace_folder(folder, fill)
 

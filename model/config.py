@@ -37,6 +37,9 @@ class GroundedConfig:
     request_tokens: int = 0
     """LMEye's request tokens: k tokens after the text of a turn that asks about an image, through which the LM
     looks at the image's patches (`model/perception.py`). 0: no request module (every older checkpoint)."""
+    reasoner: bool = False
+    """IMMO's Reasoner: a LoRA adapter on the LM, stored in `reasoner/` beside the mappings (`model/reasoner.py`).
+    False: no Reasoner (every older checkpoint); the app cannot think before answering."""
     emb_dim: int = 256
     prompt_format: str = "chat"
     """`chat`: the LM's chat template; `qa`: FROMAGe's `Q: ...\\nA:` dialogue turns."""

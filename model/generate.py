@@ -48,11 +48,20 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class Thought:
+    """Part of IMMO's inner monologue as it is written (`model/monologue.py`): `delta` adds to line `line`, which
+    `role` ("Reasoner" or "Observer") writes."""
+    role: str
+    line: int
+    delta: str
+
+
+@dataclass(frozen=True)
 class Done:
     stats: dict[str, Any]
 
 
-Event = Union[Looked, Text, Retrieved, Notice, Done]
+Event = Union[Looked, Text, Retrieved, Notice, Thought, Done]
 
 
 @dataclass

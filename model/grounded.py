@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
 from PIL import Image
 from torch import nn
 from transformers import DynamicCache
@@ -29,8 +30,9 @@ from model.config import GroundedConfig
 from model.familiarity import Familiarity
 from model.image_embedder import fingerprint, image_vectors
 from model.images import image_key
-from model.lm import load_lm
+from model.lm import dequantized, load_lm
 from model.perception import Perception
+from model.reasoner import FOLDER as REASONER_FOLDER, add_reasoner, load_reasoner, reasoning, save_reasoner
 from model.prompt import Look, Segment, Turn, count_tokens, render, render_with_target, retrieval_request
 from model.visual import VisualEncoder
 
@@ -125,6 +127,8 @@ class GroundedLM(nn.Module):
         self.logit_scale.data = self.logit_scale.data.to(self.device)
         self.familiarity: Familiarity | None = None
         """Which images are like the training images (`familiarity.safetensors` in the checkpoint), if known."""
+        self.reasoner: LoraConfig | None = None
+        """IMMO's Reasoner adapter on `lm` (`model/reasoner.py`), if the checkpoint has one or `add_reasoner` made one."""
         self._encoded: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._encoded_lock = threading.Lock()  # sessions share one model
 
@@ -132,9 +136,11 @@ class GroundedLM(nn.Module):
     @classmethod
     def from_pretrained(cls, folder_or_preset: str | Path, quantize: str | None = None,
                         device: torch.device | str | None = None, region_grid: int | None = None,
-                        compute_dtype: str | None = None, request_tokens: int | None = None) -> "GroundedLM":
+                        compute_dtype: str | None = None, request_tokens: int | None = None,
+                        dequantize: bool = False) -> "GroundedLM":
         """A checkpoint folder or preset, loaded as it was trained unless `quantize` / `compute_dtype` say
-        otherwise. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
+        otherwise; `dequantize` dequantises a 4-bit LM once (`lm.dequantized`: for batches), before the Reasoner's
+        adapter goes on it. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
         without region tokens then gets a new, untrained region mapping (the shared per-cell mapping fits
         any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module."""
         folder = resolve(folder_or_preset)
@@ -159,10 +165,23 @@ class GroundedLM(nn.Module):
                              f"(LM {config.lm}, encoder {model.visual.source}): " + "; ".join(problems))
         model.load_state_dict(weights, strict=False)
         model.familiarity = Familiarity.load(folder, model.device)
+        if dequantize and model.config.quantize == "4bit":
+            model.lm = dequantized(model.lm)
+        if config.reasoner:
+            model.reasoner = load_reasoner(model.lm, folder / REASONER_FOLDER)
         return model
 
+    def add_reasoner(self, rank: int = 16) -> None:
+        """A new, untrained Reasoner adapter (it starts as the LM itself), to train (`model/training/monologue.py`)."""
+        if self.reasoner is not None:
+            raise ValueError("this model has a Reasoner already")
+        self.reasoner = add_reasoner(self.lm, rank)
+        self.config.reasoner = True
+
     def save_pretrained(self, folder: str | Path) -> None:
-        write_checkpoint(folder, self.config, self.trainable_state_dict(), {"fingerprint": self.fingerprint})
+        reasoner = None if self.reasoner is None else lambda staging: save_reasoner(self.lm, self.reasoner,
+                                                                                     staging / REASONER_FOLDER)
+        write_checkpoint(folder, self.config, self.trainable_state_dict(), {"fingerprint": self.fingerprint}, reasoner)
         if self.familiarity is not None:
             self.familiarity.save(folder)
 
@@ -299,11 +318,16 @@ class GroundedLM(nn.Module):
 
     # ---- the LM ---------------------------------------------------------------------------------
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      past_key_values=None, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
-        """(B, T, lm_dim) -> last-layer hidden states (B, T, lm_dim) and the updated KV cache."""
-        out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                 past_key_values=past_key_values, use_cache=past_key_values is not None,
-                                 position_ids=position_ids)
+                      past_key_values=None, position_ids: torch.Tensor | None = None, reasoner: bool = False
+                      ) -> tuple[torch.Tensor, object]:
+        """(B, T, lm_dim) -> last-layer hidden states (B, T, lm_dim) and the updated KV cache; `reasoner`: with the
+        Reasoner's adapter on, for this call only."""
+        if reasoner and self.reasoner is None:
+            raise ValueError("this checkpoint has no Reasoner (IMMO's adapter)")
+        with reasoning(reasoner):
+            out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                     past_key_values=past_key_values, use_cache=past_key_values is not None,
+                                     position_ids=position_ids)
         return out.last_hidden_state, out.past_key_values
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -189,3 +189,38 @@ def png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
+
+
+def teach_reasoner(model, image: Image.Image, question: str, answer: str, reason: str, steps: int = 400) -> str:
+    """Give `model` a Reasoner that has learnt one monologue by heart: for `question` about `image`, ask the question
+    itself (Q1), hear what this model's Observer really answers (returned), then say `answer` and `reason`. The
+    training rows are the trainer's own (`monologue_row`); the adapter starts from a fixed seed, whatever ran
+    before, and trains until each of its tokens is the likeliest (a tiny LM's logits stay near uniform: greedy
+    decoding needs only the order)."""
+    from model.generate import GenerationSettings
+    from model.monologue import observe
+    from model.reasoner import reasoner_parameters, reasoning
+    from model.training.monologue import batch_loss, monologue_row
+
+    heard = "".join(t.delta for t in observe(model, [image], question, GenerationSettings()))
+    torch.manual_seed(0)
+    model.add_reasoner(rank=8)
+    row = monologue_row(model, question, [(question, heard)], answer, reason)
+    ids, labels = torch.tensor([row[0]]), torch.tensor(row[1][1:])
+    learnt = labels != -100
+
+    def by_heart() -> bool:
+        with torch.no_grad(), reasoning():
+            likeliest = model.lm(input_ids=ids).logits[0, :-1].argmax(-1)
+        return bool((likeliest[learnt] == labels[learnt]).all())
+
+    optimizer = torch.optim.Adam(reasoner_parameters(model.lm), lr=1e-2)
+    for _ in range(steps):
+        if by_heart():
+            break
+        loss = batch_loss(model, [row])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert by_heart(), "the Reasoner did not learn its monologue by heart"
+    return heard

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DecodeGate, make_tiny_app, png_bytes, tiny_config
+from conftest import DecodeGate, make_tiny_app, png_bytes, teach_reasoner, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 RETRIEVE = dict(ret_scale=3.0, max_images=1)  # the tiny model retrieves first, then goes on writing
@@ -211,6 +211,32 @@ def test_an_uploaded_image_goes_to_the_model_and_shows_in_the_users_bubble(tiny_
     assert user["role"] == "user" and texts(user) == "what is this?" and len(images_in(user)) == 1
     parts = session.exchanges[0].user.parts
     assert isinstance(parts[0], Image.Image) and parts[0].size == (64, 48) and parts[1] == "what is this?"
+
+
+def test_thinking_first_shows_the_monologue_above_the_answer_and_only_about_an_image(tiny_lm_dir, tiny_clip_dir,
+                                                                                   tmp_path):
+    import app
+    thinking = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path / "gallery")
+    data = png_bytes(Image.new("RGB", (64, 48), "orange"))
+    heard = teach_reasoner(thinking.model, app.load_image(data), "What colour is it?", "Orange.",
+                           "The Observer said so.")
+    session = app.Session()
+    outputs = run(thinking.chat({"text": "What colour is it?", "files": [upload(tmp_path, "photo.png", data)]}, session,
+                                max_new_tokens=16, max_images=0, monologue=True))
+    monologue = [m for m in final_chat(outputs) if m.get("metadata", {}).get("title") == "Inner monologue"]
+    assert len(monologue) == 1 and monologue[0]["metadata"]["status"] == "done"
+    assert monologue[0]["content"] == f"**Reasoner:** Q1: What colour is it?\n\n**Observer:** A1: {heard}"
+    assert any(m.get("metadata", {}).get("status") == "pending" for chat, _ in outputs[1:-1] for m in chat), \
+        "the monologue shows while it is written"
+    assert final_chat(outputs).index(monologue[0]) == len(final_chat(outputs)) - 2, "right above the answer"
+    assert texts(final_chat(outputs)[-1]) == "Orange. The Observer said so."
+    assert session.exchanges[0].reply.text == "Orange. The Observer said so.", "the next turns see the answer only"
+
+    chat = final_chat(run(thinking.chat({"text": "And now?", "files": []}, session, max_new_tokens=4, max_images=0)))
+    assert sum(m.get("metadata", {}).get("title") == "Inner monologue" for m in chat) == 1, "switched off"
+    chat = final_chat(run(thinking.chat({"text": "hello", "files": []}, app.Session(), max_new_tokens=4, max_images=0,
+                                        monologue=True)))
+    assert not any(m.get("metadata") for m in chat), "no image in the conversation: no monologue, and no word of one"
 
 
 def test_a_question_about_an_image_shows_where_the_model_looked_unless_switched_off(tiny_lm_dir, tiny_clip_dir,

@@ -67,7 +67,8 @@ def test_the_named_endpoints_are_documented_with_the_settings_as_parameters(clie
     parameters = {p["parameter_name"]: p.get("parameter_default") for p in endpoints["/chat"]["parameters"]}
     assert parameters == {"message": {"text": "", "files": []}, "temperature": 0.0, "top_p": 1.0,
                           "max_new_tokens": 128, "ret_scale": 1.0, "max_images": 2, "share_uploads": False,
-                          "interactive": False}, "looking is on by default only for a model with a request module"
+                          "interactive": False, "monologue": False}, \
+        "looking is on by default only for a model with a request module; thinking first is always asked for"
 
 
 def test_chat_takes_text_and_files_and_streams_the_reply_with_the_retrieved_image(client):

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from conftest import CHROMIUM, FLAGS, REPLY_DONE, DecodeGate, make_tiny_app, serve
+from conftest import CHROMIUM, FLAGS, REPLY_DONE, DecodeGate, make_tiny_app, serve, teach_reasoner
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "red-hexagon.png"
 TIMEOUT_MS = 30_000
+COMPOUND = "Are the hexagon and the star the same colour?"  # the tiny model's Reasoner has learnt to think it over
 expect.set_options(timeout=TIMEOUT_MS)  # generous: CI machines are slow and shared
 
 
@@ -22,6 +23,8 @@ expect.set_options(timeout=TIMEOUT_MS)  # generous: CI machines are slow and sha
 def served(tiny_lm_dir, tiny_clip_dir, tmp_path_factory):
     chat_app = make_tiny_app(tiny_lm_dir, tiny_clip_dir, tmp_path_factory.mktemp("browser-gallery"), gallery_size=40,
                              request_tokens=2)
+    from model.images import load_image
+    teach_reasoner(chat_app.model, load_image(EXAMPLE.read_bytes()), COMPOUND, "No.", "There is no star.")
     gate = DecodeGate(chat_app.model)
     demo, address = serve(chat_app)
     yield address, gate
@@ -156,3 +159,31 @@ def test_the_gallery_tab_browses_and_searches_the_collection(page, shots):
     expect(page.locator("#gallery-status")).to_contain_text("matches for “a large red circle”")
     expect(page.locator("#gallery-grid")).to_contain_text("score")
     page.screenshot(path=shots / "gallery.png", full_page=True)
+
+
+def test_thinking_first_shows_the_inner_monologue_in_a_collapsible_message_above_the_answer(page, shots):
+    set_slider(page, "ret-scale", 0)
+    page.locator("#monologue input[type=checkbox]").check()
+    send(page, COMPOUND, EXAMPLE)
+    replies = page.locator("#chatbot [data-testid=bot]")  # one per message, grouped under one bot bubble
+    expect(replies.last).to_contain_text("No. There is no star.")
+    page.wait_for_function(REPLY_DONE, timeout=TIMEOUT_MS)
+    expect(replies).to_have_count(2)
+    monologue, answer = replies.first, replies.last
+    header = page.locator("#chatbot .thought-group .title")  # Gradio's collapsible thought message
+    expect(header).to_contain_text("Inner monologue")
+    assert header.bounding_box()["y"] < answer.bounding_box()["y"], "the monologue comes before the answer"
+    if "expanded" not in (header.get_attribute("class") or "").split():
+        header.click()  # collapsed once the answer started
+    expect(header).to_have_class(re.compile(r"\bexpanded\b"))
+    expect(monologue.get_by_text("Reasoner:")).to_be_visible()
+    expect(monologue).to_contain_text(f"Q1: {COMPOUND}")
+    expect(monologue).to_contain_text("Observer: A1:")
+    page.wait_for_timeout(500)  # the opening slides
+    page.screenshot(path=shots / "monologue.png", full_page=True)
+
+    page.locator("#monologue input[type=checkbox]").uncheck()
+    send(page, "And the hexagon?")
+    expect(replies).not_to_have_count(2)  # the reply's parts arrive (where it looked, then its text)
+    page.wait_for_function(REPLY_DONE, timeout=TIMEOUT_MS)
+    expect(page.locator("#chatbot").get_by_text("Inner monologue")).to_have_count(1)

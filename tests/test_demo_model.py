@@ -132,3 +132,25 @@ def test_a_photograph_is_flagged_as_unlike_the_training_images_and_scenes_are_no
     flagged = demo.unfamiliar([load_image(p) for p in photographs])
     assert sum(flagged) >= 0.95 * len(photographs), [p.name for p, f in zip(photographs, flagged) if not f]
     assert sum(demo.unfamiliar([s.image for s in items])) <= 1, "test scenes are the training kind (1 in 1,000 flagged)"
+
+
+def test_the_demos_reasoner_questions_its_observer_and_concludes_what_the_answers_imply(demo):
+    """The shipped Reasoner on fixed test questions of three kinds: a well-formed monologue each, the steps of the
+    question asked in order, and the final answer the one the Observer's answers imply (or, where they do not
+    say, a guess that says so). Whether that answer is right is the Observer's part (README: IMMO)."""
+    from model.monologue import Monologue, think
+    from model.training.evaluate_questions import QUESTION_OFFSET
+    from model.training.monologue import GUESS, conclusion
+    from model.world import questions
+
+    for i, kind in enumerate(("compare", "relation", "count")):
+        sample, q = questions.question("test", QUESTION_OFFSET + i, demo.visual.image_size[0], True, (kind,))
+        record = Monologue()
+        list(think(demo, [Turn("user", [sample.image, q.text])], record=record))
+        assert record.fallback is None, record.lines
+        asked = [line.split(": ", 1)[1] for role, line in record.lines if role == "Reasoner" and line[:1] == "Q"]
+        assert asked == ([s for s, _ in q.steps] or [q.text]), record.lines
+        heard = [line.split(": ", 1)[1] for role, line in record.lines if role == "Observer"]
+        answer, reason = conclusion(q, heard)
+        assert record.answer.startswith(answer), (record.lines, answer)
+        assert (GUESS in record.answer) == (reason == GUESS)

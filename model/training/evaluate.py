@@ -38,7 +38,7 @@ from model.world import shapes
 from model.checkpoint import resolve
 from model.world.data import ShapesDataset
 from model.grounded import GroundedLM
-from model.lm import QUANTIZE_CHOICES, dequantized
+from model.lm import QUANTIZE_CHOICES
 from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_request
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns
@@ -235,10 +235,7 @@ def load(checkpoint: str, device: str, quantize: str | None) -> tuple[GroundedLM
     folder = resolve(checkpoint)
     summary = folder / SUMMARY_NAME
     kept_out = summary.is_file() and holdout_kept_out(json.loads(summary.read_text()))
-    model = GroundedLM.from_pretrained(folder, quantize=quantize, device=resolve_device(device))
-    if model.config.quantize == "4bit":
-        model.lm = dequantized(model.lm)
-    return model, kept_out
+    return GroundedLM.from_pretrained(folder, quantize=quantize, device=resolve_device(device), dequantize=True), kept_out
 
 
 def captioning(model: GroundedLM, items: list[shapes.Sample], batch_size: int, max_new_tokens: int,

@@ -47,6 +47,10 @@ class Question:
     kind: str
     steps: tuple[tuple[str, str], ...] = ()
     """For compound kinds: the simple questions that answer it, in order, with their answers."""
+    combine: str = ""
+    """For compound kinds, how the steps' answers make the answer (`implied_answer`): "same" (compare), a relation
+    ("left", "right", "above", "below": is the first step's position so from the second's?), or "count:" and a
+    relation (how many of the second step's positions are so from the first's)."""
 
     @property
     def answer_type(self) -> str:
@@ -84,10 +88,113 @@ def reply_text(answer: str) -> str:
 
 # --- the scene, as questions see it ---------------------------------------------------------------
 
-def relation_holds(relation: str, a: SceneObject, b: SceneObject) -> bool:
-    """Whether `a` is `relation` ("left", "right", "above", "below") of `b`, by their positions' centres."""
-    (ax, ay), (bx, by) = shapes.centre_of(a.position), shapes.centre_of(b.position)
+def positions_relate(relation: str, a: str, b: str) -> bool:
+    """Whether position `a` is `relation` ("left", "right", "above", "below") of position `b`, by their centres."""
+    (ax, ay), (bx, by) = shapes.centre_of(a), shapes.centre_of(b)
     return {"left": ax < bx, "right": ax > bx, "above": ay < by, "below": ay > by}[relation]
+
+
+def relation_holds(relation: str, a: SceneObject, b: SceneObject) -> bool:
+    """Whether `a` is `relation` of `b` (`positions_relate`)."""
+    return positions_relate(relation, a.position, b.position)
+
+
+def reply_positions(reply: str) -> list[str]:
+    """Every position a free reply names, in order ("On the left and at the top." -> ["left", "top"])."""
+    words = re.findall(r"[a-z]+", reply.lower())
+    return [m[1] for m in map(shapes.word_meaning, words) if m is not None and m[0] == "position"]
+
+
+def _named(step: str) -> str:
+    """The thing a step asks about: "What colour is the star?" -> "the star", "Where are the red things?" ->
+    "the red things"."""
+    return re.search(r"(the [a-z ]+?)(?: small or large)?\?$", step).group(1)
+
+
+def _targets(text: str) -> dict[str, str]:
+    """The attributes a question's words name: "How many red things are left of the circle?" ->
+    {"colour": "red", "position": "left", "shape": "circle"} (later words of one attribute win)."""
+    return dict(m for m in map(shapes.word_meaning, re.findall(r"[a-z]+", text.lower())) if m is not None)
+
+
+def _matching(scene: Scene, targets: dict[str, str]) -> list[SceneObject]:
+    """The objects of a (parsed) scene that are what `targets` name; a lone object that leaves a target unsaid
+    ("Circle." for "Which shape is at the top?") is taken to be it."""
+    found = [o for o in scene.objects if all(getattr(o, field) == value for field, value in targets.items())]
+    if not found and len(scene.objects) == 1:
+        found = [o for o in scene.objects if all(getattr(o, f) in (v, None) for f, v in targets.items())]
+    return found
+
+
+def read_step(step: str, reply: str, answer_type: str) -> list[str] | None:
+    """What a free reply to a step says of the thing the step names, of `answer_type` ("colour", "size",
+    "position"): its value, or every position of "the red things" ([] for none); None where the reply does not
+    say. A reply that describes the scene ("a red cross at the top and a green star ...") is read object by
+    object, so the star's colour is the star's, not the first colour named."""
+    many = step.rstrip("?").endswith("things")
+    scene = shapes.parse_caption(reply)
+    if scene is not None:
+        found = [getattr(o, answer_type) for o in _matching(scene, _targets(_named(step)))]
+        if many:
+            return [value for value in found if value]
+        return found[:1] if found and found[0] else None
+    if many:
+        named = reply_positions(reply)
+        return named if named or re.search(r"\b(nowhere|none|no)\b", reply.lower()) else None
+    value = reply_answer(reply, answer_type)
+    return None if value is None else [value]
+
+
+def implied_answer(question: Question, replies: list[str]) -> tuple[str, str] | None:
+    """What free replies imply, with a one-line reason from them, or None where a reply does not say what it was
+    asked: for a compound question, the replies to its steps, in order; for a simple one, the reply to the
+    question itself (a description of the scene is read for it: the things it names counted, found, or their
+    attribute told). True replies imply the true answer; an Observer's imply what a Reasoner that trusts it
+    should conclude."""
+    if not question.steps:
+        return _read_simple(question, *replies)
+    if len(replies) != len(question.steps):
+        raise ValueError(f"{len(question.steps)} steps, {len(replies)} replies")
+    (step_a, _), (step_b, _) = question.steps
+    name_a, name_b = _named(step_a), _named(step_b)
+    if question.combine == "same":
+        field = "colour" if "colour" in step_a else "size"
+        a, b = read_step(step_a, replies[0], field), read_step(step_b, replies[1], field)
+        if a is None or b is None:
+            return None
+        return "yes" if a == b else "no", f"{name_a} is {a[0]} and {name_b} is {b[0]}."
+    if question.combine.startswith("count:"):
+        relation = question.combine.removeprefix("count:")
+        anchor, others = read_step(step_a, replies[0], "position"), read_step(step_b, replies[1], "position")
+        if anchor is None or others is None:
+            return None
+        n = sum(positions_relate(relation, p, anchor[0]) for p in others)
+        where = " and ".join(_POSITION_PHRASES[p] for p in others) or "nowhere"
+        return str(n), f"{name_a} is {_POSITION_PHRASES[anchor[0]]}; {name_b} are {where}."
+    if question.combine in _RELATIONS:
+        a, b = read_step(step_a, replies[0], "position"), read_step(step_b, replies[1], "position")
+        if a is None or b is None:
+            return None
+        return ("yes" if positions_relate(question.combine, a[0], b[0]) else "no",
+                f"{name_a} is {_POSITION_PHRASES[a[0]]} and {name_b} is {_POSITION_PHRASES[b[0]]}.")
+    raise ValueError(f"a {question.kind} question has no steps to combine")
+
+
+def _read_simple(question: Question, reply: str) -> tuple[str, str] | None:
+    scene = shapes.parse_caption(reply)
+    if scene is None or question.answer_type == "yes/no" and reply_answer(reply, "yes/no") is not None:
+        answer = reply_answer(reply, question.answer_type)  # a direct answer ("Yes.", "2.", "Red.")
+        return None if answer is None else (answer, "The Observer said so.")
+    targets = _targets(question.text)
+    if question.kind == "attribute":
+        targets.pop(question.answer_type, None)
+    matches = _matching(scene, targets)
+    if question.kind in ("count", "existence"):
+        n = len(matches)
+        answer = str(n) if question.kind == "count" else "yes" if n else "no"
+        return answer, f"The Observer saw {n} such thing{'s' if n != 1 else ''}."
+    value = getattr(matches[0], question.answer_type) if matches else None
+    return None if value is None else (value, "The Observer said so.")
 
 
 def reference(scene: Scene, obj: SceneObject) -> str | None:
@@ -177,7 +284,7 @@ def compare(scene: Scene, rng: random.Random, holdout: bool) -> Question | None:
                        f"Is {name_a} the same {field} as {name_b}?"))
     ask = {"colour": "What colour is {}?", "size": "Is {} small or large?"}[field]
     steps = ((ask.format(name_a), getattr(a, field)), (ask.format(name_b), getattr(b, field)))
-    return Question(text, "yes" if getattr(a, field) == getattr(b, field) else "no", "compare", steps)
+    return Question(text, "yes" if getattr(a, field) == getattr(b, field) else "no", "compare", steps, "same")
 
 
 def count_where(scene: Scene, rng: random.Random, holdout: bool) -> Question | None:
@@ -194,7 +301,7 @@ def count_where(scene: Scene, rng: random.Random, holdout: bool) -> Question | N
     text = rng.choice((f"How many {colour} things are {phrase} {name}?", f"How many {colour} shapes are {phrase} {name}?"))
     where_colour = " and ".join(_POSITION_PHRASES[o.position] for o in matching) or "nowhere"
     steps = ((_where(name), anchor.position), (f"Where are the {colour} things?", where_colour))
-    return Question(text, str(n), "count_where", steps)
+    return Question(text, str(n), "count_where", steps, f"count:{relation}")
 
 
 def relation(scene: Scene, rng: random.Random, holdout: bool) -> Question | None:
@@ -205,7 +312,7 @@ def relation(scene: Scene, rng: random.Random, holdout: bool) -> Question | None
     relation_name = rng.choice(tuple(_RELATIONS))
     text = f"Is {name_a} {rng.choice(_RELATIONS[relation_name])} {name_b}?"
     steps = ((_where(name_a), a.position), (_where(name_b), b.position))
-    return Question(text, "yes" if relation_holds(relation_name, a, b) else "no", "relation", steps)
+    return Question(text, "yes" if relation_holds(relation_name, a, b) else "no", "relation", steps, relation_name)
 
 
 ASKERS = {"attribute": attribute, "existence": existence, "count": count, "location": location,

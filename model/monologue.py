@@ -1,0 +1,300 @@
+"""IMMO's inner monologue: a text-only Reasoner asks the Observer about the image, then answers.
+
+The Reasoner is the LM with its LoRA adapter on (`model/reasoner.py`); it never sees pixels. It reads the
+question (and the conversation's text) and writes one line at a time into its transcript:
+
+    Q1: What colour is the star?          <- Reasoner (adapter on)
+    A1: Red.                              <- Observer: the grounded LM, adapter off, on the image
+    Q2: What colour is the square?
+    A2: Blue.
+    Final answer: No.
+    Reason: the star is red and the square is blue.
+
+After `max_rounds` questions the loop writes `Final answer:` itself. A monologue that goes wrong (a line that is
+neither a question nor the final answer, a question asked twice, an empty answer, a line that never ends)
+falls back to the Observer answering the user's question directly, and says so: `Monologue.fallback` names
+why. `think` streams it all as events: `Thought`s for the lines as they are written, then the final answer as
+`Text` (with `[RET]` retrieving as in any reply). Training writes the same transcripts (`transcript_pieces`),
+so what the Reasoner learns is exactly what it is asked to continue here.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from model.generate import (Cancel, Done, Event, GenerationSettings, Retrieved, SearchFn, Text, Thought,
+                            logits_warpers, sample, scale_ret_logit, stream_reply)
+from model.grounded import GroundedLM
+from model.prompt import Turn, looked_at
+
+SYSTEM = "Ask the Observer, who sees the image, then answer."
+"""Short: every token of it is in every training row."""
+FINAL = "Final answer:"
+REASON = "Reason:"
+OBSERVER_TOKENS = 24
+"""Where an Observer's answer is cut (IMMO's Observer: at most 25 tokens)."""
+LINE_TOKENS = 40
+"""A Reasoner's line that has not ended by then never will: the monologue has gone wrong."""
+CONTEXT_TURNS = 4
+"""Earlier turns whose text the Reasoner reads (the conversation's images it never sees)."""
+_QUESTION = re.compile(r"^Q(\d+):\s*(.+)$")
+
+
+@dataclass
+class Monologue:
+    """A monologue's lines as (role, text), how many questions it asked, and why it fell back (None: it did not)."""
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    rounds: int = 0
+    answer: str = ""
+    fallback: str | None = None
+
+
+def reasoner_prompt(model: GroundedLM, question: str, earlier: list[Turn] = ()) -> list[int]:
+    """The Reasoner's prompt as token ids: the instruction, the text of up to CONTEXT_TURNS earlier turns (an image
+    shows as "(an image)") and the question, up to the opening of its own turn, where the transcript goes."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    for turn in list(earlier)[-CONTEXT_TURNS:]:
+        text = "".join("(an image) " if isinstance(p, Image.Image) else p for p in turn.parts).strip()
+        messages.append({"role": turn.role, "content": text})
+    messages.append({"role": "user", "content": f"Question: {question}"})
+    text = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return model.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def heard(observed: str) -> str:
+    """An Observer's reply as the transcript holds it: one line, or a mark that it said nothing."""
+    return " ".join(observed.split()) or "(no answer)"
+
+
+def question_line(n: int, question: str) -> str:
+    return f"Q{n}: {question}\n"
+
+
+def answer_line(n: int, answer: str) -> str:
+    return f"A{n}: {answer}\n"
+
+
+def final_lines(answer: str, reason: str) -> str:
+    return f"{FINAL} {answer}\n{REASON} {reason}"
+
+
+def transcript_pieces(steps: list[tuple[str, str]], answer: str, reason: str, end: str) -> list[tuple[str, bool]]:
+    """A whole monologue as (text, written by the Reasoner) pieces, tokenised one by one in training as `think`
+    feeds them: the Reasoner's questions and final lines (closed by `end`, the LM's end of turn), the Observer's
+    answers between them (not learnt)."""
+    pieces = []
+    for n, (question, observed) in enumerate(steps, 1):
+        pieces += [(question_line(n, question), True), (answer_line(n, heard(observed)), False)]
+    return pieces + [(final_lines(answer, reason) + end, True)]
+
+
+def observe(model: GroundedLM, images: list[Image.Image], question: str, settings: GenerationSettings,
+            cancel: Cancel | None = None) -> Iterator[Text]:
+    """The Observer's answer to one sub-question about `images`, streamed (adapter off, greedy, no retrieval)."""
+    look = GenerationSettings(max_new_tokens=OBSERVER_TOKENS, look=settings.look)
+    for event in stream_reply(model, [Turn("user", [*images, question])], look, cancel=cancel):
+        if isinstance(event, Text):
+            yield event
+
+
+class Reasoner:
+    """The Reasoner's side of one monologue: its KV cache, fed a piece at a time, and its lines decoded."""
+
+    def __init__(self, model: GroundedLM, prompt: list[int], settings: GenerationSettings):
+        self.model, self.settings = model, settings
+        self.cache = DynamicCache()
+        self.warpers = logits_warpers(settings)
+        self.generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        self.search: SearchFn | None = None
+        """Set once the Reasoner is answering: `[RET]` may retrieve there, never in a question."""
+        self.shown = set(settings.exclude)
+        self.n_images = 0
+        self.tokens = len(prompt)
+        self.ended = ""
+        """How the last line ended: "newline", "eos", "limit" or "cancelled"."""
+        self.last = self._read(prompt)
+
+    def _read(self, ids: list[int]) -> torch.Tensor:
+        embeds = self.model.embed_ids(torch.tensor([ids], device=self.model.device))      # (1, T, lm_dim)
+        hidden, self.cache = self.model.hidden_states(embeds, past_key_values=self.cache, reasoner=True)
+        return hidden[0, -1]                                                               # (lm_dim,)
+
+    def feed(self, text: str) -> None:
+        """Text the loop writes into the transcript (an Observer's answer, the `Final answer:` cue)."""
+        ids = self.model.tokenizer(text, add_special_tokens=False).input_ids
+        self.last = self._read(ids)
+        self.tokens += len(ids)
+
+    def line(self, cancel: Cancel | None) -> Iterator[str | Retrieved]:
+        """Decode one line as text deltas (and `Retrieved` where `[RET]` searched); `ended` says how it stopped."""
+        model, ids, emitted = self.model, [], ""
+        self.ended = "limit"
+        for _ in range(LINE_TOKENS):
+            if cancel is not None and cancel.is_set():
+                self.ended = "cancelled"
+                return
+            logits = model.logits(self.last)                                               # (V',)
+            ret_allowed = self.search is not None and self.n_images < self.settings.max_images
+            logits[model.ret_id] = (scale_ret_logit(logits[model.ret_id], self.settings.ret_scale_factor)
+                                    if ret_allowed else float("-inf"))
+            token = sample(logits, self.settings.temperature, self.warpers, self.generator)
+            if token in model.eos_ids:
+                self.ended = "eos"
+                return
+            self.last = self._read([token])
+            self.tokens += 1
+            if token == model.ret_id:
+                hits = self.search(model.ret_query(self.last), self.shown)[:self.settings.images_per_ret]
+                self.shown.update(hit.id for hit in hits)
+                self.n_images += 1
+                yield Retrieved(hits)
+                continue
+            ids.append(token)
+            text = model.tokenizer.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # half of a multi-byte character
+            if "\n" in text:
+                if text.index("\n") > len(emitted):
+                    yield text[len(emitted):text.index("\n")]
+                self.ended = "newline"
+                return
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+            emitted = text
+
+
+def _after_label(pieces: Iterator[str | Retrieved], label: str) -> Iterator[str | Retrieved]:
+    """A line's deltas without its `label` ("Final answer:") and the spaces after it, held back only while the
+    text so far could still be the label."""
+    held, passed = "", False
+    for piece in pieces:
+        if not isinstance(piece, str) or passed:
+            yield piece
+            continue
+        held += piece
+        text = held.lstrip()
+        if label.startswith(text):
+            continue
+        text = text[len(label):] if text.startswith(label) else text
+        if text.strip():
+            passed = True
+            yield text.lstrip()
+
+
+def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | None = None,
+          search: SearchFn | None = None, cancel: Cancel | None = None, max_rounds: int = 2,
+          record: Monologue | None = None) -> Iterator[Event]:
+    """Answer the last user turn after an inner monologue about the conversation's image: `Thought`s, then the
+    answer as `Text` (and `Retrieved`), then `Done` (its stats add `rounds` and `fallback`). Needs a model with a
+    Reasoner and an image in the conversation. `record`, if given, is filled with the monologue."""
+    if model.reasoner is None:
+        raise ValueError("this checkpoint has no Reasoner: it cannot think before answering")
+    images = looked_at(turns)
+    if not images or not turns[-1].text.strip():
+        raise ValueError("there is no question about an image in the conversation to think about")
+    settings = settings or GenerationSettings()
+    record = record if record is not None else Monologue()
+    start = time.perf_counter()
+    reasoner = Reasoner(model, reasoner_prompt(model, turns[-1].text, turns[:-1]), settings)
+    asked: set[str] = set()
+    answering = None  # the deltas of the final answer's line, once the Reasoner starts it
+    while answering is None and record.fallback is None:
+        if record.rounds == max_rounds:  # enough questions: the loop cues the answer
+            reasoner.feed(FINAL)
+            answering = reasoner.line(cancel)
+            break
+        line = len(record.lines)
+        pieces = reasoner.line(cancel)
+        head = ""
+        for piece in pieces:  # a line opening "F" is the final answer, which the user sees as the reply
+            head += piece
+            if head.strip():
+                break
+        if head.strip().startswith("F"):
+            answering = itertools.chain([head], pieces)
+            break
+        said = head
+        if head:
+            yield Thought("Reasoner", line, head.lstrip())
+        for piece in pieces:
+            said += piece
+            yield Thought("Reasoner", line, piece)
+        said = said.strip()
+        record.lines.append(("Reasoner", said))
+        if reasoner.ended == "cancelled":
+            return
+        match = _QUESTION.match(said)
+        if reasoner.ended != "newline":
+            record.fallback = "a question of the monologue did not end"
+        elif match is None or int(match.group(1)) != record.rounds + 1:
+            record.fallback = f"expected Q{record.rounds + 1}: or {FINAL} and the Reasoner wrote {said[:60]!r}"
+        elif match.group(2).strip().lower() in asked:
+            record.fallback = f"the Reasoner asked {match.group(2).strip()!r} twice"
+        else:
+            question = match.group(2).strip()
+            asked.add(question.lower())
+            record.rounds += 1
+            observed = ""
+            yield Thought("Observer", line + 1, f"A{record.rounds}: ")
+            for event in observe(model, images, question, settings, cancel):
+                observed += event.delta
+                yield Thought("Observer", line + 1, event.delta)
+            if cancel is not None and cancel.is_set():
+                return
+            observed = heard(observed)
+            record.lines.append(("Observer", f"A{record.rounds}: {observed}"))
+            reasoner.feed(answer_line(record.rounds, observed))
+
+    stats: dict = {}
+    if answering is not None:
+        reasoner.search = search
+        yield from _final_answer(reasoner, answering, record, cancel)
+    if reasoner.ended == "cancelled":
+        return
+    if record.fallback is not None:
+        yield Thought("Reasoner", len(record.lines), f"(The monologue went wrong: {record.fallback}. The Observer "
+                                                     f"answers the question directly.)")
+        for event in stream_reply(model, turns, settings, search, cancel):
+            if isinstance(event, Done):
+                stats = dict(event.stats)
+                continue
+            if isinstance(event, Text):
+                record.answer += event.delta
+            yield event
+    yield Done({"stop": reasoner.ended, "images": reasoner.n_images, **stats, "reasoner_tokens": reasoner.tokens,
+                "seconds": time.perf_counter() - start, "rounds": record.rounds, "fallback": record.fallback})
+
+
+def _final_answer(reasoner: Reasoner, answering: Iterator[str | Retrieved], record: Monologue,
+                  cancel: Cancel | None) -> Iterator[Event]:
+    """The final answer and its reason, streamed to the user as one `Text` without labels ("No. The star is red
+    and the square is blue."); `[RET]` may retrieve here, as in any reply."""
+    for piece in _after_label(answering, FINAL):
+        if isinstance(piece, str):
+            record.answer += piece
+            yield Text(piece)
+        else:
+            yield piece
+    record.answer = record.answer.strip()
+    record.lines.append(("Reasoner", f"{FINAL} {record.answer}"))
+    if not record.answer:
+        record.fallback = "the final answer was empty"
+        return
+    if reasoner.ended != "newline":
+        return  # the answer alone, without a reason
+    reason = ""
+    for piece in _after_label(reasoner.line(cancel), REASON):
+        if isinstance(piece, str):
+            yield Text(piece if reason else " " + piece)
+            reason += piece
+        else:
+            yield piece
+    record.lines.append(("Reasoner", f"{REASON} {reason.strip()}"))
+    record.answer += " " + reason.strip() if reason.strip() else ""

@@ -1,0 +1,298 @@
+"""IMMO, supervised: teach the Reasoner's adapter to question the Observer, then answer.
+
+    python -m model.training.monologue --observer demo              # the demo's Reasoner, into assets/demo/reasoner
+    python -m model.training.monologue --observer demo --resume     # after an interruption
+
+Monologues are written by construction from shapes-world questions whose decomposition is known
+(`questions.Question.steps`): the Reasoner asks the steps' questions in order (a simple question is its own one
+step), the Observer's *real* answers go into the transcript (what the frozen grounded LM says, asked as `think`
+asks it), and the final answer is what those answers imply (`questions.implied_answer`), with a reason made of
+them: the Reasoner learns to trust and combine what it hears, the way it must in the app. Where the Observer's
+answers do not say (its description leaves out the thing asked about), the monologue ends with the true answer
+as a guess, and says so (counted). The loss is the Reasoner's tokens only: its
+questions and final lines; the prompt and the Observer's answers are context, masked out.
+
+The Observer's answers are computed once and kept in `<run-dir>/observed.json`; the adapter trains with the
+supervised trainer's optimiser, schedule and resumable state. The adapter, its curve and summary go into
+`<out>/reasoner/`, and `<out>`'s config gains `"reasoner": true`; the mappings are left as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm import tqdm
+
+from model.checkpoint import resolve
+from model.config import GroundedConfig
+from model.files import replace_folder, write_atomically
+from model.grounded import GroundedLM
+from model.monologue import OBSERVER_TOKENS, reasoner_prompt, transcript_pieces
+from model.prompt import Turn
+from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning, save_reasoner
+from model.training.evaluate import greedy_replies
+from model.training.optimization import lr_at
+from model.training.plots import plot_batches, plt, save_figure
+from model.training.train import CURVE_NAME, SUMMARY_NAME, load_state, mean_tail, save_state, state_file
+from model.training.train_clip import resolve_device
+from model.world import questions, shapes
+
+OBSERVED_NAME = "observed.json"
+RESUME_KEYS = ("observer", "train_questions", "simple_share", "rank", "batch_size", "lr", "warmup", "seed")
+VAL_OFFSET = 900_000
+
+
+def asked(split: str, n: int, simple_share: float, seed: int, image_size: int, offset: int = 0
+          ) -> list[tuple[int, questions.Question]]:
+    """n (index, question) pairs of `split`: compound kinds, and a `simple_share` of simple ones (a monologue of
+    one step, so that simple questions lose nothing by thinking first). Hold-out pairs are never named."""
+    rng = random.Random(f"monologue:{split}:{seed}")
+    items = []
+    for i in range(offset, offset + n):
+        kinds = questions.SIMPLE_KINDS if rng.random() < simple_share else questions.COMPOUND_KINDS
+        items.append((i, questions.question(split, i, image_size, True, kinds)[1]))
+    return items
+
+
+def steps_of(question: questions.Question) -> list[str]:
+    """The questions the Reasoner asks the Observer: the steps of a compound question, a simple one itself."""
+    return [q for q, _ in question.steps] or [question.text]
+
+
+def observe_all(model: GroundedLM, split: str, items: list[tuple[int, questions.Question]], batch_size: int
+                ) -> list[list[str]]:
+    """The Observer's greedy answers to every step of every item, batched (as `think` asks: the image and the
+    step's question alone, at most OBSERVER_TOKENS tokens)."""
+    image_size = model.visual.image_size[0]
+    convos, owners = [], []
+    for n, (index, question) in enumerate(items):
+        image = shapes.sample(split, index, image_size, True).image  # the scene `questions.question` asked about
+        for step in steps_of(question):
+            convos.append([Turn("user", [image, step])])
+            owners.append(n)
+    replies = [reply for start in tqdm(range(0, len(convos), batch_size), desc=f"the Observer answers ({split})",
+                                       unit="batch", dynamic_ncols=True)
+               for reply in greedy_replies(model, convos[start:start + batch_size], max_new_tokens=OBSERVER_TOKENS)]
+    answers: list[list[str]] = [[] for _ in items]
+    for n, reply in zip(owners, replies):
+        answers[n].append(reply.text)
+    return answers
+
+
+GUESS = "The Observer did not say; this is a guess."
+
+
+def conclusion(question: questions.Question, observed: list[str]) -> tuple[str, str]:
+    """(final answer as said, reason): what the Observer's answers imply, or, where they do not say, the true
+    answer as a guess (so the Reasoner learns to guess the likelier answer rather than to make one up)."""
+    implied = questions.implied_answer(question, observed)
+    if implied is None:
+        return questions.reply_text(question.answer), GUESS
+    return questions.reply_text(implied[0]), implied[1][0].upper() + implied[1][1:]
+
+
+def example(model: GroundedLM, question: questions.Question, observed: list[str]) -> tuple[list[int], list[int]]:
+    """One training row: token ids and labels (-100 outside the Reasoner's own pieces)."""
+    return monologue_row(model, question.text, list(zip(steps_of(question), observed)), *conclusion(question, observed))
+
+
+def monologue_row(model: GroundedLM, question: str, steps: list[tuple[str, str]], answer: str, reason: str
+                  ) -> tuple[list[int], list[int]]:
+    """The token ids of a monologue about `question` ((asked, Observer's answer) steps, then the answer and its
+    reason) and their labels: the Reasoner's own tokens, -100 elsewhere."""
+    return pieces_row(model, question, transcript_pieces(steps, answer, reason, model.tokenizer.eos_token))
+
+
+def pieces_row(model: GroundedLM, question: str, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """The Reasoner's prompt for `question` and the transcript's (text, learnt) pieces, tokenised one by one as
+    `think` feeds them: token ids, and labels that are the ids where learnt, -100 elsewhere."""
+    ids = reasoner_prompt(model, question)
+    labels = [-100] * len(ids)
+    for text, learnt in pieces:
+        piece = model.tokenizer(text, add_special_tokens=False).input_ids
+        ids += piece
+        labels += piece if learnt else [-100] * len(piece)
+    return ids, labels
+
+
+def padded_rows(model: GroundedLM, rows: list[tuple[list[int], list[int]]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of (ids, labels), right-padded -> ids, labels (-100 in the padding) and attention mask, each (N, T)."""
+    width = max(len(ids) for ids, _ in rows)
+    pad = model.tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r, _ in rows], device=model.device)
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows], device=model.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows], device=model.device)
+    return ids, labels, mask
+
+
+def batch_loss(model: GroundedLM, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean cross-entropy of the Reasoner's tokens (adapter on)."""
+    ids, labels, mask = padded_rows(model, rows)
+    with reasoning():
+        return model.lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    plot_batches(ax, history["step"], history["loss"])
+    ax.plot(history["val_step"], history["val_loss"], marker="o", color="tab:orange", label="validation")
+    ax.set(xlabel="step", title="Reasoner: cross-entropy of its own tokens")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def prepared(model: GroundedLM, run_dir: Path, args: argparse.Namespace) -> dict:
+    """Training and validation rows, with the Observer's answers computed once and kept in the run folder."""
+    path = run_dir / OBSERVED_NAME
+    image_size = model.visual.image_size[0]
+    sets = {"train": asked("train", args.train_questions, args.simple_share, args.seed, image_size),
+            "val": asked("val", args.val_size, args.simple_share, args.seed, image_size, VAL_OFFSET)}
+    if path.is_file():
+        observed = json.loads(path.read_text())
+    else:
+        t0 = time.time()
+        observed = {split: observe_all(model, split, items, args.observe_batch) for split, items in sets.items()}
+        print(f"asked the Observer {sum(len(steps_of(q)) for items in sets.values() for _, q in items)} questions "
+              f"in {time.time() - t0:.0f} s", flush=True)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(observed)))
+    rows = {}
+    for split, items in sets.items():
+        rows[split] = [example(model, q, seen) for (_, q), seen in zip(items, observed[split])]
+        rows[f"{split}_guessed"] = sum(conclusion(q, seen)[1] == GUESS for (_, q), seen in zip(items, observed[split]))
+    return rows
+
+
+def train(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    out_dir = Path(args.out) if args.out else resolve(args.observer)
+    GroundedConfig.load(out_dir)  # the checkpoint the Reasoner joins must be there before hours of training
+    run_dir = Path(args.run_dir or Path("runs") / f"monologue-{out_dir.name}")
+    state_path = state_file(run_dir, args.resume)
+    torch.manual_seed(args.seed)
+    model = GroundedLM.from_pretrained(resolve(args.observer), device=device, dequantize=True)
+    if model.reasoner is not None:
+        raise SystemExit(f"{args.observer} has a Reasoner already; give the checkpoint it observes with")
+    rows = prepared(model, run_dir, args)
+    model.add_reasoner(args.rank)
+    params = reasoner_parameters(model.lm)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    options = {key: getattr(args, key) for key in RESUME_KEYS}
+    history = {"step": [], "loss": [], "lr": [], "val_step": [], "val_loss": []}
+    start, seconds_before = 0, 0.0
+    if args.resume:
+        weights, meta = load_state(state_path, get_peft_model_state_dict(model.lm, adapter_name=ADAPTER), optimizer,
+                                   options)
+        set_peft_model_state_dict(model.lm, weights, adapter_name=ADAPTER)
+        history, start, seconds_before = meta["history"], meta["step"], meta["seconds"]
+    print(f"{len(rows['train'])} training monologues ({rows['train_guessed']} conclude with a guess: the Observer's "
+          f"answers did not say), {len(rows['val'])} for validation; {sum(p.numel() for p in params):,} adapter "
+          f"parameters; {args.steps} steps of {args.batch_size}", flush=True)
+    rng = random.Random(args.seed)
+    order = [i for _ in range(args.steps * args.batch_size // max(1, len(rows["train"])) + 1)
+             for i in rng.sample(range(len(rows["train"])), len(rows["train"]))]
+    t_start, steps_here, stopped_early = time.time(), 0, False
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="reasoner", unit="step",
+               dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, args.steps, args.warmup, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [rows["train"][i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+        model.lm.train()
+        loss = batch_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        model.lm.eval()
+        done, steps_here = step + 1, steps_here + 1
+        history["step"].append(done)
+        history["loss"].append(loss.item())
+        history["lr"].append(lr)
+        elapsed = time.time() - t_start
+        bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{steps_here * args.batch_size / elapsed:.1f}")
+        out_of_time = args.time_limit is not None and elapsed >= args.time_limit * 60
+        if done % args.val_every == 0 or done == args.steps or out_of_time:
+            with torch.no_grad():
+                val = [batch_loss(model, rows["val"][i:i + args.batch_size]).item()
+                       for i in range(0, len(rows["val"]), args.batch_size)]
+            history["val_step"].append(done)
+            history["val_loss"].append(sum(val) / len(val))
+            bar.write(f"step {done}/{args.steps}  train {mean_tail(history['loss'], args.val_every):.3f}  "
+                      f"val {history['val_loss'][-1]:.3f}  lr {lr:.2e}  {elapsed / steps_here:.2f} s/step")
+            save_state(state_path, get_peft_model_state_dict(model.lm, adapter_name=ADAPTER), optimizer, done,
+                       history, options, seconds_before + time.time() - t_start)
+            plot_curves(history, run_dir / CURVE_NAME)
+        if out_of_time and done < args.steps:
+            stopped_early = True
+            break
+    bar.close()
+    summary = {"finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0,
+               "options": options, "device": str(device), "train_monologues": len(rows["train"]),
+               "concluded_with_a_guess": rows["train_guessed"], "seconds": round(seconds_before + time.time() - t_start, 1),
+               "seconds_per_step": round((time.time() - t_start) / steps_here, 3) if steps_here else None,
+               "train_loss": mean_tail(history["loss"]),
+               "val_loss": history["val_loss"][-1] if history["val_loss"] else None}
+    if summary["finished"]:
+        export(model, run_dir, out_dir, summary)
+        print(f"saved the Reasoner to {out_dir / FOLDER}", flush=True)
+    else:
+        print(f"stopped at step {summary['step']} of {args.steps}; continue with the same command and --resume",
+              flush=True)
+    print("summary " + json.dumps(summary), flush=True)
+    return summary
+
+
+def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
+    """The adapter, its curve and summary into `<out>/reasoner/`, then `"reasoner": true` in `<out>`'s config (in
+    that order: a config never names a Reasoner that is not there)."""
+    def fill(staging: Path) -> None:
+        save_reasoner(model.lm, model.reasoner, staging)
+        (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        (staging / CURVE_NAME).write_bytes((run_dir / CURVE_NAME).read_bytes())
+
+    replace_folder(out / FOLDER, fill)
+    config = GroundedConfig.load(out)
+    config.reasoner = True
+    config.save(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--observer", default="demo", help="the grounded checkpoint that sees the images (no Reasoner yet)")
+    p.add_argument("--out", default=None, help="the checkpoint folder that gets the Reasoner (default: the "
+                   "observer's own; another must be a copy of it)")
+    p.add_argument("--run-dir", help="resumable state, the Observer's answers, curves (default: runs/monologue-<out>)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --run-dir")
+    p.add_argument("--train-questions", type=int, default=2000)
+    p.add_argument("--simple-share", type=float, default=0.3, help="share of simple (one-step) questions")
+    p.add_argument("--val-size", type=int, default=64)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (IMMO: 16)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--val-every", type=int, default=50)
+    p.add_argument("--observe-batch", type=int, default=32, help="batch of the Observer's greedy answers")
+    p.add_argument("--time-limit", type=float, default=None, help="minutes; save and stop after")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = p.parse_args(argv)
+    if min(args.train_questions, args.val_size, args.steps, args.batch_size, args.val_every, args.rank) < 1:
+        raise SystemExit("--train-questions, --val-size, --steps, --batch-size, --val-every and --rank must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""IMMO, reinforcement: the Reasoner's adapter learns from whether its final answer is right.
+
+    python -m model.training.monologue_rl --checkpoint runs/demo-immo --steps 30      # after the supervised run
+    python -m model.training.monologue_rl --checkpoint runs/demo-immo --steps 30 --resume
+
+One step:
+    rollouts   B shapes-world questions (compound, and a `--simple-share` of simple ones), G monologues each,
+               run as the app runs them (`model.monologue.think`): the Reasoner samples at `--temperature`, the
+               Observer (adapter off) answers greedily, a malformed monologue falls back (and counts)
+    reward     1 when the final answer is right, else 0; a fallback earns 0 (its answer is not the Reasoner's)
+    loss       RLOO: each monologue's advantage is its reward minus the mean of the other G - 1 of its question,
+               times the log-probability of the Reasoner's own tokens (mean per token); plus `--kl` times the
+               per-token KL (k3 estimate) to the supervised adapter the run started from. The Observer's
+               answers and the prompt are context, masked out of both (the released IMMO code left them out of
+               the context instead)
+The monologue's text is tokenised again piece by piece as the supervised trainer does (`monologue_row`), so the
+policy is scored on exactly the rows it was trained on. Why not trl: its GRPO/RLOO trainers generate completions
+with the policy alone; here a completion is a dialogue whose other half comes from the Observer, the same LM with
+the adapter off, mid-sequence. Resumable; curves of reward, accuracy, fallback rate and KL. The adapter goes back
+into the checkpoint's `reasoner/` at the end (its `training.json` gains an `rl` entry).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm import tqdm
+
+from model.checkpoint import resolve
+from model.generate import GenerationSettings
+from model.grounded import GroundedLM
+from model.monologue import Monologue, think
+from model.prompt import Turn
+from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning
+from model.training.monologue import asked, export, padded_rows, pieces_row
+from model.training.optimization import lr_at
+from model.training.plots import plot_batches, plt, save_figure
+from model.training.train import CURVE_NAME, SUMMARY_NAME, load_state, mean_tail, save_state, state_file
+from model.training.train_clip import resolve_device
+from model.world import questions, shapes
+
+RESUME_KEYS = ("checkpoint", "questions_per_step", "group", "temperature", "kl", "lr", "simple_share", "seed")
+
+
+@contextlib.contextmanager
+def adapter_weights(model: GroundedLM, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The Reasoner's adapter holds `weights` inside the block (the trainer's own thread: nothing else runs)."""
+    current = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.lm, adapter_name=ADAPTER).items()}
+    set_peft_model_state_dict(model.lm, weights, adapter_name=ADAPTER)
+    try:
+        yield
+    finally:
+        set_peft_model_state_dict(model.lm, current, adapter_name=ADAPTER)
+
+
+def row_of(model: GroundedLM, question: str, record: Monologue) -> tuple[list[int], list[int]]:
+    """A sampled monologue as a training row, line by line as it was written: the Reasoner's lines learnt, the
+    Observer's read; the last line closes the turn."""
+    lines = [(f"{text}\n", role == "Reasoner") for role, text in record.lines]
+    if lines:
+        lines[-1] = (lines[-1][0][:-1] + model.tokenizer.eos_token, lines[-1][1])
+    return pieces_row(model, question, lines)
+
+
+def token_logprobs(model: GroundedLM, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (N, T-1) of each row's next tokens under the adapter, and the mask of the Reasoner's own."""
+    ids, labels, mask = padded_rows(model, rows)
+    with reasoning():
+        logits = model.lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()      # (N, T-1, V)
+    targets = labels[:, 1:]
+    logprobs = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logprobs, (targets != -100).float()
+
+
+def rollouts(model: GroundedLM, batch: list[tuple[str, int, questions.Question]], group: int, temperature: float,
+             seed: int) -> tuple[list[Monologue], list[float]]:
+    """`group` monologues for each question, and their rewards."""
+    image_size = model.visual.image_size[0]
+    records, rewards = [], []
+    for n, (split, index, question) in enumerate(batch):
+        image = shapes.sample(split, index, image_size, True).image
+        for g in range(group):
+            record = Monologue()
+            settings = GenerationSettings(max_new_tokens=48, temperature=temperature, seed=seed + n * group + g)
+            for _ in think(model, [Turn("user", [image, question.text])], settings, record=record):
+                pass
+            records.append(record)
+            rewards.append(float(record.fallback is None and questions.is_right(record.answer, question)))
+    return records, rewards
+
+
+def plot_curves(history: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    plot_batches(axes[0], history["step"], history["reward"])
+    axes[0].set(xlabel="step", ylim=(-0.02, 1.02), title="reward: final answer right")
+    plot_batches(axes[1], history["step"], history["fallback"], color="tab:red")
+    axes[1].set(xlabel="step", ylim=(-0.02, 1.02), title="fallback rate (malformed monologues)")
+    plot_batches(axes[2], history["step"], history["kl"], color="tab:green")
+    axes[2].set(xlabel="step", title="KL to the supervised Reasoner (per token)")
+    save_figure(fig, path)
+
+
+def train(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    folder = resolve(args.checkpoint)
+    run_dir = Path(args.run_dir or Path("runs") / f"monologue-rl-{folder.name}")
+    state_path = state_file(run_dir, args.resume)
+    torch.manual_seed(args.seed)
+    model = GroundedLM.from_pretrained(folder, device=device, dequantize=True)
+    if model.reasoner is None:
+        raise SystemExit(f"{args.checkpoint} has no Reasoner: train one first (python -m model.training.monologue)")
+    reference = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.lm, adapter_name=ADAPTER).items()}
+    for p in reasoner_parameters(model.lm):
+        p.requires_grad_(True)
+    params = reasoner_parameters(model.lm)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    options = {key: getattr(args, key) for key in RESUME_KEYS}
+    history = {"step": [], "reward": [], "fallback": [], "kl": [], "loss": []}
+    start, seconds_before = 0, 0.0
+    if args.resume:
+        weights, meta = load_state(state_path, reference, optimizer, options)
+        set_peft_model_state_dict(model.lm, weights, adapter_name=ADAPTER)
+        history, start, seconds_before = meta["history"], meta["step"], meta["seconds"]
+    image_size = model.visual.image_size[0]
+    rng = random.Random(f"monologue-rl:{args.seed}")
+    pool = [("train", i, q) for i, q in asked("train", args.pool, args.simple_share, args.seed + 1, image_size,
+                                              offset=500_000)]
+    order = [rng.sample(pool, args.questions_per_step) for _ in range(args.steps)]
+    t_start, steps_here, stopped_early = time.time(), 0, False
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="reasoner RL", unit="step",
+               dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, args.steps, 0, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = order[step]
+        with torch.no_grad():
+            records, rewards = rollouts(model, batch, args.group, args.temperature, args.seed + 1000 * step)
+        rows = [row_of(model, batch[i // args.group][2].text, record) for i, record in enumerate(records)]
+        reward = torch.tensor(rewards, device=model.device).view(len(batch), args.group)          # (B, G)
+        others = (reward.sum(1, keepdim=True) - reward) / max(1, args.group - 1)
+        advantage = (reward - others).flatten()                                                   # (B * G,)
+        with torch.no_grad(), adapter_weights(model, reference):
+            reference_logprobs, _ = token_logprobs(model, rows)
+        logprobs, mask = token_logprobs(model, rows)                                              # (N, T-1)
+        tokens = mask.sum(1).clamp(min=1)
+        log_ratio = reference_logprobs - logprobs
+        kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum(1) / tokens                           # k3, per token
+        policy = -(advantage * (logprobs * mask).sum(1) / tokens)
+        loss = (policy + args.kl * kl).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        done, steps_here = step + 1, steps_here + 1
+        for key, value in (("step", done), ("reward", sum(rewards) / len(rewards)), ("loss", loss.item()),
+                           ("fallback", sum(r.fallback is not None for r in records) / len(records)),
+                           ("kl", kl.mean().item())):
+            history[key].append(value)
+        elapsed = time.time() - t_start
+        bar.set_postfix(reward=f"{history['reward'][-1]:.2f}", kl=f"{history['kl'][-1]:.3f}",
+                        q_s=f"{steps_here * len(batch) / elapsed:.2f}")
+        out_of_time = args.time_limit is not None and elapsed >= args.time_limit * 60
+        if done % args.save_every == 0 or done == args.steps or out_of_time:
+            save_state(state_path, get_peft_model_state_dict(model.lm, adapter_name=ADAPTER), optimizer, done,
+                       history, options, seconds_before + time.time() - t_start)
+            plot_curves(history, run_dir / CURVE_NAME)
+        if out_of_time and done < args.steps:
+            stopped_early = True
+            break
+    bar.close()
+    summary = {"finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0,
+               "options": options, "device": str(device), "seconds": round(seconds_before + time.time() - t_start, 1),
+               "reward_last_10": mean_tail(history["reward"], 10), "fallback_last_10": mean_tail(history["fallback"], 10),
+               "kl_last_10": mean_tail(history["kl"], 10)}
+    if summary["finished"]:
+        supervised = json.loads((folder / FOLDER / SUMMARY_NAME).read_text())
+        export(model, run_dir, folder, {**supervised, "rl": summary})
+        print(f"saved the Reasoner to {folder / FOLDER}", flush=True)
+    else:
+        print(f"stopped at step {summary['step']} of {args.steps}; continue with the same command and --resume",
+              flush=True)
+    print("summary " + json.dumps(summary), flush=True)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint with a (supervised) Reasoner; updated in place")
+    p.add_argument("--run-dir", help="resumable state and curves (default: runs/monologue-rl-<checkpoint>)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--questions-per-step", type=int, default=4)
+    p.add_argument("--group", type=int, default=4, help="monologues per question (RLOO's group)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--kl", type=float, default=0.1, help="weight of the per-token KL to the supervised Reasoner")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--simple-share", type=float, default=0.2)
+    p.add_argument("--pool", type=int, default=2000, help="training questions drawn from")
+    p.add_argument("--save-every", type=int, default=5)
+    p.add_argument("--time-limit", type=float, default=None, help="minutes; save and stop after")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = p.parse_args(argv)
+    if min(args.steps, args.questions_per_step, args.save_every, args.pool) < 1 or args.group < 2:
+        raise SystemExit("--steps, --questions-per-step, --save-every and --pool must be positive, --group at least 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

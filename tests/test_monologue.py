@@ -1,0 +1,251 @@
+"""IMMO: the Reasoner's adapter on the shared LM, the monologue loop, its fallbacks and its trainer, on tiny models."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import teach_reasoner, tiny_config
+from model.config import GroundedConfig
+from model.generate import Done, GenerationSettings, Text, Thought, stream_reply
+from model.grounded import GroundedLM
+from model.monologue import FINAL, Monologue, _after_label, think
+from model.prompt import Turn
+from model.reasoner import FOLDER, WEIGHTS
+from model.training import monologue as trainer
+from model.world import questions, shapes
+
+QUESTION = "What colour is the shape?"
+
+
+@pytest.fixture
+def model(tiny_lm_dir, tiny_clip_dir) -> GroundedLM:
+    return GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
+
+
+def perturbed(model: GroundedLM) -> GroundedLM:
+    """A Reasoner whose adapter changes what the LM computes (a new one starts as the LM itself: B = 0)."""
+    model.add_reasoner(rank=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def hidden(model: GroundedLM, reasoner: bool) -> torch.Tensor:
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        return model.hidden_states(model.embed_ids(ids), reasoner=reasoner)[0]
+
+
+def events_of(model: GroundedLM, image: Image.Image, question: str = QUESTION, **kwargs) -> tuple[list, Monologue]:
+    record = Monologue()
+    events = list(think(model, [Turn("user", [image, question])], GenerationSettings(max_new_tokens=16),
+                        record=record, **kwargs))
+    return events, record
+
+
+def test_the_adapter_is_on_only_in_the_calls_that_ask_for_it(model, tiny_model):
+    before = hidden(model, False)
+    perturbed(model)
+    assert torch.equal(hidden(model, False), before), "the Observer computes exactly what it did without a Reasoner"
+    assert not torch.allclose(hidden(model, True), before, atol=1e-3)
+    with pytest.raises(ValueError, match="no Reasoner"):
+        hidden(tiny_model, True)
+
+
+def test_sessions_thinking_and_not_thinking_at_once_never_share_the_adapter_state(model):
+    perturbed(model)
+    expected = {True: hidden(model, True), False: hidden(model, False)}
+    wrong, start = [], threading.Barrier(4)
+
+    def session(reasoner: bool) -> None:
+        start.wait()
+        for _ in range(30):
+            if not torch.equal(hidden(model, reasoner), expected[reasoner]):
+                wrong.append(reasoner)
+
+    threads = [threading.Thread(target=session, args=(flag,)) for flag in (True, False, True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_a_checkpoint_keeps_its_reasoner_and_loads_it_back(model, tmp_path):
+    perturbed(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / FOLDER / WEIGHTS).is_file() and GroundedConfig.load(tmp_path / "ckpt").reasoner
+    loaded = GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu")
+    assert torch.equal(hidden(loaded, True), hidden(model, True))
+    assert torch.equal(hidden(loaded, False), hidden(model, False))
+    assert "lm.model.layers.0.self_attn.q_proj.lora_A.reasoner.weight" not in (tmp_path / "ckpt").joinpath(
+        "mappings.safetensors").read_bytes().decode("latin-1"), "the adapter lives in reasoner/, not the mappings"
+
+
+def test_a_missing_or_mismatched_reasoner_is_refused_with_what_is_wrong(model, tiny_lm_dir, tiny_clip_dir, tmp_path):
+    perturbed(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    config_path = tmp_path / "ckpt" / FOLDER / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["r"] = 8  # the weights are rank 4
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not fit this LM.*lora_A"):
+        GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu")
+    (tmp_path / "ckpt" / FOLDER / WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match="Reasoner's adapter"):
+        GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu")
+
+
+def test_a_taught_reasoner_questions_the_observer_then_answers_in_the_reply(model, colour_images):
+    heard = teach_reasoner(model, colour_images[0], QUESTION, "Red.", "The Observer said so.")
+    events, record = events_of(model, colour_images[0])
+    thoughts = [e for e in events if isinstance(e, Thought)]
+    lines: dict[int, tuple[str, str]] = {}
+    for t in thoughts:
+        lines[t.line] = (t.role, lines.get(t.line, (t.role, ""))[1] + t.delta)
+    assert list(lines.values()) == [("Reasoner", f"Q1: {QUESTION}"), ("Observer", f"A1: {heard}")]
+    reply = "".join(e.delta for e in events if isinstance(e, Text))
+    assert reply == "Red. The Observer said so.", "the final answer streams as the reply, without its labels"
+    assert events.index(thoughts[-1]) < events.index(next(e for e in events if isinstance(e, Text)))
+    done = events[-1]
+    assert isinstance(done, Done) and done.stats["rounds"] == 1 and done.stats["fallback"] is None
+    assert record.lines[-1] == ("Reasoner", "Reason: The Observer said so.")
+
+
+def test_a_malformed_monologue_falls_back_to_the_observer_and_says_so(model, colour_images):
+    model.add_reasoner(rank=4)  # untrained: the tiny LM's babble is no monologue
+    events, record = events_of(model, colour_images[1])
+    assert record.fallback is not None
+    note = [e for e in events if isinstance(e, Thought)][-1]
+    assert note.role == "Reasoner" and "went wrong" in note.delta and "Observer answers the question directly" in note.delta
+    direct = "".join(e.delta for e in stream_reply(model, [Turn("user", [colour_images[1], QUESTION])],
+                                                   GenerationSettings(max_new_tokens=16)) if isinstance(e, Text))
+    assert "".join(e.delta for e in events if isinstance(e, Text)) == direct
+    assert events[-1].stats["fallback"] == record.fallback
+
+
+def test_stop_ends_the_monologue_where_it_is(model, colour_images):
+    teach_reasoner(model, colour_images[0], QUESTION, "Red.", "The Observer said so.")
+    cancel = threading.Event()
+    seen = []
+    for event in think(model, [Turn("user", [colour_images[0], QUESTION])], cancel=cancel):
+        seen.append(event)
+        if isinstance(event, Thought) and event.role == "Observer":
+            cancel.set()
+    assert not any(isinstance(e, (Text, Done)) for e in seen), "no answer after Stop"
+
+
+def test_thinking_needs_a_reasoner_and_an_image(model, colour_images):
+    with pytest.raises(ValueError, match="no Reasoner"):
+        list(think(model, [Turn("user", [colour_images[0], QUESTION])]))
+    model.add_reasoner(rank=4)
+    with pytest.raises(ValueError, match="no question about an image"):
+        list(think(model, [Turn("user", [QUESTION])]))
+    with pytest.raises(ValueError, match="no question about an image"):
+        list(think(model, [Turn("user", [colour_images[0]])]))
+
+
+def test_the_answer_line_loses_its_label_however_the_tokens_split_it():
+    assert "".join(_after_label(iter(["Fin", "al ans", "wer:", " No", "."]), FINAL)) == "No."
+    assert "".join(_after_label(iter([" Five", "."]), FINAL)) == "Five.", "text that merely starts like the label"
+    assert "".join(_after_label(iter(["Yes", "."]), FINAL)) == "Yes.", "the label already fed by the loop"
+
+
+def test_a_training_row_learns_the_reasoners_lines_and_only_reads_the_observers(model):
+    ids, labels = trainer.monologue_row(model, "Are the star and the square the same colour?",
+                                        [("What colour is the star?", "A red star."),
+                                         ("What colour is the square?", "Blue.")], "No.", "The star is red.")
+    learnt = model.tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+    read = model.tokenizer.decode([i for i, label in zip(ids, labels) if label == -100])
+    assert learnt == ("Q1: What colour is the star?\nQ2: What colour is the square?\nFinal answer: No.\n"
+                      "Reason: The star is red." + model.tokenizer.eos_token)
+    assert "A1: A red star.\nA2: Blue.\n" in read and "Question: Are the star" in read
+
+
+def test_the_trainer_gives_a_checkpoint_a_reasoner_from_the_observers_answers_and_resumes(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    run = tmp_path / "run"
+    options = ["--observer", str(tmp_path / "ckpt"), "--run-dir", str(run), "--train-questions", "6",
+               "--val-size", "2", "--batch-size", "2", "--val-every", "1", "--device", "cpu"]
+    # what the Observer answered, as the first run would keep it: here, the truth (a tiny Observer says nothing
+    # readable, and every monologue would end in a guess)
+    image_size = model.visual.image_size[0]
+    observed = {split: [[a for _, a in q.steps] or [q.answer] for _, q in trainer.asked(split, n, 0.3, 0, image_size, offset)]
+                for split, n, offset in (("train", 6, 0), ("val", 2, trainer.VAL_OFFSET))}
+    run.mkdir()
+    (run / trainer.OBSERVED_NAME).write_text(json.dumps(observed))
+    stopped = trainer.main(options + ["--steps", "3", "--time-limit", "0"])
+    assert not stopped["finished"] and not (tmp_path / "ckpt" / FOLDER).exists()
+    summary = trainer.main(options + ["--steps", "3", "--resume"])
+    assert summary["finished"] and summary["step"] == 3 and summary["train_monologues"] == 6
+    assert GroundedConfig.load(tmp_path / "ckpt").reasoner
+    assert json.loads((tmp_path / "ckpt" / FOLDER / "training.json").read_text())["step"] == 3
+    assert GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu").reasoner is not None
+    with pytest.raises(SystemExit, match="has a Reasoner already"):
+        trainer.main(options + ["--run-dir", str(tmp_path / "again"), "--steps", "1"])
+
+
+def test_true_answers_and_true_descriptions_imply_the_true_answer_of_every_kind_of_question():
+    checked = 0
+    for kind in questions.KINDS:
+        for i in range(100):
+            sample, q = questions.question("train", i, 32, True, (kind,))
+            if q.kind != kind:
+                continue
+            described = shapes.plain_caption(sample.scene)
+            assert questions.implied_answer(q, [a for _, a in q.steps] or [q.answer])[0] == q.answer, q
+            assert questions.implied_answer(q, [described] * max(1, len(q.steps)))[0] == q.answer, (q, described)
+            checked += 1
+    assert checked > 550
+
+
+def test_where_the_observer_does_not_say_the_monologue_concludes_with_a_guess():
+    q = next(q for i in range(20) if (q := questions.question("train", i, 32, True, ("compare",))[1]).kind == "compare")
+    assert trainer.conclusion(q, ["I cannot tell.", "A large red circle."]) == (questions.reply_text(q.answer),
+                                                                                trainer.GUESS)
+    said = trainer.conclusion(q, [a for _, a in q.steps])
+    assert said[0] == questions.reply_text(q.answer) and said[1] != trainer.GUESS
+
+
+def test_a_described_scene_is_read_object_by_object():
+    described = "A large red cross at the top, a small green star at the bottom and a large yellow star in the centre."
+    assert questions.read_step("What colour is the cross?", described, "colour") == ["red"]
+    assert questions.read_step("Is the green star small or large?", described, "size") == ["small"]
+    assert questions.read_step("Where are the yellow things?", described, "position") == ["centre"]
+    assert questions.read_step("Where is the circle?", "On the left.", "position") == ["left"]
+    assert questions.read_step("What colour is the circle?", "I cannot tell.", "colour") is None
+    assert questions.read_step("Where are the blue things?", described, "position") == [], "none, as described"
+    assert questions.read_step("Where are the blue things?", "I do not know.", "position") is None
+
+
+def test_reinforcement_scores_sampled_monologues_and_puts_the_adapter_back_with_its_record(model, tmp_path):
+    from model.training import monologue_rl
+    perturbed(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / FOLDER / "training.json").write_text(json.dumps({"step": 7}))  # the supervised run's
+    options = ["--checkpoint", str(tmp_path / "ckpt"), "--run-dir", str(tmp_path / "run"), "--steps", "2",
+               "--questions-per-step", "1", "--group", "2", "--pool", "4", "--save-every", "1", "--device", "cpu"]
+    stopped = monologue_rl.main(options + ["--time-limit", "0"])
+    assert not stopped["finished"] and stopped["step"] == 1
+    summary = monologue_rl.main(options + ["--resume"])
+    assert summary["finished"] and summary["step"] == 2 and 0 <= summary["fallback_last_10"] <= 1
+    record = json.loads((tmp_path / "ckpt" / FOLDER / "training.json").read_text())
+    assert record["step"] == 7 and record["rl"]["step"] == 2
+    assert (tmp_path / "run" / "training_curve.png").is_file()
+
+
+def test_a_sampled_monologue_is_scored_on_the_lines_the_reasoner_wrote_and_not_the_observers(model):
+    from model.training.monologue_rl import row_of
+    record = Monologue(lines=[("Reasoner", "Q1: What colour is the star?"), ("Observer", "A1: A red star."),
+                              ("Reasoner", "Final answer: Red."), ("Reasoner", "Reason: The star is red.")])
+    ids, labels = row_of(model, "What colour is the star?", record)
+    learnt = model.tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+    assert learnt == ("Q1: What colour is the star?\nFinal answer: Red.\nReason: The star is red."
+                      + model.tokenizer.eos_token)
