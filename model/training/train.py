@@ -254,7 +254,7 @@ def train(args: argparse.Namespace) -> dict:
         kept_out = kept_out and init_summary.is_file() and holdout_kept_out(json.loads(init_summary.read_text()))
         model = GroundedLM.from_pretrained(init_dir, quantize=args.quantize, device=device,
                                            region_grid=args.region_grid, compute_dtype=args.compute_dtype,
-                                           request_tokens=args.request_tokens)
+                                           request_tokens=args.request_tokens, dequantize=args.quantize == "4bit")
         named = GroundedConfig.load(init_dir)  # as the checkpoint names them, not resolved paths
         args.lm, args.visual, args.visual_pretrained = named.lm, named.visual, named.visual_pretrained
         args.n_visual_tokens, args.emb_dim, args.projector = named.n_visual_tokens, named.emb_dim, named.projector
@@ -264,6 +264,9 @@ def train(args: argparse.Namespace) -> dict:
                                 n_visual_tokens=args.n_visual_tokens, region_grid=args.region_grid,
                                 projector=args.projector, emb_dim=args.emb_dim, request_tokens=args.request_tokens)
         model = GroundedLM(config, quantize=args.quantize, device=device, compute_dtype=args.compute_dtype)
+        if args.quantize == "4bit":
+            model.lm = dequantized(model.lm)
+    # 4-bit is dequantised once (before a Reasoner's adapter goes on it): bench/training.py measures both
     args.compute_dtype = model.config.compute_dtype  # what this device runs, recorded in the summary
     args.request_tokens = model.config.request_tokens
     if args.trainable == "perception" and model.perception is None:
@@ -271,8 +274,6 @@ def train(args: argparse.Namespace) -> dict:
     for name, p in model.named_parameters():
         if not name.startswith(("lm.", "visual.")):
             p.requires_grad_(name.startswith(TRAINABLE[args.trainable]))
-    if args.quantize == "4bit":
-        model.lm = dequantized(model.lm)  # bench/training.py measures both
     n_val_batches = max(1, args.val_size // args.batch_size)
     if args.questions:
         image_size = model.visual.image_size[0]
