@@ -239,14 +239,20 @@ def train(args: argparse.Namespace) -> dict:
                "seconds_per_step": round((time.time() - t_start) / steps_here, 3) if steps_here else None,
                "train_loss": mean_tail(history["loss"]),
                "val_loss": history["val_loss"][-1] if history["val_loss"] else None}
+    conclude(model, run_dir, out_dir, summary, summary, args.steps)
+    return summary
+
+
+def conclude(model: GroundedLM, run_dir: Path, out: Path, summary: dict, record: dict, steps: int) -> None:
+    """Export the adapter of a finished run, `record` as its training.json, or say how to continue a run its time
+    limit stopped."""
     if summary["finished"]:
-        export(model, run_dir, out_dir, summary)
-        print(f"saved the Reasoner to {out_dir / FOLDER}", flush=True)
+        export(model, run_dir, out, record)
+        print(f"saved the Reasoner to {out / FOLDER}", flush=True)
     else:
-        print(f"stopped at step {summary['step']} of {args.steps}; continue with the same command and --resume",
+        print(f"stopped at step {summary['step']} of {steps}; continue with the same command and --resume",
               flush=True)
     print("summary " + json.dumps(summary), flush=True)
-    return summary
 
 
 def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:

@@ -39,7 +39,7 @@ from model.grounded import GroundedLM
 from model.monologue import Monologue, think
 from model.prompt import Turn
 from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning
-from model.training.monologue import asked, export, padded_rows, pieces_row
+from model.training.monologue import asked, conclude, padded_rows, pieces_row
 from model.training.optimization import lr_at
 from model.training.plots import plot_batches, plt, save_figure
 from model.training.train import CURVE_NAME, SUMMARY_NAME, load_state, mean_tail, save_state, state_file
@@ -180,14 +180,9 @@ def train(args: argparse.Namespace) -> dict:
                "options": options, "device": str(device), "seconds": round(seconds_before + time.time() - t_start, 1),
                "reward_last_10": mean_tail(history["reward"], 10), "fallback_last_10": mean_tail(history["fallback"], 10),
                "kl_last_10": mean_tail(history["kl"], 10)}
-    if summary["finished"]:
-        supervised = json.loads((folder / FOLDER / SUMMARY_NAME).read_text())
-        export(model, run_dir, folder, {**supervised, "rl": summary})
-        print(f"saved the Reasoner to {folder / FOLDER}", flush=True)
-    else:
-        print(f"stopped at step {summary['step']} of {args.steps}; continue with the same command and --resume",
-              flush=True)
-    print("summary " + json.dumps(summary), flush=True)
+    record = ({**json.loads((folder / FOLDER / SUMMARY_NAME).read_text()), "rl": summary} if summary["finished"]
+              else summary)  # the supervised run's record, with this one's
+    conclude(model, run_dir, folder, summary, record, args.steps)
     return summary
 
 
