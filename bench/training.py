@@ -58,8 +58,7 @@ SETUPS = (
 
 def build(setup: Setup) -> GroundedLM:
     clip = Path(__file__).resolve().parent.parent / "assets" / "demo" / "clip"
-    config = GroundedConfig(lm="smollm2-135m-instruct", visual=f"local-dir:{clip}", visual_pretrained=None,
-                            n_visual_tokens=4, region_grid=3, projector="mlp")
+    config = GroundedConfig(visual=f"local-dir:{clip}")  # the demo's layout, its encoder found from anywhere
     model = GroundedLM(config, quantize=setup.quantize, device="cpu", compute_dtype=setup.compute_dtype)
     if setup.dequantize_once:
         model.lm = dequantized(model.lm)

@@ -136,7 +136,7 @@ def import_fromage(ckpt_path: str | Path, model_args_path: str | Path, out: str 
         raise ValueError(f"{ckpt_path}: visual_embeddings is {tuple(weights['input_mapping.weight'].shape)}, "
                          f"expected ({n_visual_tokens} * {lm_dim}, {visual_dim}) for n_visual_tokens={n_visual_tokens}")
     config = GroundedConfig(lm=args.get("opt_version", "facebook/opt-6.7b"), visual="ViT-L-14",
-                            visual_pretrained="openai", n_visual_tokens=n_visual_tokens,
+                            visual_pretrained="openai", n_visual_tokens=n_visual_tokens, region_grid=0, projector="linear",
                             emb_dim=weights["image_mapping.weight"].shape[0], prompt_format="qa",
                             lm_dim=lm_dim, visual_dim=visual_dim, versions={"imported_from": "fromage"})
     write_checkpoint(out, config, weights, {})  # whole or absent: resolve() takes a config for a finished import

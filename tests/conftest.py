@@ -106,9 +106,10 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 def tiny_config(lm_dir: Path, clip_dir: Path, **overrides):
+    """FROMAGe's layout (CLS tokens, linear mappings) at tiny sizes, unless `overrides` say otherwise."""
     from model.config import GroundedConfig
-    return GroundedConfig(lm=str(lm_dir), visual=f"local-dir:{clip_dir}", visual_pretrained=None,
-                          n_visual_tokens=2, emb_dim=8, **overrides)
+    layout = {"n_visual_tokens": 2, "region_grid": 0, "projector": "linear", "emb_dim": 8}
+    return GroundedConfig(lm=str(lm_dir), visual=f"local-dir:{clip_dir}", visual_pretrained=None, **layout | overrides)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from model.checkpoint import import_fromage, resolve
+from model.checkpoint import ASSETS, import_fromage, resolve
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
 from model.generate import GenerationSettings, Text, stream_reply
 from model.grounded import GroundedLM
@@ -83,6 +83,20 @@ def test_missing_files_are_named(tmp_path):
     GroundedConfig().save(tmp_path)
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
         GroundedLM.from_pretrained(tmp_path, quantize="none")
+
+
+def test_the_defaults_are_the_demos_and_an_older_file_keeps_its_meaning(tmp_path):
+    fresh, demo = GroundedConfig(), GroundedConfig.load(ASSETS / "demo")
+    layout = ("lm", "n_visual_tokens", "region_grid", "projector", "emb_dim", "prompt_format")
+    assert [getattr(fresh, key) for key in layout] == [getattr(demo, key) for key in layout]
+    assert (ASSETS.parent / fresh.visual.removeprefix("local-dir:")).resolve() == ASSETS / "demo" / "clip"
+    # written before the encoder, region and projector keys existed: FROMAGe's layout, as it meant then
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"lm": "facebook/opt-6.7b", "prompt_format": "qa"}))
+    older = GroundedConfig.load(tmp_path)
+    assert (older.visual, older.visual_pretrained, older.n_visual_tokens, older.region_grid, older.projector) == (
+        "ViT-L-14", "openai", 1, 0, "linear")
+    fresh.save(tmp_path)
+    assert GroundedConfig.load(tmp_path) == fresh
 
 
 def test_official_presets_fail_fast_without_a_network(tmp_path, monkeypatch):

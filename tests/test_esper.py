@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_sensitive_lm, png_bytes
+from conftest import make_sensitive_lm, png_bytes, tiny_config
 from model.config import GroundedConfig
 from model.grounded import GroundedLM
 from model.lm import SMOLLM2
@@ -132,8 +132,7 @@ def test_init_continues_an_esper_checkpoint_but_takes_only_the_layout_of_a_capti
     assert baseline == first["baseline"] and len(baseline) == 2  # no new warm-up: the same reward scale
     torch.testing.assert_close(continued.input_mapping.weight, trained.input_mapping.weight)
 
-    captioned = GroundedLM(GroundedConfig(lm=str(tiny_lm_dir), visual=f"local-dir:{tiny_clip_dir}",
-                                          visual_pretrained=None, n_visual_tokens=2), quantize="none")
+    captioned = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none")
     captioned.save_pretrained(tmp_path / "captioned")
     args = esper.parse_args(["--out", str(tmp_path / "next"), "--init", str(tmp_path / "captioned"),
                              "--quantize", "none", "--device", "cpu"])
@@ -149,8 +148,7 @@ def test_quiet_start_barely_disturbs_the_real_lm(tiny_clip_dir, tmp_path):
     args = esper_args(SMOLLM2, tiny_clip_dir, tmp_path, "--length", "4")
     torch.manual_seed(0)
     quiet, _ = esper.build_model(args, torch.device("cpu"))
-    plain = GroundedLM(GroundedConfig(lm=SMOLLM2, visual=f"local-dir:{tiny_clip_dir}", visual_pretrained=None,
-                                      n_visual_tokens=2, retrieves=False), quantize="none")
+    plain = GroundedLM(tiny_config(SMOLLM2, tiny_clip_dir, retrieves=False), quantize="none")
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue", "white")]
 
     def kl(model: GroundedLM) -> float:

@@ -56,7 +56,7 @@ from model.training.degeneracy import UNLIKELY_NLL, is_degenerate, repetition
 from model.training.evaluate import greedy_replies, padded, reply_logits
 from model.training.optimization import lr_at, param_groups
 from model.training.plots import plot_batches, plt, save_figure
-from model.training.train import (CURVE_NAME, SUMMARY_NAME, TRAIN_SCENES, VAL_SCENES, conclude, load_state, mean_tail, run_folders,
+from model.training.train import (CURVE_NAME, DEMO, SUMMARY_NAME, TRAIN_SCENES, VAL_SCENES, conclude, load_state, mean_tail, run_folders,
                                   save_state)
 from model.training.train_clip import resolve_device
 from model.world.data import ImageFolder, ShapesImages
@@ -414,14 +414,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "several; default: the demo's description requests)")
     p.add_argument("--opening", action="append", help="how a reply may begin (repeat for several; \"\" for none; "
                                                       f"default: {', '.join(map(repr, OPENINGS))})")
-    p.add_argument("--lm", default="smollm2-135m-instruct")
-    p.add_argument("--visual", default="local-dir:assets/demo/clip")
-    p.add_argument("--visual-pretrained", default=None, help="open_clip tag, for a named --visual model")
-    p.add_argument("--n-visual-tokens", type=int, default=4)
+    p.add_argument("--lm", default=DEMO.lm)
+    p.add_argument("--visual", default=DEMO.visual)
+    p.add_argument("--visual-pretrained", default=DEMO.visual_pretrained, help="open_clip tag, for a named --visual model")
+    p.add_argument("--n-visual-tokens", type=int, default=DEMO.n_visual_tokens)
     p.add_argument("--region-grid", type=int, default=0,
                    help="region tokens (N x N cells) besides the CLS tokens; default none: fewer weights to learn "
                         "from a reward alone, and the CLS feature names one object's shape and colour")
-    p.add_argument("--projector", choices=PROJECTORS, default="mlp")
+    p.add_argument("--projector", choices=PROJECTORS, default=DEMO.projector)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument("--group", type=int, default=4, help="replies sampled per image (the leave-one-out baseline)")

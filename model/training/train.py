@@ -52,8 +52,8 @@ from model.training.train_clip import resolve_device
 from model.visual import LOCAL_DIR
 from model.training.plots import plt, save_figure, plot_batches
 
-DEFAULT_REGION_GRID = 3
-"""3 x 3 cells: the shapes world's five positions each fall in one cell of the demo encoder's 8 x 8 patches."""
+DEMO = GroundedConfig()
+"""The defaults of a fresh run: the demo's layout."""
 TRAIN_SCENES = 1_000_000
 VAL_SCENES = 100_000
 """Scenes validation conversations draw from (distinct within a batch); --val-size counts conversations."""
@@ -379,16 +379,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainable", choices=tuple(TRAINABLE), default="all",
                    help="what trains: every small layer, the request module alone (LMEye's stage 2), or the input "
                         "mappings alone (its ablation)")
-    p.add_argument("--lm", default="smollm2-135m-instruct")
-    p.add_argument("--visual", default="local-dir:assets/demo/clip")
-    p.add_argument("--visual-pretrained", default=None, help="open_clip tag, for a named --visual model")
-    p.add_argument("--n-visual-tokens", type=int, default=4)
+    p.add_argument("--lm", default=DEMO.lm)
+    p.add_argument("--visual", default=DEMO.visual)
+    p.add_argument("--visual-pretrained", default=DEMO.visual_pretrained, help="open_clip tag, for a named --visual model")
+    p.add_argument("--n-visual-tokens", type=int, default=DEMO.n_visual_tokens)
     p.add_argument("--region-grid", type=int, default=None,
                    help=f"region tokens: patch features pooled to an N x N grid, one token per cell (0: none; "
-                        f"default {DEFAULT_REGION_GRID}, or the --init checkpoint's)")
-    p.add_argument("--projector", choices=PROJECTORS, default="mlp",
+                        f"default {DEMO.region_grid}, or the --init checkpoint's)")
+    p.add_argument("--projector", choices=PROJECTORS, default=DEMO.projector,
                    help="CLIP features -> LM tokens: linear (FROMAGe) or mlp (LLaVA-1.5)")
-    p.add_argument("--emb-dim", type=int, default=256)
+    p.add_argument("--emb-dim", type=int, default=DEMO.emb_dim)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -407,7 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.questions and args.tsv:
         p.error("--questions trains on the shapes world: leave out --tsv")
     if args.region_grid is None and args.init is None:
-        args.region_grid = DEFAULT_REGION_GRID
+        args.region_grid = DEMO.region_grid
     if args.request_tokens is None and args.init is None:
         args.request_tokens = 0
     return args
