@@ -64,10 +64,12 @@ def expected_first_letter_score(model: GroundedLM, image: Image.Image) -> float:
     return (probs * scores).sum().item()
 
 
+@pytest.mark.parametrize("estimator", [("--group", "16"), ("--candidates", "16")], ids=["sampled", "candidates"])
 def test_esper_steps_teach_the_mapping_what_each_image_should_make_the_lm_say(sensitive_lm_dir, tiny_clip_dir,
-                                                                             red_and_blue, tmp_path):
+                                                                             red_and_blue, tmp_path, estimator):
+    """Sampled replies (RLOO) or the policy's 16 likeliest first tokens summed over: either way 60 steps."""
     args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--images", str(red_and_blue), "--steps", "60",
-                      "--warmup-steps", "2", "--batch-size", "4", "--group", "16", "--length", "1", "--lr", "0.05",
+                      "--warmup-steps", "2", "--batch-size", "4", *estimator, "--length", "1", "--lr", "0.05",
                       "--kl", "0", "--quiet", "1", "--unlikely-nll", "100", "--opening", "", "--val-every", "60")
     torch.manual_seed(args.seed)
     before, _ = esper.build_model(args, torch.device("cpu"))

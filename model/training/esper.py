@@ -20,6 +20,12 @@ the LM, CLIP and every other weight stay frozen. One step:
                the policy to the text-only LM (the same prompt without the image) over the whole vocabulary
     warm-up    the first `warmup_steps` steps train the KL term alone and measure the reward's scale
 
+With `--candidates K` the reply's first token is summed over rather than sampled (`candidates_loss`): the
+policy's K likeliest first tokens, each continued greedily, are all scored, and the loss is the exact expected
+reward over them. For openings that end where the image's words go ("I see a bright"), it finds the colour the
+judge rewards every step, where a few samples mostly miss it: the first stage of a curriculum that a sampled
+run (`--init` its checkpoint) continues towards free descriptions.
+
 The mapping starts quiet (`quiet_start`): every image token is the LM's newline token plus a small image-dependent
 part, so the first prefix barely disturbs the LM (ESPER scaled its mapper's input down likewise).
 
@@ -71,7 +77,7 @@ UNTRAINED_NAME = "untrained"
 SAMPLES_FIGURE = "samples.png"
 RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_grid", "projector", "images",
                "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
-               "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed")
+               "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates")
 
 
 def quiet_start(model: GroundedLM, scale: float) -> None:
@@ -126,28 +132,41 @@ def make_prompts(model: GroundedLM, images: list[Image.Image], rng: random.Rando
 
 
 @torch.no_grad()
-def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int], length: int, temperature: float,
-                   banned: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Prompts as the token ids they all open with and embeddings of the rest (T_i, lm_dim) -> replies of exactly
-    `length` sampled tokens (N, length), decoded together: the opening run once, the rest left-padded after it,
-    one forward per token over the KV cache."""
+def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int], repeats: int, length: int,
+                   temperature: float, banned: torch.Tensor, generator: torch.Generator | None,
+                   first: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompts as the token ids they all open with and embeddings of the rest (T_i, lm_dim) -> `repeats` replies
+    per prompt of exactly `length` tokens (N * repeats, length): each prompt read once (the opening once for
+    all), its KV cache repeated, then one forward per token for every reply. Sampled at `temperature`, greedy at
+    0; `first` (N, repeats): the replies' first tokens, given rather than chosen."""
+    n = len(rows)
     inputs, mask = padded(rows, "left")                                                     # (N, T, lm_dim), (N, T)
-    cache = model.run_prefix(prefix, len(rows))[1] if prefix else None
-    mask = torch.cat([mask.new_ones(len(rows), len(prefix)), mask], 1)                      # (N, P + T)
+    cache = model.run_prefix(prefix, n)[1] if prefix else None
+    mask = torch.cat([mask.new_ones(n, len(prefix)), mask], 1)                              # (N, P + T)
     positions = (mask.cumsum(1) - 1).clamp(min=0)[:, len(prefix):]
+    out = model.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
+                              past_key_values=cache, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(repeats)
+    mask, positions = mask.repeat_interleave(repeats, 0), positions[:, -1:].repeat_interleave(repeats, 0)
+    hidden = out.last_hidden_state[:, -1].repeat_interleave(repeats, 0)                     # (N * repeats, lm_dim)
     no_repeat = NoRepeatNGramLogitsProcessor(3)
-    ids = torch.zeros(len(rows), 0, dtype=torch.long, device=model.device)
-    for _ in range(length):
-        out = model.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = masked(model.logits(out.last_hidden_state[:, -1]), banned) / temperature   # (N, V')
-        logits = no_repeat(ids, logits)
-        token = torch.multinomial(logits.softmax(-1), 1, generator=generator)              # (N, 1)
+    ids = torch.zeros(n * repeats, 0, dtype=torch.long, device=model.device)
+    for step in range(length):
+        if step == 0 and first is not None:
+            token = first.reshape(-1, 1)
+        else:
+            logits = no_repeat(ids, masked(model.logits(hidden), banned))                  # (N * repeats, V')
+            token = (logits.argmax(-1, keepdim=True) if temperature == 0 else
+                     torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
         ids = torch.cat([ids, token], 1)
-        inputs = model.embed_ids(token)                                                     # (N, 1, lm_dim)
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-        positions = positions[:, -1:] + 1
+        if step == length - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        positions = positions + 1
+        out = model.lm.base_model(inputs_embeds=model.embed_ids(token), attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True)
+        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
     return ids
 
 
@@ -155,20 +174,34 @@ def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int
 class StepResult:
     loss: torch.Tensor
     clip: torch.Tensor
-    """(B * G,) the judge's cosine for each reply."""
+    """(N,) the judge's cosine for each reply scored."""
+    weights: torch.Tensor
+    """(N,) each reply's share in its image's expectation under the policy: 1/G for samples, its probability among
+    the K for candidates (so curves report what the policy expects, not what the candidates average)."""
     reward: torch.Tensor
     kl: float
     nll: torch.Tensor
-    """(B * G,) each reply's mean NLL per token under the text-only LM."""
+    """(N,) each reply's NLL per token under the text-only LM (candidates: its first token's)."""
     texts: list[str]
 
+    def expected(self, values: torch.Tensor | list[float]) -> float:
+        """The batch's mean of a per-reply quantity (N,) under the policy."""
+        return float((self.weights * torch.as_tensor(values, dtype=self.weights.dtype)).sum() / self.weights.sum())
 
-def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: random.Random,
-               generator: torch.Generator, args: argparse.Namespace, baseline: tuple[float, float] | None
-               ) -> StepResult:
-    """One batch of rollouts and its loss (settings from the command line's `args`); `baseline` (mean, std of
-    the untrained policy's cosine) None in the warm-up, where only the KL term trains."""
-    group, length, temperature = args.group, args.length, args.temperature
+
+@dataclass
+class Rollouts:
+    """A batch's prompts as the policy and the text-only LM read them, after their shared opening `prefix`."""
+    prompts: Prompts
+    prefix: list[int]
+    policy: list[torch.Tensor]
+    """B rows of embeddings (T_i, lm_dim), with gradient to the mapping."""
+    text_only: list[torch.Tensor]
+    banned: torch.Tensor
+    """Token ids a reply never has: EOS and `[RET]`."""
+
+
+def prepare(model: GroundedLM, images: list[Image.Image], rng: random.Random, args: argparse.Namespace) -> Rollouts:
     prompts = make_prompts(model, images, rng, args.instruction or list(INSTRUCTIONS), args.opening or list(OPENINGS))
     banned = torch.tensor(sorted(model.eos_ids | {model.ret_id}), device=model.device)
     model.visual_features(images)  # one batched CLIP pass; embedding the prompts finds them cached
@@ -179,30 +212,93 @@ def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: 
         if not prefix:
             return prompt
         return ([prompt[0][len(prefix):]] if len(prompt[0]) > len(prefix) else []) + prompt[1:]
-    policy_rows = [row for prompt in prompts.with_image for row in [model.embed_segments(rest(prompt))] * group]
     with torch.no_grad():
-        ref_rows = [row for prompt in prompts.text_only for row in [model.embed_segments(rest(prompt))] * group]
-    ids = sample_replies(model, [r.detach() for r in policy_rows], prefix, length, temperature, banned, generator)
-    texts = [opening + model.tokenizer.decode(reply, skip_special_tokens=True)
-             for opening, reply in zip([o for o in prompts.openings for _ in range(group)], ids)]
+        text_only = [model.embed_segments(rest(prompt)) for prompt in prompts.text_only]
+    return Rollouts(prompts, prefix, [model.embed_segments(rest(prompt)) for prompt in prompts.with_image], text_only,
+                    banned)
 
-    logits = masked(torch.stack(reply_logits(model, policy_rows, list(ids), prefix)), banned)  # (N, L, V')
-    with torch.no_grad():
-        ref_logp = masked(torch.stack(reply_logits(model, ref_rows, list(ids), prefix)), banned).log_softmax(-1)
-        nll = -ref_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(1)                   # (N,)
-        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(group, 0), texts)  # (N,)
+
+def texts_of(model: GroundedLM, openings: list[str], ids: torch.Tensor) -> list[str]:
+    """What the judge reads: each reply (N * R, L) after its prompt's opening (N of them, R replies each)."""
+    repeats = len(ids) // len(openings)
+    return [opening + model.tokenizer.decode(reply, skip_special_tokens=True)
+            for opening, reply in zip([o for o in openings for _ in range(repeats)], ids)]
+
+
+def shaped_reward(clip: torch.Tensor, texts: list[str], nll: torch.Tensor, baseline: tuple[float, float],
+                  unlikely_nll: float) -> torch.Tensor:
+    """The judge's cosines (N,) standardised by the untrained policy's (mean, spread), less each reply's
+    repeated-trigram share and how far its NLL under the text-only LM exceeds `unlikely_nll`."""
+    penalty = torch.tensor([repetition(t) for t in texts], device=clip.device) + (nll - unlikely_nll).clamp(min=0)
+    return (clip - baseline[0]) / baseline[1] - penalty
+
+
+def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: random.Random,
+               generator: torch.Generator, args: argparse.Namespace, baseline: tuple[float, float] | None
+               ) -> StepResult:
+    """One batch of rollouts and its loss (settings from the command line's `args`); `baseline` (mean, std of
+    the untrained policy's cosine) None in the warm-up, where only the KL term trains."""
+    group, length, temperature = args.group, args.length, args.temperature
+    batch = prepare(model, images, rng, args)
+    ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, group, length, temperature,
+                         batch.banned, generator)                                           # (B * G, L)
+    texts = texts_of(model, batch.prompts.openings, ids)
+
+    def each(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [row for row in rows for _ in range(group)]
+    logits = masked(torch.stack(reply_logits(model, each(batch.policy), list(ids), batch.prefix)), batch.banned)
+    with torch.no_grad():                                                                   # (B * G, L, V')
+        ref_logp = masked(torch.stack(reply_logits(model, each(batch.text_only), list(ids), batch.prefix)),
+                          batch.banned).log_softmax(-1)
+        nll = -ref_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(1)                   # (B * G,)
+        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(group, 0), texts)  # (B * G,)
     logp = logits.log_softmax(-1)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()                                    # per token
     loss = args.kl * kl
     reward = torch.zeros_like(clip)
     if baseline is not None:
-        penalty = torch.tensor([repetition(t) for t in texts], device=clip.device) + (nll - args.unlikely_nll).clamp(min=0)
-        reward = (clip - baseline[0]) / baseline[1] - penalty
+        reward = shaped_reward(clip, texts, nll, baseline, args.unlikely_nll)
         grouped = reward.view(-1, group)                                                    # (B, G)
         advantage = grouped - (grouped.sum(1, keepdim=True) - grouped) / (group - 1)       # leave one out
-        sampled = (logits / temperature).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (N, L)
+        sampled = (logits / temperature).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B * G, L)
         loss = loss - (advantage.flatten() * sampled.sum(1)).mean() / length
-    return StepResult(loss, clip, reward, kl.item(), nll, texts)
+    return StepResult(loss, clip, torch.full_like(clip, 1 / group), reward, kl.item(), nll, texts)
+
+
+def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: random.Random,
+                    generator: torch.Generator, args: argparse.Namespace, baseline: tuple[float, float] | None
+                    ) -> StepResult:
+    """ESPER's objective with the reply's first token summed over instead of sampled: the policy's K most likely
+    first tokens each continue greedily to `length` tokens and are all scored, and the loss is minus the expected
+    reward over them, sum_k p_k (r_k - b) with b their probability-weighted mean reward. Exact where sampling
+    is noisy: when the LM rarely says the words the judge rewards (a colour after "I see a bright"), G samples
+    mostly miss them, while the top K hold them every step. Only the first token is trained; the KL term is
+    exact at that position."""
+    k = args.candidates
+    batch = prepare(model, images, rng, args)
+    first_only = [batch.banned[:1]] * len(images)  # any one token: the logits before it predict the first
+    logp = masked(torch.stack(reply_logits(model, batch.policy, first_only, batch.prefix)),
+                  batch.banned)[:, 0].log_softmax(-1)                                       # (B, V')
+    with torch.no_grad():
+        ref_logp = masked(torch.stack(reply_logits(model, batch.text_only, first_only, batch.prefix)),
+                          batch.banned)[:, 0].log_softmax(-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
+    top = logp.detach().topk(k, -1).indices                                                 # (B, K)
+    ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, k, args.length, 0.0,
+                         batch.banned, None, first=top)                                     # (B * K, L)
+    texts = texts_of(model, batch.prompts.openings, ids)
+    with torch.no_grad():
+        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(k, 0), texts)  # (B * K,)
+        nll = -ref_logp.gather(-1, top).flatten()
+    p = logp.gather(-1, top).exp()                                                          # (B, K)
+    weights = p.detach() / p.detach().sum(1, keepdim=True)
+    loss = args.kl * kl
+    reward = torch.zeros_like(clip)
+    if baseline is not None:
+        reward = shaped_reward(clip, texts, nll, baseline, args.unlikely_nll)
+        grouped = reward.view(-1, k)                                                        # (B, K)
+        loss = loss - (p * (grouped - (weights * grouped).sum(1, keepdim=True))).sum(1).mean()
+    return StepResult(loss, clip, weights.flatten(), reward, kl.item(), nll, texts)
 
 
 @torch.no_grad()
@@ -221,8 +317,8 @@ def new_history() -> dict[str, list]:
 
 def plot_curves(history: dict, path: Path, warmup_steps: int) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    panels = (("clip", "CLIP cosine(image, sampled reply)"), ("kl", "KL to the text-only LM, per token"),
-              ("degenerate", "degenerate samples (share)"), ("reward", "shaped reward (after warm-up)"))
+    panels = (("clip", "CLIP cosine(image, reply), policy's mean"), ("kl", "KL to the text-only LM, per token"),
+              ("degenerate", "degenerate replies (policy's share)"), ("reward", "shaped reward (after warm-up)"))
     for ax, (key, title) in zip(axes, panels):
         plot_batches(ax, history["step"], history[key])
         ax.axvline(warmup_steps, color="grey", linestyle=":", label="end of warm-up")
@@ -323,7 +419,8 @@ def train(args: argparse.Namespace, judge: Judge | None = None) -> dict:
     print(f"ESPER: training {n_trainable:,} parameters on {device} (LM {args.lm}, {args.quantize}, "
           f"{args.compute_dtype} compute; visual {args.visual}; judge {judge.source}); images: "
           f"{args.images or 'shapes world (no captions)'}; {args.steps} steps of {args.batch_size} images x "
-          f"{args.group} replies of {args.length} tokens", flush=True)
+          f"{f'the {args.candidates} likeliest' if args.candidates else args.group} replies of {args.length} tokens",
+          flush=True)
 
     t_start, stopped_early, steps_here = time.time(), False, 0
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="esper", unit="step",
@@ -336,19 +433,19 @@ def train(args: argparse.Namespace, judge: Judge | None = None) -> dict:
         generator = torch.Generator(device).manual_seed(rng.randrange(2 ** 63))
         images = [train_images[rng.randrange(len(train_images))] for _ in range(args.batch_size)]
         baseline = tuple(history["baseline"]) if history["baseline"] else None
-        result = esper_loss(model, judge, images, rng, generator, args, baseline)
+        result = (candidates_loss if args.candidates else esper_loss)(model, judge, images, rng, generator, args, baseline)
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
 
         done, steps_here = step + 1, steps_here + 1
-        degenerate = [is_degenerate(t, n, args.unlikely_nll) for t, n in zip(result.texts, result.nll.tolist())]
-        for key, value in (("step", done), ("clip", result.clip.mean().item()),
-                           ("reward", result.reward.mean().item()), ("kl", result.kl),
-                           ("degenerate", sum(degenerate) / len(degenerate)),
-                           ("repetition", sum(map(repetition, result.texts)) / len(result.texts)),
-                           ("nll", result.nll.mean().item()), ("lr", lr)):
+        expected = result.expected
+        degenerate = [float(is_degenerate(t, n, args.unlikely_nll)) for t, n in zip(result.texts, result.nll.tolist())]
+        for key, value in (("step", done), ("clip", expected(result.clip)), ("reward", expected(result.reward)),
+                           ("kl", result.kl), ("degenerate", expected(degenerate)),
+                           ("repetition", expected([repetition(t) for t in result.texts])),
+                           ("nll", expected(result.nll)), ("lr", lr)):
             history[key].append(value)
         history["clip_spread"].append(result.clip.std().item())
         if done == args.warmup_steps and not history["baseline"]:  # the untrained policy's scale: rewards are
@@ -426,6 +523,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument("--group", type=int, default=4, help="replies sampled per image (the leave-one-out baseline)")
     p.add_argument("--length", type=int, default=12, help="tokens per sampled reply")
+    p.add_argument("--candidates", type=int, default=0,
+                   help="K > 0: sum over the policy's K most likely first tokens of a reply (each continued greedily) "
+                        "instead of sampling --group replies; for openings that end where the image's words go")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--kl", type=float, default=0.15, help="weight of the per-token KL to the text-only LM")

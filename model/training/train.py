@@ -64,7 +64,7 @@ SUMMARY_NAME = "training.json"
 RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "region_grid", "projector", "emb_dim", "batch_size", "lr", "warmup",
                "seed", "tsv", "holdout", "val_size", "init", "quantize", "questions", "request_tokens", "trainable")
 """Options a resumed run must share with the run it continues: they shape the weights or the data order."""
-LATER_OPTIONS = {"questions": False, "request_tokens": 0, "trainable": "all"}
+LATER_OPTIONS = {"questions": False, "request_tokens": 0, "trainable": "all", "candidates": 0}
 """Options added after state files were first written: a state without them comes from a run that had these."""
 TRAINABLE = {"all": ("input_mapping.", "region_mapping.", "ret_mapping.", "image_mapping.", "ret_embedding",
                      "ret_output", "logit_scale", "perception."),
