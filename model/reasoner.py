@@ -57,8 +57,9 @@ def add_reasoner(lm: torch.nn.Module, rank: int = 16, alpha: int = 32, dropout: 
     for module in lm.modules():
         if isinstance(module, LoraLayer):
             module.register_forward_pre_hook(_per_call, with_kwargs=True)
-    for name, parameter in lm.named_parameters():
-        parameter.requires_grad_("lora_" in name and f".{ADAPTER}." in name)
+    lm.requires_grad_(False)
+    for parameter in reasoner_parameters(lm):
+        parameter.requires_grad_(True)
     return config
 
 

@@ -60,7 +60,7 @@ from model.training.clip_judge import ClipJudge
 from model.training.conversations import INSTRUCTIONS
 from model.training.degeneracy import UNLIKELY_NLL, is_degenerate, repetition
 from model.training.evaluate import greedy_replies, padded, reply_logits
-from model.training.optimization import lr_at, param_groups
+from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
 from model.training.train import (CURVE_NAME, DEMO, SUMMARY_NAME, TRAIN_SCENES, VAL_SCENES, conclude, load_state, mean_tail, run_folders,
                                   save_state)
@@ -426,9 +426,7 @@ def train(args: argparse.Namespace, judge: Judge | None = None) -> dict:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="esper", unit="step",
                dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(step, args.steps, args.warmup_steps, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = schedule_step(optimizer, step, args.steps, args.warmup_steps, args.lr)
         rng = random.Random(f"esper:{args.seed}:{step}")
         generator = torch.Generator(device).manual_seed(rng.randrange(2 ** 63))
         images = [train_images[rng.randrange(len(train_images))] for _ in range(args.batch_size)]

@@ -36,7 +36,7 @@ from model.monologue import OBSERVER_TOKENS, reasoner_prompt, transcript_pieces
 from model.prompt import Turn
 from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning, save_reasoner
 from model.training.evaluate import greedy_replies
-from model.training.optimization import lr_at
+from model.training.optimization import schedule_step
 from model.training.plots import plot_batches, plt, save_figure
 from model.training.train import CURVE_NAME, SUMMARY_NAME, load_state, mean_tail, save_state, state_file
 from model.training.train_clip import resolve_device
@@ -200,9 +200,7 @@ def train(args: argparse.Namespace) -> dict:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="reasoner", unit="step",
                dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(step, args.steps, args.warmup, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = schedule_step(optimizer, step, args.steps, args.warmup, args.lr)
         batch = [rows["train"][i] for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
         model.lm.train()
         loss = batch_loss(model, batch)

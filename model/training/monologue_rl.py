@@ -40,7 +40,7 @@ from model.monologue import Monologue, think
 from model.prompt import Turn
 from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning
 from model.training.monologue import asked, conclude, padded_rows, pieces_row
-from model.training.optimization import lr_at
+from model.training.optimization import schedule_step
 from model.training.plots import plot_batches, plt, save_figure
 from model.training.train import CURVE_NAME, SUMMARY_NAME, load_state, mean_tail, save_state, state_file
 from model.training.train_clip import resolve_device
@@ -137,9 +137,7 @@ def train(args: argparse.Namespace) -> dict:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="reasoner RL", unit="step",
                dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(step, args.steps, 0, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        schedule_step(optimizer, step, args.steps, 0, args.lr)
         batch = order[step]
         with torch.no_grad():
             records, rewards = rollouts(model, batch, args.group, args.temperature, args.seed + 1000 * step)

@@ -13,6 +13,14 @@ def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def schedule_step(optimizer: torch.optim.Optimizer, step: int, steps: int, warmup: int, lr: float) -> float:
+    """Set every parameter group's learning rate to `lr_at` this step; returns it (for the curves)."""
+    rate = lr_at(step, steps, warmup, lr)
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+    return rate
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """The trainable weights in two groups: weight matrices decay, as CLIP's do; gains, biases, embeddings
     (token, class, position, [RET]) and the logit scale do not."""

@@ -47,7 +47,7 @@ from model.world.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import Example, GroundedLM
 from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, dequantized
 from model.training.conversations import Conversations, QuestionConversations
-from model.training.optimization import lr_at, param_groups
+from model.training.optimization import param_groups, schedule_step
 from model.training.train_clip import resolve_device
 from model.visual import LOCAL_DIR
 from model.training.plots import plt, save_figure, plot_batches
@@ -306,9 +306,7 @@ def train(args: argparse.Namespace) -> dict:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
                dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(step, args.steps, warmup, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = schedule_step(optimizer, step, args.steps, warmup, args.lr)
         examples = train_data.batch(step, args.batch_size)
         model.visual_features(images_of(examples))  # one batched CLIP pass; forward then finds them cached
         result = model(examples)

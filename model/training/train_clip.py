@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from model.world import shapes
 from model.lm import default_device
-from model.training.optimization import lr_at, param_groups
+from model.training.optimization import param_groups, schedule_step
 from model.visual import pre_projection_features
 from model.training.plots import plt, save_figure, plot_batches
 
@@ -279,8 +279,7 @@ def train(args: argparse.Namespace, model_cfg: dict = MODEL_CFG) -> dict:
             order, cursor = torch.randperm(args.train_size, device=device), 0
         index = distinct(order[cursor:cursor + args.batch_size], train_cache.keys)
         cursor += args.batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, warmup, args.lr)
+        schedule_step(optimizer, step, args.steps, warmup, args.lr)
         model.train()
         with autocast:
             image_emb, text_emb, scale = model(normalise(train_cache.pixels[index]), train_cache.tokens[index])
