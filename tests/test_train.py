@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
 from conftest import make_sensitive_lm, tiny_config
@@ -190,6 +190,29 @@ def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_shape(tiny_lm_dir, t
     assert all(torch.equal(value, after[name]) for name, value in first.trainable_state_dict().items())
     assert tuned.config.region_grid == 2 and tuned.config.projector == first.config.projector == "mlp"
     assert "region_mapping.0.weight" in after, "the new region mapping is an MLP, as the checkpoint's CLS mapping"
+
+
+def test_fine_tuning_a_checkpoint_keeps_the_reasoner_it_carries(tiny_lm_dir, tiny_clip_dir, tmp_path):
+    start = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2), quantize="none", device="cpu")
+    start.add_reasoner(rank=2)
+    start.save_pretrained(tmp_path / "start")
+    main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / "tuned", "--init", str(tmp_path / "start"), "--steps", "1",
+                  "--val-every", "1"))
+    tuned = GroundedLM.from_pretrained(tmp_path / "tuned" / "out", quantize="none", device="cpu")
+    assert tuned.reasoner is not None
+    adapter = "reasoner/adapter_model.safetensors"
+    before, after = (load_file(folder / adapter) for folder in (tmp_path / "start", tmp_path / "tuned" / "out"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_weight_matrices_decay_and_position_tables_embeddings_and_biases_do_not(tiny_lm_dir, tiny_clip_dir):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, request_tokens=2), quantize="none",
+                       device="cpu")
+    model.lm.requires_grad_(False)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in group["params"]} for group in optimizer_for(model, 1e-3).param_groups)
+    assert {"input_mapping.weight", "region_mapping.weight", "ret_mapping.weight"} <= decay
+    assert {"perception.patch_position", "ret_embedding", "logit_scale", "region_mapping.bias"} <= no_decay
 
 
 def test_a_4bit_run_trains_only_the_small_layers_on_the_dequantised_lm(tiny_lm_dir, tiny_clip_dir, tmp_path):

@@ -178,9 +178,10 @@ def plot_curves(history: dict, path: Path) -> None:
 
 
 def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
-    """The checkpoint into `out`, file by file: whatever else `out` holds (the demo's clip/) stays. An
-    encoder folder inside `out` or beside it (assets/demo/clip for assets/lmeye) is named relative to it,
-    so the two move together."""
+    """The checkpoint into `out`, file by file (its mappings, and the Reasoner's adapter or the familiarity
+    statistics it carries from `--init`): whatever else `out` holds (the demo's clip/) stays. An encoder
+    folder inside `out` or beside it (assets/demo/clip for assets/lmeye) is named relative to it, so the two
+    move together."""
     checkpoint = run_dir / "checkpoint"
     model.save_pretrained(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,8 +189,12 @@ def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
     encoder = Path(config.visual.removeprefix(LOCAL_DIR)).resolve()
     if config.visual.startswith(LOCAL_DIR) and encoder.is_relative_to(out.resolve().parent):
         config.visual = LOCAL_DIR + Path(os.path.relpath(encoder, out.resolve())).as_posix()
-    for source in (checkpoint / WEIGHTS_NAME, run_dir / CURVE_NAME):
-        write_atomically(out / source.name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    copies = {out / path.relative_to(checkpoint): path for path in checkpoint.rglob("*")
+              if path.is_file() and path.name != CONFIG_NAME}
+    copies[out / CURVE_NAME] = run_dir / CURVE_NAME
+    for target, source in copies.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
     config.save(out)
     write_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
