@@ -9,6 +9,12 @@ completes and that no session ever sees another session's upload or message, and
 token (submit -> first streamed reply token or image, as the client sees it, queueing included): median
 and p95 over all turns, alone and under load, and their ratio.
 
+The clients share the app's CPUs, so they are kept light, as a browser on another machine would be to the
+server: they do not download the chat's images at every streamed update (gradio_client's default, one new
+HTTP client and TLS context per file per update), only each distinct image once at the end for the
+isolation check, and they look for updates every 10 ms instead of gradio_client's 1 ms. The CPU time of the
+app and of the clients is reported for each run.
+
     python -m bench.load                       # 8 clients x 3 turns on the demo model, both decoders
     python -m bench.load --clients 32 --turns 2 --decoders batched
     python -m bench.load --checkpoint runs/mine --clients 4 --turns 2 --max-new-tokens 24
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import random
@@ -30,10 +37,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 from gradio_client import Client, handle_file
+from gradio_client.client import Job
 from PIL import Image
 
 from model.lm import QUANTIZE_CHOICES
@@ -42,6 +52,7 @@ from model.world import shapes
 REPO = Path(__file__).resolve().parent.parent
 
 RESULTS = REPO / "bench" / "results"
+POLL_S = 0.01  # how often a client looks for streamed updates: the resolution of its time to first token
 REQUESTS = ("Show me a picture of a large red circle.", "Show me a small blue square on the left.",
             "Can you show me a yellow star?", "Find an image of a green triangle at the top.")
 
@@ -78,12 +89,27 @@ def wait_until_up(url: str, app: subprocess.Popen, deadline: float, log_path: Pa
     sys.exit(f"the app did not come up in time:\n{log_path.read_text()[-3000:]}")
 
 
-def pixels_digest(path: str) -> str:
-    return hashlib.sha256(Image.open(path).convert("RGB").tobytes()).hexdigest()
+def pixels_digest(image: str | Path | io.BytesIO) -> str:
+    return hashlib.sha256(Image.open(image).convert("RGB").tobytes()).hexdigest()
 
 
-def files_of(chat: list[dict]) -> list[str]:
-    return [c["file"] for m in chat for c in m["content"] if c["type"] == "file"]
+def file_urls(chat: list[dict]) -> set[str]:
+    """Where the images in a chat are served (gradio_client without downloads gives their `FileData`)."""
+    return {c["file"]["url"] for m in chat for c in m["content"] if c["type"] == "file"}
+
+
+def updates(job: Job) -> Iterator:
+    """A streaming job's outputs as they come, looked for every `POLL_S`; raises the app's error, if any."""
+    seen = 0
+    while True:
+        done = job.done()  # before reading: once done, the outputs read next are all of them
+        outputs = job.outputs()
+        yield from outputs[seen:]
+        seen = len(outputs)
+        if done:
+            job.result()
+            return
+        time.sleep(POLL_S)
 
 
 def user_texts(chat: list[dict]) -> list[str]:
@@ -110,12 +136,13 @@ class Session(threading.Thread):
         self.ttft: list[float] = []
         self.turn_s: list[float] = []
         self.chat: list[dict] = []
+        self.seen: set[str] = set()  # digests of the pixels of every image in its chat at the end
         self.texts: list[str] = []
         self.error: str | None = None
 
     def run(self) -> None:
         try:
-            client = Client(self.url, verbose=False)
+            client = Client(self.url, verbose=False, download_files=False)
             rng = random.Random(self.number)
             for turn in range(self.args.turns):
                 text = (f"I am client {self.number}. What is in this picture?" if turn == 0
@@ -126,7 +153,7 @@ class Session(threading.Thread):
                 job = client.submit({"text": text, "files": files}, max_new_tokens=self.args.max_new_tokens,
                                     max_images=1, api_name="/chat")
                 first = None
-                for chat, _ in job:
+                for chat, _ in updates(job):
                     if first is None and has_reply(chat):
                         first = time.perf_counter() - start
                     self.chat = chat
@@ -134,6 +161,9 @@ class Session(threading.Thread):
                 if first is None:
                     raise RuntimeError(f"turn {turn} ended without a reply: {self.chat[-1:]}")
                 self.ttft.append(first)
+            with httpx.Client() as http:
+                self.seen = {pixels_digest(io.BytesIO(http.get(url).raise_for_status().content))
+                             for url in file_urls(self.chat)}
         except Exception as e:  # reported in the table, and the run fails
             self.error = f"{type(e).__name__}: {e}"
 
@@ -143,14 +173,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run_sessions(sessions: list[Session], deadline: float) -> float:
-    """Run the sessions at once; returns the wall time."""
-    start = time.perf_counter()
+def run_sessions(sessions: list[Session], app: psutil.Process, deadline: float) -> dict[str, float]:
+    """Run the sessions at once: the wall time, and the CPU time the app and these clients took meanwhile."""
+    app_cpu, clients_cpu, start = sum(app.cpu_times()[:2]), time.process_time(), time.perf_counter()
     for s in sessions:
         s.start()
     for s in sessions:
         s.join(timeout=max(0.0, deadline - time.monotonic()))
-    return time.perf_counter() - start
+    return {"wall_s": time.perf_counter() - start, "app_cpu_s": sum(app.cpu_times()[:2]) - app_cpu,
+            "clients_cpu_s": time.process_time() - clients_cpu}
 
 
 def check(sessions: list[Session]) -> list[str]:
@@ -160,9 +191,8 @@ def check(sessions: list[Session]) -> list[str]:
     for s in sessions:
         if user_texts(s.chat) != s.texts:
             problems.append(f"client {s.number}: its history holds other messages: {user_texts(s.chat)}")
-        seen = {pixels_digest(f) for f in files_of(s.chat)}
         problems += [f"client {s.number} was shown client {o.number}'s upload"
-                     for o in sessions if o is not s and o.digest in seen]
+                     for o in sessions if o is not s and o.digest in s.seen]
     return problems
 
 
@@ -187,10 +217,11 @@ def measure(args: argparse.Namespace, decoder: str, deadline: float) -> dict:
         started = time.monotonic()
         wait_until_up(url, app, deadline, log_path)
         startup_s = time.monotonic() - started
+        process = psutil.Process(app.pid)
         alone = [Session(args.clients, url, args, work)]  # one user, nobody waiting
-        alone_wall_s = run_sessions(alone, deadline)
+        alone_times = run_sessions(alone, process, deadline)
         crowd = [Session(i, url, args, work) for i in range(args.clients)]
-        wall_s = run_sessions(crowd, deadline)
+        times = run_sessions(crowd, process, deadline)
     finally:
         app.terminate()
         app.wait(timeout=30)
@@ -198,8 +229,8 @@ def measure(args: argparse.Namespace, decoder: str, deadline: float) -> dict:
     baseline, loaded = figures(alone), figures(crowd)
     ratio = (loaded["ttft_median_s"] / baseline["ttft_median_s"]
              if loaded["ttft_median_s"] and baseline["ttft_median_s"] else None)
-    return {"decoder": decoder, **loaded, "wall_s": wall_s, "turns_per_min": 60 * loaded["completed_turns"] / wall_s,
-            "alone": {**baseline, "wall_s": alone_wall_s}, "ttft_median_vs_alone": ratio, "startup_s": startup_s,
+    return {"decoder": decoder, **loaded, **times, "turns_per_min": 60 * loaded["completed_turns"] / times["wall_s"],
+            "alone": {**baseline, **alone_times}, "ttft_median_vs_alone": ratio, "startup_s": startup_s,
             "isolation_ok": not any("shown" in p or "history" in p for p in problems), "problems": problems}
 
 
@@ -221,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.clients} clients x {args.turns} turns, {args.max_new_tokens} new tokens, {os.cpu_count()} CPUs; "
           f"batched: --max-batch {args.max_batch}; per-session: --max-concurrency {args.max_concurrency}")
     print(f"{'':<26}{'turns':>7}{'TTFT median':>13}{'TTFT p95':>10}{'turn median':>13}{'wall':>8}{'turns/min':>11}"
-          f"{'vs alone':>10}")
+          f"{'vs alone':>10}{'CPU s, app':>12}{'clients':>9}")
     for run in runs:
         for name, row in ((f"{run['decoder']}, 1 client", run["alone"]),
                           (f"{run['decoder']}, {args.clients} clients", run)):
@@ -230,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             per_min = 60 * row["completed_turns"] / row["wall_s"]
             ratio = f"{run['ttft_median_vs_alone']:.1f}x" if row is run and run["ttft_median_vs_alone"] else ""
             print(f"{name:<26}{row['completed_turns']:>7}{cells[0]:>13}{cells[1]:>10}{cells[2]:>13}"
-                  f"{row['wall_s']:>8.1f}{per_min:>11.1f}{ratio:>10}")
+                  f"{row['wall_s']:>8.1f}{per_min:>11.1f}{ratio:>10}{row['app_cpu_s']:>12.1f}{row['clients_cpu_s']:>9.1f}")
     problems = [f"{run['decoder']}: {p}" for run in runs for p in run["problems"]]
     print(f"isolation: {'ok' if all(run['isolation_ok'] for run in runs) else 'VIOLATED'}")
     for problem in problems:
