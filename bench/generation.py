@@ -12,6 +12,8 @@ the model with `--quantize none` vs `4bit` and generated a few tokens: resident 
 the model added to what the imports took. For a checkpoint with IMMO's Reasoner: the time to the answer's first
 token thinking first (`model.monologue.think`) against answering at once, on shapes-world compound questions,
 with the rounds used; and the memory of the process with the adapter against the same checkpoint without it.
+Every measurement reads its prompt whole (`GroundedLM.prefixes` emptied first), except the last: a
+conversation's third turn, its first token with the turns before it remembered against read whole.
 
     python -m bench.generation [--checkpoint demo] [--device cpu|cuda] [--reps 5] [--new-tokens 48]
 """
@@ -69,6 +71,7 @@ def ours(model: GroundedLM, turns: list[Turn], new_tokens: int, look: bool = Fal
          engine: DecodeEngine | None = None) -> tuple[float, float, int]:
     """`stream_reply` decoding alone, or (`engine`) the same reply through the batched decoder, as its only row."""
     settings = GenerationSettings(max_new_tokens=new_tokens, look=look)
+    model.prefixes.clear()
     events = engine.submit(turns, settings) if engine is not None else stream_reply(model, turns, settings)
     stats = [*events][-1].stats
     return stats["first_token_s"], stats["tokens_per_s"], stats["new_tokens"]
@@ -88,6 +91,7 @@ def baseline(model: GroundedLM, ids: torch.Tensor, new_tokens: int) -> tuple[flo
 
 def first_answer_token_s(model: GroundedLM, turns: list[Turn], monologue: bool) -> tuple[float, int]:
     """Seconds to the first token of the answer (after the monologue, thinking first) and the rounds used."""
+    model.prefixes.clear()
     start, first, record = time.perf_counter(), None, Monologue()
     events = (think(model, turns, GenerationSettings(max_new_tokens=32), record=record) if monologue
               else stream_reply(model, turns, GenerationSettings(max_new_tokens=32)))
@@ -95,6 +99,25 @@ def first_answer_token_s(model: GroundedLM, turns: list[Turn], monologue: bool) 
         if first is None and isinstance(event, Text):
             first = time.perf_counter() - start
     return first if first is not None else float("nan"), record.rounds
+
+
+def next_turn(model: GroundedLM, image: Image.Image, reps: int) -> dict:
+    """First token of a conversation's third turn: with its first two turns remembered (as after replying to
+    them) against read whole; medians over alternating repetitions."""
+    earlier = [Turn("user", [image, "What is in this picture?"]), Turn("assistant", ["A beige square."]),
+               Turn("user", ["Is it a photograph?"])]
+    third = earlier + [Turn("assistant", ["No, it is one flat colour."]), Turn("user", [QUESTION])]
+    settings = GenerationSettings(max_new_tokens=2)
+    times: dict[str, list[float]] = {"remembered": [], "read whole": []}
+    for _ in range(reps + 1):  # the first round warms up
+        for name in times:
+            model.prefixes.clear()
+            if name == "remembered":
+                [*stream_reply(model, earlier, settings)]
+            times[name].append([*stream_reply(model, third, settings)][-1].stats["first_token_s"])
+    median = {name: statistics.median(t[1:]) for name, t in times.items()}
+    return {"prompt_tokens": count_tokens(render(third, model.tokenizer, "chat"), model.config.tokens_per_image),
+            "first_token_s": median, "ratio": median["remembered"] / median["read whole"]}
 
 
 def thinking(model: GroundedLM, n: int) -> dict:
@@ -180,7 +203,7 @@ def main() -> None:
         "decode_ratio": med["ours"][1] / med["baseline"][1],
         "first_token_ratio": med["ours"][0] / med["baseline"][0],
         "engine_decode_ratio": med["engine"][1] / med["ours"][1],
-        "memory_mb": memory, "memory_ratio_4bit_vs_none": ratios,
+        "memory_mb": memory, "memory_ratio_4bit_vs_none": ratios, "next_turn": next_turn(model, image, args.reps),
     }
     if looks:
         result["looking_first_token_ratio"] = med["looking"][0] / med["ours"][0]
@@ -215,6 +238,10 @@ def main() -> None:
         print(f"| thinking / not | | {t['ratio']:.1f} |")
         print(f"\nresident MB with the Reasoner's adapter {t['memory_mb']['with adapter']:.0f}, without "
               f"{t['memory_mb']['without']:.0f}")
+    turn = result["next_turn"]
+    print(f"\nthird turn ({turn['prompt_tokens']} prompt tokens), first token: earlier turns remembered "
+          f"{turn['first_token_s']['remembered']:.3f} s, read whole {turn['first_token_s']['read whole']:.3f} s "
+          f"({turn['ratio']:.2f}x)")
     peak = "GPU MB allocated" if args.device == "cuda" else "resident MB"
     print(f"\n| quantize | {peak}: process | loading the model added |\n|---|---|---|")
     for q in ("none", "4bit"):

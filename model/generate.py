@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Union
 
 import torch
-from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model.grounded import GroundedLM, Looked
 from model.prompt import Turn, fit_context, render, count_tokens
@@ -219,7 +218,7 @@ def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSetti
     """Generate the assistant's reply to `turns` (the last one is the user's), as a stream of events."""
     reply = Reply(model, turns, settings, search, cancel)
     yield from reply.opening
-    last, cache, looked = model.prefill(reply.segments, DynamicCache())                 # (lm_dim,), ...
+    last, cache, looked = model.prefill(reply.segments)                 # (lm_dim,), ...
     yield from looked
     while (token := reply.next_token(model.logits(last))) is not None:
         hidden, cache = model.hidden_states(model.embed_ids(torch.tensor([[token]], device=model.device)),

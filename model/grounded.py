@@ -32,12 +32,15 @@ from model.image_embedder import fingerprint, image_vectors
 from model.images import image_key
 from model.lm import dequantized, load_lm
 from model.perception import Perception
+from model.prefix_cache import PrefixCache
 from model.reasoner import FOLDER as REASONER_FOLDER, add_reasoner, load_reasoner, reasoning, save_reasoner
 from model.prompt import Look, Segment, Turn, count_tokens, render, render_with_target, retrieval_request
 from model.visual import VisualEncoder
 
 FEATURE_CACHE_BYTES = 256 * 2 ** 20
 """Encoded images kept by pixel hash: ~5,000 of the demo encoder's, ~250 of ViT-L/14's."""
+PREFIX_CACHE_BYTES = 256 * 2 ** 20
+"""Prompts' keys and values kept for their conversations' next turns: ~35 of the demo's 150-token prompts."""
 
 
 @dataclass
@@ -131,6 +134,8 @@ class GroundedLM(nn.Module):
         """IMMO's Reasoner adapter on `lm` (`model/reasoner.py`), if the checkpoint has one or `add_reasoner` made one."""
         self._encoded: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._encoded_lock = threading.Lock()  # sessions share one model
+        self.prefixes = PrefixCache(PREFIX_CACHE_BYTES)
+        """The KV caches of recent prompts, for the next turn of their conversations (`prefill`)."""
 
     # ---- checkpoints --------------------------------------------------------------------------
     @classmethod
@@ -276,45 +281,58 @@ class GroundedLM(nn.Module):
         tokens, attention = self.perception(requests, self.encoded(images)[:, 1:])       # (L, k, lm_dim), (L, P)
         return tokens, attention.view(len(images), *self.visual.grid_size)
 
-    def _pass_one(self, segments: list[Segment], cache: DynamicCache | None
-                  ) -> tuple[int | None, torch.Tensor, torch.Tensor | None, list[Looked]]:
-        """Pass 1 over a rendered prompt (into `cache` when given, cut back to the prompt before the request):
-        -> where the first `Look` is (None: no request), the embedded prompt before it (T0, lm_dim), the request
-        tokens (L, request_tokens, lm_dim) and where each request looked."""
+    def _before_look(self, segments: list[Segment]) -> tuple[int | None, torch.Tensor]:
+        """A rendered prompt -> where its first `Look` is (None: no request) and the embedded prompt before it
+        (T0, lm_dim): all of it, without a request."""
         first = next((i for i, s in enumerate(segments) if isinstance(s, Look)), None)
-        if first is None:
-            return None, self.embed_segments(segments), None, []
-        if self.perception is None:
+        if first is not None and self.perception is None:
             raise ValueError("the prompt has request positions but this checkpoint has no request module")
-        head = self.embed_segments(segments[:first])                                        # (T0, lm_dim)
+        return first, self.embed_segments(segments[:first])
+
+    def _pass_one(self, segments: list[Segment], first: int, head: torch.Tensor, cache: DynamicCache | None
+                  ) -> tuple[torch.Tensor, list[Looked]]:
+        """Pass 1 over the prompt before its first `Look`, head (T0, lm_dim), and the first request row (into
+        `cache` when given, which may already hold head's first positions, and is cut back to head after):
+        -> the request tokens (L, request_tokens, lm_dim) and where each request looked."""
         probe = self.perception.request_rows[:1].to(head.dtype)                             # (1, lm_dim)
-        hidden, _ = self.hidden_states(torch.cat([head, probe]).unsqueeze(0), past_key_values=cache)
+        known = 0 if cache is None else cache.get_seq_length()
+        hidden, _ = self.hidden_states(torch.cat([head[known:], probe]).unsqueeze(0), past_key_values=cache)
         if cache is not None:
             cache.crop(-1)  # the request row's place: pass 2 puts the request tokens there
         images = [s.image for s in segments[first:] if isinstance(s, Look)]
         tokens, attention = self.look(hidden[0, -1:].expand(len(images), -1), images)
-        return first, head, tokens, [Looked(im, a) for im, a in zip(images, attention)]
+        return tokens, [Looked(im, a) for im, a in zip(images, attention)]
 
-    def prefill(self, segments: list[Segment], cache: DynamicCache) -> tuple[torch.Tensor, DynamicCache, list[Looked]]:
-        """Run a rendered prompt into `cache` -> the last hidden state (lm_dim,), the cache and where it looked.
+    def prefill(self, segments: list[Segment]) -> tuple[torch.Tensor, DynamicCache, list[Looked]]:
+        """Run a rendered prompt into a new KV cache -> the last hidden state (lm_dim,), the cache and where it
+        looked.
 
-        With `Look`s (a model with a request module, `render(..., look=True)`): pass 1 runs the prompt up to
-        them and the first request row; that position's hidden state is the request. The cache is cut back to
-        the prompt before the request, and pass 2 runs only the request tokens and what follows.
+        The prompt's first positions come from `prefixes` when an earlier prompt started the same way (the
+        conversation so far); the prompt before any request is remembered there for the next turn. With
+        `Look`s (a model with a request module, `render(..., look=True)`): pass 1 runs the prompt up to them
+        and the first request row; that position's hidden state is the request. The cache is cut back to the
+        prompt before the request, and pass 2 runs only the request tokens and what follows.
         """
-        first, embeds, tokens, looked = self._pass_one(segments, cache)
-        if first is not None:
-            embeds = self.embed_segments(segments[first:], tokens)
-        hidden, cache = self.hidden_states(embeds.unsqueeze(0), past_key_values=cache)
+        first, head = self._before_look(segments)                                          # head: (T0, lm_dim)
+        known, cache = self.prefixes.reuse(head, limit=len(head) - (first is None))
+        if first is None:  # the last position always runs: its hidden state picks the first token
+            hidden, cache = self.hidden_states(head[known:].unsqueeze(0), past_key_values=cache)
+            self.prefixes.add(head, cache)
+            return hidden[0, -1], cache, []
+        tokens, looked = self._pass_one(segments, first, head, cache)
+        self.prefixes.add(head, cache)
+        hidden, cache = self.hidden_states(self.embed_segments(segments[first:], tokens).unsqueeze(0),
+                                           past_key_values=cache)
         return hidden[0, -1], cache, looked
 
     def embed_prompt(self, segments: list[Segment]) -> tuple[torch.Tensor, list[Looked]]:
         """A rendered prompt -> its inputs_embeds (T, lm_dim), request tokens included (pass 1 is run here and
         its cache dropped: for batched decoding, which runs every row whole), and where it looked."""
-        first, embeds, tokens, looked = self._pass_one(segments, None)
+        first, head = self._before_look(segments)
         if first is None:
-            return embeds, looked
-        return torch.cat([embeds, self.embed_segments(segments[first:], tokens)]), looked
+            return head, []
+        tokens, looked = self._pass_one(segments, first, head, None)
+        return torch.cat([head, self.embed_segments(segments[first:], tokens)]), looked
 
     # ---- the LM ---------------------------------------------------------------------------------
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,

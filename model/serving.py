@@ -81,6 +81,7 @@ class DecodeEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._rows: list[_Row] = []
+        self._prefilling = 0  # replies taken from the line whose prompt is being read: their rows are taken
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None                                           # (B, T), 1: a token
         self._closed = False
@@ -96,7 +97,7 @@ class DecodeEngine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if len(self._line) >= self.max_waiting + max(0, self.max_batch - len(self._rows)):
+            if len(self._line) >= self.max_waiting + max(0, self.max_batch - len(self._rows) - self._prefilling):
                 raise Busy(f"The server is busy: {len(self._rows)} replies are being written and "
                            f"{len(self._line)} are waiting. Try again in a minute.")
             self._line.append(request)
@@ -170,20 +171,21 @@ class DecodeEngine:
             request.events.put(_FINISHED)
 
     def _next_waiting(self) -> _Request | None:
-        """The first reply in line that is still wanted and not out of time; the others are answered."""
+        """The first reply in line that is still wanted and not out of time, its row taken (`_prefilling`) until
+        `_admit` has it in the batch; the others are answered."""
         while True:
             with self._lock:
                 if not self._line:
                     return None
                 request = self._line.popleft()
-            if request.is_set():
-                request.events.put(_FINISHED)
-            elif time.monotonic() - request.queued_at > self.max_wait_s:
+                late = time.monotonic() - request.queued_at > self.max_wait_s
+                if not request.is_set() and not late:
+                    self._prefilling += 1
+                    return request
+            if not request.is_set():
                 request.events.put(Busy(f"The server is busy: no reply could start within {self.max_wait_s:g} s. "
                                         f"Try again in a minute."))
-                request.events.put(_FINISHED)
-            else:
-                return request
+            request.events.put(_FINISHED)
 
     @torch.no_grad()
     def _admit(self) -> None:
@@ -194,14 +196,17 @@ class DecodeEngine:
                 reply = Reply(self.model, request.turns, request.settings, request.search, request)
                 for event in reply.opening:
                     request.events.put(event)
-                last, cache, looked = self.model.prefill(reply.segments, DynamicCache())
+                last, cache, looked = self.model.prefill(reply.segments)
                 for event in looked:
                     request.events.put(event)
+                self._join(_Row(request, reply, last, cache.get_seq_length()), cache)
             except Exception as error:  # this reply's own failure (a bad image, a bad setting): the others go on
                 request.events.put(error)
                 request.events.put(_FINISHED)
                 continue
-            self._join(_Row(request, reply, last, cache.get_seq_length()), cache)
+            finally:
+                with self._lock:
+                    self._prefilling -= 1
             return
 
     @torch.no_grad()

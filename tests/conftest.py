@@ -151,19 +151,23 @@ def make_tiny_app(lm_dir: Path, clip_dir: Path, folder: Path, gallery_size: int 
 
 
 class DecodeGate:
-    """Holds a model's decoding steps (one new token over the cache) while closed, as a forward hook: a reply
-    stays mid-way for exactly as long as a test needs, on a fast machine or a slow one. Prompts, searches
-    and the request pass (many tokens at once) go through."""
+    """Holds a model's decoding steps while closed: a reply stays mid-way for exactly as long as a test needs, on
+    a fast machine or a slow one. A step is known by what it embeds, the token just chosen for each row (ids
+    (B, 1)); prompts, searches and the request pass (token runs, embedded as (T,)) go through, however few of
+    their positions are not known yet (`GroundedLM.prefixes`)."""
 
     def __init__(self, model) -> None:
         self.open, self.held = threading.Event(), threading.Event()
         self.open.set()
-        model.lm.base_model.register_forward_hook(self._hold, with_kwargs=True)
+        embed_ids = model.embed_ids
 
-    def _hold(self, module, args, kwargs, output) -> None:
-        if kwargs["inputs_embeds"].shape[1] == 1 and not self.open.is_set():
-            self.held.set()
-            self.open.wait()
+        def held_embed_ids(ids: torch.Tensor) -> torch.Tensor:
+            if ids.dim() == 2 and ids.shape[1] == 1 and not self.open.is_set():
+                self.held.set()
+                self.open.wait()
+            return embed_ids(ids)
+
+        model.embed_ids = held_embed_ids
 
     @contextlib.contextmanager
     def closed(self):

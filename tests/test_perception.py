@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import DynamicCache
 
 from conftest import tiny_config
 from model.generate import GenerationSettings, Looked, Text, stream_reply
@@ -70,7 +69,7 @@ def test_prefill_reuses_the_prefix_and_equals_running_the_two_passes_whole(looki
     red, green, _ = colour_images
     segments = render([Turn("user", [red, green, "which is warmer?"])], looking_model.tokenizer, "chat", look=True)
     with torch.no_grad():
-        last, cache, looked = looking_model.prefill(segments, DynamicCache())
+        last, cache, looked = looking_model.prefill(segments)
         first = next(i for i, s in enumerate(segments) if isinstance(s, Look))
         head = looking_model.embed_segments(segments[:first])
         probe = looking_model.perception.request_rows[:1]
@@ -103,7 +102,7 @@ def test_training_loss_equals_the_whole_sequence_and_trains_the_request_module(l
     with torch.no_grad():
         for example in examples:
             prompt, target = render_with_target(example.turns, looking_model.tokenizer, "chat", look=True)
-            last, cache, _ = looking_model.prefill(prompt, DynamicCache())
+            last, cache, _ = looking_model.prefill(prompt)
             target_ids = torch.tensor([t for s in target for t in s])
             target_embeds = looking_model.embed_ids(target_ids).unsqueeze(0)
             hidden, _ = looking_model.hidden_states(target_embeds, past_key_values=cache)
