@@ -218,7 +218,7 @@ def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSetti
     """Generate the assistant's reply to `turns` (the last one is the user's), as a stream of events."""
     reply = Reply(model, turns, settings, search, cancel)
     yield from reply.opening
-    last, cache, looked = model.prefill(reply.segments)                 # (lm_dim,), ...
+    last, cache, looked = model.prefill(reply.segments)                                 # (lm_dim,), ...
     yield from looked
     while (token := reply.next_token(model.logits(last))) is not None:
         hidden, cache = model.hidden_states(model.embed_ids(torch.tensor([[token]], device=model.device)),
