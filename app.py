@@ -395,7 +395,7 @@ class ChatApp:
         search = lambda query, exclude: self.index.search(query, k=settings.images_per_ret, exclude=exclude)  # noqa: E731
         try:
             if monologue and self.model.reasoner is not None and looked_at(history) and history[-1].text.strip():
-                events = think(self.model, history, settings, search, cancel)
+                events = think(self.model, history, settings, search, cancel, engine=self.engine)
             elif self.engine is not None:
                 events = self.engine.submit(history, settings, search, cancel)
             else:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Union
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
 from model.grounded import GroundedLM, Looked
 from model.prompt import Turn, fit_context, render, count_tokens
@@ -121,14 +122,38 @@ def sample(logits: torch.Tensor, temperature: float, warpers: LogitsProcessorLis
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class Reply:
-    """One reply being decoded: every choice `stream_reply` makes per token, without running the LM.
+class Decoding(Protocol):
+    """One sequence being decoded, as its driver sees it: every choice made per token, without running the LM.
 
-    A driver prefills `segments` (`model.prefill`), then alternates `next_token(logits)`, which samples from
-    the logits of the last hidden state (None: the reply has ended), and `fed(token, hidden)`, after the LM
-    has read that token, which returns the events it makes. `stream_reply` drives one reply alone; the
-    batched engine (`model/serving.py`) drives many through one forward per step.
+    A driver yields `opening`, runs `prefill()`, then alternates `next_token(logits)`, which samples from the
+    logits of the last hidden state (None: the sequence has ended), and `fed(token, hidden)`, after the LM has
+    read that token, which returns the events it makes; at the end it hands back the cache (`release`) and
+    yields `done()`. `decode_alone` drives one; the batched engine (`model/serving.py`) drives many through one
+    forward per step. A `Reply` answers a conversation; IMMO's Reasoner writes its lines as another kind
+    (`model/monologue.py`).
     """
+    reasoner: bool
+    """Whether the LM reads this sequence with the Reasoner's adapter on."""
+    opening: list[Event]
+
+    def prefill(self) -> tuple[torch.Tensor, DynamicCache, list[Event]]:
+        """Read what comes before the first token -> the last hidden state (lm_dim,), the cache, events."""
+
+    def next_token(self, logits: torch.Tensor) -> int | None: ...
+
+    def fed(self, token: int, hidden: torch.Tensor) -> list[Event]: ...
+
+    def release(self, cache: DynamicCache, last: torch.Tensor) -> None:
+        """The sequence has ended: its own cache (batch of one) and last hidden state (lm_dim,)."""
+
+    def done(self) -> Done: ...
+
+
+class Reply:
+    """One reply being decoded (a `Decoding`): every choice `stream_reply` makes per token, without running the
+    LM. Its prompt is `segments`, read by `GroundedLM.prefill`."""
+
+    reasoner = False
 
     def __init__(self, model: GroundedLM, turns: list[Turn], settings: GenerationSettings | None = None,
                  search: SearchFn | None = None, cancel: Cancel | None = None):
@@ -158,6 +183,11 @@ class Reply:
         self.emitted, self.shown = "", set(settings.exclude)
         self.n_images, self.n_tokens, self.first_token_s, self.stop = 0, 0, None, None
         self.decode_start = time.perf_counter()
+
+    def prefill(self) -> tuple[torch.Tensor, DynamicCache, list[Event]]:
+        """Read the prompt -> the last hidden state (lm_dim,), the cache and where the model looked."""
+        last, cache, looked = self.model.prefill(self.segments)
+        return last, cache, list(looked)
 
     def next_token(self, logits: torch.Tensor) -> int | None:
         """logits (V',) of the last hidden state -> the token the LM reads next, or None: the reply has ended
@@ -201,6 +231,9 @@ class Reply:
         delta, self.emitted = text[len(self.emitted):], text
         return [Text(delta)]
 
+    def release(self, cache: DynamicCache, last: torch.Tensor) -> None:
+        """Nothing to keep: the next turn's prompt is remembered by `GroundedLM.prefill`."""
+
     def done(self) -> Done:
         seconds = time.perf_counter() - self.start
         decode_s = time.perf_counter() - self.decode_start
@@ -213,16 +246,21 @@ class Reply:
 
 
 @torch.no_grad()
+def decode_alone(model: GroundedLM, decoding: Decoding) -> Iterator[Event]:
+    """Drive one `Decoding` by itself, one token per forward."""
+    yield from decoding.opening
+    last, cache, events = decoding.prefill()                                            # (lm_dim,), ...
+    yield from events
+    while (token := decoding.next_token(model.logits(last))) is not None:
+        hidden, cache = model.hidden_states(model.embed_ids(torch.tensor([[token]], device=model.device)),
+                                            past_key_values=cache, reasoner=decoding.reasoner)  # (1, 1, lm_dim)
+        last = hidden[0, -1]
+        yield from decoding.fed(token, last)
+    decoding.release(cache, last)
+    yield decoding.done()
+
+
 def stream_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | None = None,
                  search: SearchFn | None = None, cancel: threading.Event | None = None) -> Iterator[Event]:
     """Generate the assistant's reply to `turns` (the last one is the user's), as a stream of events."""
-    reply = Reply(model, turns, settings, search, cancel)
-    yield from reply.opening
-    last, cache, looked = model.prefill(reply.segments)                                 # (lm_dim,), ...
-    yield from looked
-    while (token := reply.next_token(model.logits(last))) is not None:
-        hidden, cache = model.hidden_states(model.embed_ids(torch.tensor([[token]], device=model.device)),
-                                            past_key_values=cache)                       # (1, 1, lm_dim)
-        last = hidden[0, -1]
-        yield from reply.fed(token, last)
-    yield reply.done()
+    yield from decode_alone(model, Reply(model, turns, settings, search, cancel))

@@ -336,11 +336,11 @@ class GroundedLM(nn.Module):
 
     # ---- the LM ---------------------------------------------------------------------------------
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      past_key_values=None, position_ids: torch.Tensor | None = None, reasoner: bool = False
-                      ) -> tuple[torch.Tensor, object]:
+                      past_key_values=None, position_ids: torch.Tensor | None = None,
+                      reasoner: bool | list[bool] = False) -> tuple[torch.Tensor, object]:
         """(B, T, lm_dim) -> last-layer hidden states (B, T, lm_dim) and the updated KV cache; `reasoner`: with the
-        Reasoner's adapter on, for this call only."""
-        if reasoner and self.reasoner is None:
+        Reasoner's adapter on, for this call only (a list: for the rows that are True)."""
+        if (any(reasoner) if isinstance(reasoner, list) else reasoner) and self.reasoner is None:
             raise ValueError("this checkpoint has no Reasoner (IMMO's adapter)")
         with reasoning(reasoner):
             out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,

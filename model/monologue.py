@@ -30,9 +30,10 @@ from PIL import Image
 from transformers import DynamicCache
 
 from model.generate import (Cancel, Done, Event, GenerationSettings, Retrieved, SearchFn, Text, Thought,
-                            logits_warpers, sample, scale_ret_logit, stream_reply)
+                            decode_alone, logits_warpers, sample, scale_ret_logit, stream_reply)
 from model.grounded import GroundedLM
 from model.prompt import Turn, looked_at
+from model.serving import DecodeEngine, Waiting
 
 SYSTEM = "Ask the Observer, who sees the image, then answer."
 """Short: every token of it is in every training row."""
@@ -96,78 +97,120 @@ def transcript_pieces(steps: list[tuple[str, str]], answer: str, reason: str, en
 
 
 def observe(model: GroundedLM, images: list[Image.Image], question: str, settings: GenerationSettings,
-            cancel: Cancel | None = None) -> Iterator[Text]:
-    """The Observer's answer to one sub-question about `images`, streamed (adapter off, greedy, no retrieval)."""
+            cancel: Cancel | None = None, engine: DecodeEngine | None = None) -> Iterator[Text]:
+    """The Observer's answer to one sub-question about `images`, streamed (adapter off, greedy, no retrieval),
+    decoded alone or (`engine`) in the batched decoder's batch."""
     look = GenerationSettings(max_new_tokens=OBSERVER_TOKENS, look=settings.look)
-    for event in stream_reply(model, [Turn("user", [*images, question])], look, cancel=cancel):
+    turns = [Turn("user", [*images, question])]
+    events = engine.submit(turns, look, cancel=cancel) if engine is not None else stream_reply(model, turns, look,
+                                                                                            cancel=cancel)
+    for event in events:
         if isinstance(event, Text):
             yield event
 
 
 class Reasoner:
-    """The Reasoner's side of one monologue: its KV cache, fed a piece at a time, and its lines decoded."""
+    """The Reasoner's side of one monologue: its KV cache, the text it has yet to read, and its lines, each
+    decoded alone or (`engine`) in the batched decoder's batch beside other sessions' replies."""
 
-    def __init__(self, model: GroundedLM, prompt: list[int], settings: GenerationSettings):
-        self.model, self.settings = model, settings
+    def __init__(self, model: GroundedLM, prompt: list[int], settings: GenerationSettings,
+                 engine: DecodeEngine | None = None):
+        self.model, self.settings, self.engine = model, settings, engine
         self.cache = DynamicCache()
+        self.last: torch.Tensor | None = None
+        """(lm_dim,): the hidden state after the last token read."""
+        self.unread = list(prompt)
+        """Token ids written into the transcript and not read yet: the next line reads them first."""
         self.warpers = logits_warpers(settings)
         self.generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         self.search: SearchFn | None = None
         """Set once the Reasoner is answering: `[RET]` may retrieve there, never in a question."""
         self.shown = set(settings.exclude)
         self.n_images = 0
-        self.tokens = len(prompt)
+        self.tokens = 0
         self.ended = ""
         """How the last line ended: "newline", "eos", "limit" or "cancelled"."""
-        self.last = self._read(prompt)
-
-    def _read(self, ids: list[int]) -> torch.Tensor:
-        embeds = self.model.embed_ids(torch.tensor([ids], device=self.model.device))      # (1, T, lm_dim)
-        hidden, self.cache = self.model.hidden_states(embeds, past_key_values=self.cache, reasoner=True)
-        return hidden[0, -1]                                                               # (lm_dim,)
 
     def feed(self, text: str) -> None:
         """Text the loop writes into the transcript (an Observer's answer, the `Final answer:` cue)."""
-        ids = self.model.tokenizer(text, add_special_tokens=False).input_ids
-        self.last = self._read(ids)
-        self.tokens += len(ids)
+        self.unread += self.model.tokenizer(text, add_special_tokens=False).input_ids
 
     def line(self, cancel: Cancel | None) -> Iterator[str | Retrieved]:
         """Decode one line as text deltas (and `Retrieved` where `[RET]` searched); `ended` says how it stopped."""
-        model, ids, emitted = self.model, [], ""
-        self.ended = "limit"
-        for _ in range(LINE_TOKENS):
-            if cancel is not None and cancel.is_set():
-                self.ended = "cancelled"
-                return
-            logits = model.logits(self.last)                                               # (V',)
-            ret_allowed = self.search is not None and self.n_images < self.settings.max_images
-            logits[model.ret_id] = (scale_ret_logit(logits[model.ret_id], self.settings.ret_scale_factor)
-                                    if ret_allowed else float("-inf"))
-            token = sample(logits, self.settings.temperature, self.warpers, self.generator)
-            if token in model.eos_ids:
-                self.ended = "eos"
-                return
-            self.last = self._read([token])
-            self.tokens += 1
-            if token == model.ret_id:
-                hits = self.search(model.ret_query(self.last), self.shown)[:self.settings.images_per_ret]
-                self.shown.update(hit.id for hit in hits)
-                self.n_images += 1
-                yield Retrieved(hits)
-                continue
-            ids.append(token)
-            text = model.tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # half of a multi-byte character
-            if "\n" in text:
-                if text.index("\n") > len(emitted):
-                    yield text[len(emitted):text.index("\n")]
-                self.ended = "newline"
-                return
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-            emitted = text
+        events = (self.engine.submit_decoding(lambda request: ReasonerLine(self, request), cancel)
+                  if self.engine is not None else decode_alone(self.model, ReasonerLine(self, cancel)))
+        for event in events:
+            if isinstance(event, Text):
+                yield event.delta
+            elif isinstance(event, Retrieved):
+                yield event
+
+
+class ReasonerLine:
+    """One line of the Reasoner, as a `Decoding`: it reads what the transcript holds unread, then writes with the
+    adapter on until the line ends."""
+
+    reasoner = True
+
+    def __init__(self, reasoner: Reasoner, cancel: Cancel | None):
+        self.r, self.cancel = reasoner, cancel
+        self.opening: list[Event] = []
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.written = 0  # tokens chosen in this line, [RET] included
+        reasoner.ended = "limit"
+
+    def prefill(self) -> tuple[torch.Tensor, DynamicCache, list[Event]]:
+        r = self.r
+        if r.unread:
+            embeds = r.model.embed_ids(torch.tensor([r.unread], device=r.model.device))   # (1, T, lm_dim)
+            hidden, r.cache = r.model.hidden_states(embeds, past_key_values=r.cache, reasoner=True)
+            r.last, r.tokens, r.unread = hidden[0, -1], r.tokens + len(r.unread), []
+        return r.last, r.cache, []
+
+    def next_token(self, logits: torch.Tensor) -> int | None:
+        r, model = self.r, self.r.model
+        if r.ended == "newline":
+            return None
+        if self.cancel is not None and self.cancel.is_set():
+            r.ended = "cancelled"
+            return None
+        if self.written == LINE_TOKENS:  # a line not ended by then never will be
+            return None
+        ret_allowed = r.search is not None and r.n_images < r.settings.max_images
+        logits[model.ret_id] = (scale_ret_logit(logits[model.ret_id], r.settings.ret_scale_factor)
+                                if ret_allowed else float("-inf"))
+        token = sample(logits, r.settings.temperature, r.warpers, r.generator)
+        if token in model.eos_ids:
+            r.ended = "eos"
+            return None
+        self.written += 1
+        return token
+
+    def fed(self, token: int, hidden: torch.Tensor) -> list[Event]:
+        r, model = self.r, self.r.model
+        r.tokens += 1
+        if token == model.ret_id:
+            hits = r.search(model.ret_query(hidden), r.shown)[:r.settings.images_per_ret]
+            r.shown.update(hit.id for hit in hits)
+            r.n_images += 1
+            return [Retrieved(hits)]
+        self.ids.append(token)
+        text = model.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return []  # half of a multi-byte character
+        if "\n" in text:
+            r.ended = "newline"
+            end = text.index("\n")
+            return [Text(text[len(self.emitted):end])] if end > len(self.emitted) else []
+        delta, self.emitted = text[len(self.emitted):], text
+        return [Text(delta)] if delta else []
+
+    def release(self, cache: DynamicCache, last: torch.Tensor) -> None:
+        self.r.cache, self.r.last = cache, last
+
+    def done(self) -> Done:
+        return Done({"stop": self.r.ended})
 
 
 def _after_label(pieces: Iterator[str | Retrieved], label: str) -> Iterator[str | Retrieved]:
@@ -190,10 +233,11 @@ def _after_label(pieces: Iterator[str | Retrieved], label: str) -> Iterator[str 
 
 def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | None = None,
           search: SearchFn | None = None, cancel: Cancel | None = None, max_rounds: int = 2,
-          record: Monologue | None = None) -> Iterator[Event]:
+          record: Monologue | None = None, engine: DecodeEngine | None = None) -> Iterator[Event]:
     """Answer the last user turn after an inner monologue about the conversation's image: `Thought`s, then the
     answer as `Text` (and `Retrieved`), then `Done` (its stats add `rounds` and `fallback`). Needs a model with a
-    Reasoner and an image in the conversation. `record`, if given, is filled with the monologue."""
+    Reasoner and an image in the conversation. `record`, if given, is filled with the monologue. With `engine`,
+    every line of the Reasoner and every answer of the Observer decodes in the batched decoder's batch."""
     if model.reasoner is None:
         raise ValueError("this checkpoint has no Reasoner: it cannot think before answering")
     images = looked_at(turns)
@@ -202,7 +246,7 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
     settings = settings or GenerationSettings()
     record = record if record is not None else Monologue()
     start = time.perf_counter()
-    reasoner = Reasoner(model, reasoner_prompt(model, turns[-1].text, turns[:-1]), settings)
+    reasoner = Reasoner(model, reasoner_prompt(model, turns[-1].text, turns[:-1]), settings, engine)
     asked: set[str] = set()
     answering = None  # the deltas of the final answer's line, once the Reasoner starts it
     while answering is None and record.fallback is None:
@@ -243,7 +287,7 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
             record.rounds += 1
             observed = ""
             yield Thought("Observer", line + 1, f"A{record.rounds}: ")
-            for event in observe(model, images, question, settings, cancel):
+            for event in observe(model, images, question, settings, cancel, engine):
                 observed += event.delta
                 yield Thought("Observer", line + 1, event.delta)
             if cancel is not None and cancel.is_set():
@@ -261,7 +305,11 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
     if record.fallback is not None:
         yield Thought("Reasoner", len(record.lines), f"(The monologue went wrong: {record.fallback}. The Observer "
                                                      f"answers the question directly.)")
-        for event in stream_reply(model, turns, settings, search, cancel):
+        direct = (engine.submit(turns, settings, search, cancel) if engine is not None
+                  else stream_reply(model, turns, settings, search, cancel))
+        for event in direct:
+            if isinstance(event, Waiting):
+                continue
             if isinstance(event, Done):
                 stats = dict(event.stats)
                 continue

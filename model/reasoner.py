@@ -23,13 +23,14 @@ FOLDER = "reasoner"
 WEIGHTS = "adapter_model.safetensors"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _BASE = "__base__"  # peft's name for "no adapter" in `adapter_names`
-_active: contextvars.ContextVar[bool] = contextvars.ContextVar("reasoning", default=False)
+_active: contextvars.ContextVar[bool | list[bool]] = contextvars.ContextVar("reasoning", default=False)
 
 
 @contextlib.contextmanager
-def reasoning(on: bool = True) -> Iterator[None]:
-    """LM calls made inside run with the Reasoner's adapter (`on`) or without it; other threads are unaffected.
-    Keep the block synchronous: never yield from inside it."""
+def reasoning(on: bool | list[bool] = True) -> Iterator[None]:
+    """LM calls made inside run with the Reasoner's adapter (`on`) or without it, or (a list) with it for the
+    batch rows that are True; other threads are unaffected. Keep the block synchronous: never yield from inside
+    it."""
     token = _active.set(on)
     try:
         yield
@@ -39,9 +40,13 @@ def reasoning(on: bool = True) -> Iterator[None]:
 
 def _per_call(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The Reasoner's calls take the layer's plain path (its one adapter is the active one); every other call
-    names no adapter for each of its rows (peft's per-row route, which then runs the base layer alone)."""
-    if not _active.get():
-        kwargs["adapter_names"] = [_BASE] * (args[0].shape[0] if args[0].dim() > 1 else 1)
+    names, per row, the adapter or none (peft's per-row route, which runs the base layer alone for rows that name
+    none)."""
+    on = _active.get()
+    if on is True or (isinstance(on, list) and all(on)):
+        return args, kwargs
+    rows = on if isinstance(on, list) else [False] * (args[0].shape[0] if args[0].dim() > 1 else 1)
+    kwargs["adapter_names"] = [ADAPTER if row else _BASE for row in rows]
     return args, kwargs
 
 

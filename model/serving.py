@@ -18,14 +18,14 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from model.generate import Event, GenerationSettings, Reply, SearchFn
+from model.generate import Cancel, Decoding, Event, GenerationSettings, Reply, SearchFn
 from model.grounded import GroundedLM
 from model.prompt import Turn
 
@@ -45,25 +45,24 @@ class Waiting:
 
 @dataclass
 class _Request:
-    turns: list[Turn]
-    settings: GenerationSettings
-    search: SearchFn | None
-    cancel: threading.Event | None
+    make: Callable[[Cancel], Decoding]  # called in the scheduler, given the request itself as the `Cancel`
+    cancel: Cancel | None
     abandoned: threading.Event = field(default_factory=threading.Event)
     events: queue.Queue = field(default_factory=queue.Queue)
     queued_at: float = field(default_factory=time.monotonic)
 
     def is_set(self) -> bool:
-        """Whether the reply should stop (the `Cancel` its `Reply` asks): Stop was pressed, or nobody reads it."""
+        """Whether the reply should stop (the `Cancel` its decoding asks): Stop was pressed, or nobody reads it."""
         return self.abandoned.is_set() or (self.cancel is not None and self.cancel.is_set())
 
 
 @dataclass
 class _Row:
     request: _Request
-    reply: Reply
+    decoding: Decoding
     last: torch.Tensor  # (lm_dim,): the hidden state the next token is sampled from
     length: int         # tokens in this row's cache, its padding not counted
+    failed: bool = False  # its decoding raised: it leaves at the next step, its error already sent
 
 
 class DecodeEngine:
@@ -93,7 +92,14 @@ class DecodeEngine:
                cancel: threading.Event | None = None) -> Iterator[Event | Waiting]:
         """Queue a reply; its events come as `stream_reply` yields them, after `Waiting` events while it waits
         for a row. Setting `cancel` stops it, as does closing the iterator (the client went away)."""
-        request = _Request(turns, settings or GenerationSettings(), search, cancel)
+        settings = settings or GenerationSettings()
+        return self.submit_decoding(lambda request: Reply(self.model, turns, settings, search, request), cancel)
+
+    def submit_decoding(self, make: Callable[[Cancel], Decoding], cancel: Cancel | None = None
+                        ) -> Iterator[Event | Waiting]:
+        """Queue any `Decoding` (`make(cancel)` builds it once a row is free); its events come as `decode_alone`
+        yields them, after `Waiting` events. A reply is one kind (`submit`), a line of IMMO's Reasoner another."""
+        request = _Request(make, cancel)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -193,13 +199,13 @@ class DecodeEngine:
         for more than one prefill."""
         while len(self._rows) < self.max_batch and (request := self._next_waiting()) is not None:
             try:
-                reply = Reply(self.model, request.turns, request.settings, request.search, request)
-                for event in reply.opening:
+                decoding = request.make(request)
+                for event in decoding.opening:
                     request.events.put(event)
-                last, cache, looked = self.model.prefill(reply.segments)
-                for event in looked:
+                last, cache, events = decoding.prefill()
+                for event in events:
                     request.events.put(event)
-                self._join(_Row(request, reply, last, cache.get_seq_length()), cache)
+                self._join(_Row(request, decoding, last, cache.get_seq_length()), cache)
             except Exception as error:  # this reply's own failure (a bad image, a bad setting): the others go on
                 request.events.put(error)
                 request.events.put(_FINISHED)
@@ -216,37 +222,43 @@ class DecodeEngine:
         logits = model.logits(torch.stack([row.last for row in self._rows]))            # (B, V')
         tokens, ended = [], []
         for i, row in enumerate(self._rows):
-            try:
-                token = row.reply.next_token(logits[i])
-            except Exception as error:
-                row.request.events.put(error)
-                token = None
-                row.reply.stop = row.reply.stop or "error"
+            token = None
+            if not row.failed:
+                try:
+                    token = row.decoding.next_token(logits[i])
+                except Exception as error:
+                    row.request.events.put(error)
+                    row.failed = True
             if token is None:
                 ended.append(i)
             tokens.append(token)
         finished = [self._rows[i] for i in ended]
+        for i in ended:
+            if not self._rows[i].failed:
+                self._rows[i].decoding.release(self._row_cache(i), self._rows[i].last)
         keep = [i for i in range(len(self._rows)) if i not in ended]
         if ended:
             self._select(keep)  # before their readers hear they are done: `running` is already right then
         for row in finished:
-            if row.reply.stop != "error":
-                row.request.events.put(row.reply.done())
+            if not row.failed:
+                row.request.events.put(row.decoding.done())
             row.request.events.put(_FINISHED)
         if not keep:
             return
         tokens = torch.tensor([[tokens[i]] for i in keep], device=model.device)          # (B, 1)
         positions = torch.tensor([[row.length] for row in self._rows], device=model.device)
+        reasoner = [row.decoding.reasoner for row in self._rows]
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], 1)     # (B, T + 1)
         hidden, self._cache = model.hidden_states(model.embed_ids(tokens), self._mask, past_key_values=self._cache,
-                                                  position_ids=positions)               # (B, 1, lm_dim)
+                                                  position_ids=positions,
+                                                  reasoner=reasoner if any(reasoner) else False)  # (B, 1, lm_dim)
         for b, row in enumerate(self._rows):
             row.last, row.length = hidden[b, -1], row.length + 1
             try:
-                events = row.reply.fed(int(tokens[b, 0]), row.last)
+                events = row.decoding.fed(int(tokens[b, 0]), row.last)
             except Exception as error:  # its search failed: end this reply with the error
                 row.request.events.put(error)
-                row.reply.stop = "error"
+                row.failed = True
                 continue
             for event in events:
                 row.request.events.put(event)
@@ -270,6 +282,14 @@ class DecodeEngine:
             batch_layer.values = torch.cat([batch_layer.values, row_layer.values])
         self._rows.append(row)
         self._mask = torch.cat([self._mask, row_mask])
+
+    def _row_cache(self, b: int) -> DynamicCache:
+        """Row b's own keys and values, without its padding (which is all before its tokens): a batch of one."""
+        start = self._mask.shape[1] - self._rows[b].length
+        cache = DynamicCache()
+        for i, layer in enumerate(self._cache.layers):
+            cache.update(layer.keys[b:b + 1, :, start:], layer.values[b:b + 1, :, start:], i)  # (1, H, length, D)
+        return cache
 
     def _select(self, keep: list[int]) -> None:
         """Keep these rows; drop the columns that are padding in every row left."""

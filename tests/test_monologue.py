@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from conftest import teach_reasoner, tiny_config
@@ -15,6 +16,7 @@ from model.grounded import GroundedLM
 from model.monologue import FINAL, Monologue, _after_label, think
 from model.prompt import Turn
 from model.reasoner import FOLDER, WEIGHTS
+from model.serving import DecodeEngine
 from model.training import monologue as trainer
 from model.world import questions, shapes
 
@@ -78,6 +80,15 @@ def test_sessions_thinking_and_not_thinking_at_once_never_share_the_adapter_stat
     assert wrong == []
 
 
+def test_in_one_batch_each_row_has_the_adapter_or_not_as_it_asks(model):
+    perturbed(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        mixed = model.hidden_states(model.embed_ids(ids), reasoner=[True, False])[0]
+    torch.testing.assert_close(mixed[0], hidden(model, True)[0])
+    torch.testing.assert_close(mixed[1], hidden(model, False)[0])
+
+
 def test_a_checkpoint_keeps_its_reasoner_and_loads_it_back(model, tmp_path):
     perturbed(model)
     model.save_pretrained(tmp_path / "ckpt")
@@ -131,15 +142,45 @@ def test_a_malformed_monologue_falls_back_to_the_observer_and_says_so(model, col
     assert events[-1].stats["fallback"] == record.fallback
 
 
-def test_stop_ends_the_monologue_where_it_is(model, colour_images):
+@pytest.mark.parametrize("batched", [False, True], ids=["alone", "batched"])
+def test_stop_ends_the_monologue_where_it_is(model, colour_images, batched):
     teach_reasoner(model, colour_images[0], QUESTION, "Red.", "The Observer said so.")
     cancel = threading.Event()
     seen = []
-    for event in think(model, [Turn("user", [colour_images[0], QUESTION])], cancel=cancel):
-        seen.append(event)
-        if isinstance(event, Thought) and event.role == "Observer":
-            cancel.set()
+    engine = DecodeEngine(model) if batched else None
+    try:
+        for event in think(model, [Turn("user", [colour_images[0], QUESTION])], cancel=cancel, engine=engine):
+            seen.append(event)
+            if isinstance(event, Thought) and event.role == "Observer":
+                cancel.set()
+    finally:
+        if engine is not None:
+            engine.close()
     assert not any(isinstance(e, (Text, Done)) for e in seen), "no answer after Stop"
+
+
+def test_a_monologue_in_the_batched_decoder_is_the_monologue_alone_beside_another_reply(model, colour_images):
+    teach_reasoner(model, colour_images[0], QUESTION, "Red.", "The Observer said so.")
+    other = [Turn("user", ["tell me a long story"])]
+    settings = GenerationSettings(max_new_tokens=300)
+    alone = events_of(model, colour_images[0])
+    other_alone = [e for e in stream_reply(model, other, settings) if isinstance(e, Text)]
+    rows_named = []  # what each forward of a LoRA layer asked of its rows
+    layer = next(m for m in model.lm.modules() if isinstance(m, LoraLayer))
+    layer.register_forward_pre_hook(lambda _, args, kwargs: rows_named.append(kwargs.get("adapter_names")),
+                                    with_kwargs=True)
+    engine = DecodeEngine(model, max_batch=4)
+    try:
+        beside = engine.submit(other, settings)  # decoding in the batch while the monologue's lines join it
+        batched = events_of(model, colour_images[0], engine=engine)
+        other_batched = [e for e in beside if isinstance(e, Text)]
+    finally:
+        engine.close()
+    assert [e for e in batched[0] if not isinstance(e, Done)] == [e for e in alone[0] if not isinstance(e, Done)]
+    assert batched[1] == alone[1] and batched[1].rounds == 1
+    assert other_batched == other_alone
+    assert any(names and {"reasoner", "__base__"} <= set(names) for names in rows_named), \
+        "the Reasoner's rows and the other reply's shared forwards, each with its own adapter"
 
 
 def test_thinking_needs_a_reasoner_and_an_image(model, colour_images):
