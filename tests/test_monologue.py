@@ -282,6 +282,20 @@ def test_reinforcement_scores_sampled_monologues_and_puts_the_adapter_back_with_
     assert (tmp_path / "run" / "training_curve.png").is_file()
 
 
+def test_a_steps_rollouts_decoded_at_once_are_the_rollouts_decoded_one_after_another(model, colour_images):
+    from model.training.monologue_rl import rollouts
+    teach_reasoner(model, colour_images[0], QUESTION, "Red.", "The Observer said so.")
+    batch = [("train", i, questions.question("train", i, 64, kinds=questions.COMPOUND_KINDS)[1]) for i in range(2)]
+    alone = rollouts(model, batch, group=2, temperature=0.7, seed=3)
+    engine = DecodeEngine(model, max_batch=4)
+    try:
+        at_once = rollouts(model, batch, group=2, temperature=0.7, seed=3, engine=engine)
+    finally:
+        engine.close()
+    assert [r.lines for r in at_once[0]] == [r.lines for r in alone[0]] and at_once[1] == alone[1]
+    assert len({tuple(r.lines) for r in alone[0]}) > 1, "sampled: the monologues differ"
+
+
 def test_a_sampled_monologue_is_scored_on_the_lines_the_reasoner_wrote_and_not_the_observers(model):
     from model.training.monologue_rl import row_of
     record = Monologue(lines=[("Reasoner", "Q1: What colour is the star?"), ("Observer", "A1: A red star."),

@@ -5,8 +5,9 @@
 
 One step:
     rollouts   B shapes-world questions (compound, and a `--simple-share` of simple ones), G monologues each,
-               run as the app runs them (`model.monologue.think`): the Reasoner samples at `--temperature`, the
-               Observer (adapter off) answers greedily, a malformed monologue falls back (and counts)
+               run as the app runs them (`model.monologue.think`), all B x G at once through the batched decoder
+               (`model/serving.py`): the Reasoner samples at `--temperature`, the Observer (adapter off) answers
+               greedily, a malformed monologue falls back (and counts)
     reward     1 when the final answer is right, else 0; a fallback earns 0 (its answer is not the Reasoner's)
     loss       RLOO: each monologue's advantage is its reward minus the mean of the other G - 1 of its question,
                times the log-probability of the Reasoner's own tokens (mean per token); plus `--kl` times the
@@ -26,6 +27,7 @@ import contextlib
 import json
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -39,6 +41,7 @@ from model.grounded import GroundedLM
 from model.monologue import Monologue, think
 from model.prompt import Turn
 from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning
+from model.serving import DecodeEngine
 from model.training.monologue import asked, conclude, padded_rows, pieces_row
 from model.training.optimization import schedule_step
 from model.training.plots import plot_batches, plt, save_figure
@@ -80,19 +83,26 @@ def token_logprobs(model: GroundedLM, rows: list[tuple[list[int], list[int]]]) -
 
 
 def rollouts(model: GroundedLM, batch: list[tuple[str, int, questions.Question]], group: int, temperature: float,
-             seed: int) -> tuple[list[Monologue], list[float]]:
-    """`group` monologues for each question, and their rewards."""
+             seed: int, engine: DecodeEngine | None = None) -> tuple[list[Monologue], list[float]]:
+    """`group` monologues for each question, and their rewards; with `engine`, all of them at once in its batch
+    (each monologue's sampling has its own seed, so they are the monologues written one after another)."""
     image_size = model.visual.image_size[0]
-    records, rewards = [], []
-    for n, (split, index, question) in enumerate(batch):
-        image = shapes.sample(split, index, image_size, True).image
-        for g in range(group):
-            record = Monologue()
-            settings = GenerationSettings(max_new_tokens=48, temperature=temperature, seed=seed + n * group + g)
-            for _ in think(model, [Turn("user", [image, question.text])], settings, record=record):
-                pass
-            records.append(record)
-            rewards.append(float(record.fallback is None and questions.is_right(record.answer, question)))
+    images = [shapes.sample(split, index, image_size, True).image for split, index, _ in batch]
+
+    def monologue(k: int) -> Monologue:
+        n, record = k // group, Monologue()
+        settings = GenerationSettings(max_new_tokens=48, temperature=temperature, seed=seed + k)
+        for _ in think(model, [Turn("user", [images[n], batch[n][2].text])], settings, record=record, engine=engine):
+            pass
+        return record
+
+    if engine is None:
+        records = [monologue(k) for k in range(len(batch) * group)]
+    else:
+        with ThreadPoolExecutor(len(batch) * group) as sessions:
+            records = list(sessions.map(monologue, range(len(batch) * group)))
+    rewards = [float(r.fallback is None and questions.is_right(r.answer, batch[k // group][2]))
+               for k, r in enumerate(records)]
     return records, rewards
 
 
@@ -134,46 +144,48 @@ def train(args: argparse.Namespace) -> dict:
                                               offset=500_000)]
     order = [rng.sample(pool, args.questions_per_step) for _ in range(args.steps)]
     t_start, steps_here, stopped_early = time.time(), 0, False
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="reasoner RL", unit="step",
-               dynamic_ncols=True)
-    for step in bar:
-        schedule_step(optimizer, step, args.steps, 0, args.lr)
-        batch = order[step]
-        with torch.no_grad():
-            records, rewards = rollouts(model, batch, args.group, args.temperature, args.seed + 1000 * step)
-        rows = [row_of(model, batch[i // args.group][2].text, record) for i, record in enumerate(records)]
-        reward = torch.tensor(rewards, device=model.device).view(len(batch), args.group)          # (B, G)
-        others = (reward.sum(1, keepdim=True) - reward) / max(1, args.group - 1)
-        advantage = (reward - others).flatten()                                                   # (B * G,)
-        with torch.no_grad(), adapter_weights(model, reference):
-            reference_logprobs, _ = token_logprobs(model, rows)
-        logprobs, mask = token_logprobs(model, rows)                                              # (N, T-1)
-        tokens = mask.sum(1).clamp(min=1)
-        log_ratio = reference_logprobs - logprobs
-        kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum(1) / tokens                           # k3, per token
-        policy = -(advantage * (logprobs * mask).sum(1) / tokens)
-        loss = (policy + args.kl * kl).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        done, steps_here = step + 1, steps_here + 1
-        for key, value in (("step", done), ("reward", sum(rewards) / len(rewards)), ("loss", loss.item()),
-                           ("fallback", sum(r.fallback is not None for r in records) / len(records)),
-                           ("kl", kl.mean().item())):
-            history[key].append(value)
-        elapsed = time.time() - t_start
-        bar.set_postfix(reward=f"{history['reward'][-1]:.2f}", kl=f"{history['kl'][-1]:.3f}",
-                        q_s=f"{steps_here * len(batch) / elapsed:.2f}")
-        out_of_time = args.time_limit is not None and elapsed >= args.time_limit * 60
-        if done % args.save_every == 0 or done == args.steps or out_of_time:
-            save_state(state_path, get_peft_model_state_dict(model.lm, adapter_name=ADAPTER), optimizer, done,
-                       history, options, seconds_before + time.time() - t_start)
-            plot_curves(history, run_dir / CURVE_NAME)
-        if out_of_time and done < args.steps:
-            stopped_early = True
-            break
-    bar.close()
+    engine = DecodeEngine(model, max_batch=args.questions_per_step * args.group)  # the rollouts' rows
+    with contextlib.closing(engine):
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="reasoner RL", unit="step",
+                   dynamic_ncols=True)
+        for step in bar:
+            schedule_step(optimizer, step, args.steps, 0, args.lr)
+            batch = order[step]
+            with torch.no_grad():
+                records, rewards = rollouts(model, batch, args.group, args.temperature, args.seed + 1000 * step, engine)
+            rows = [row_of(model, batch[i // args.group][2].text, record) for i, record in enumerate(records)]
+            reward = torch.tensor(rewards, device=model.device).view(len(batch), args.group)          # (B, G)
+            others = (reward.sum(1, keepdim=True) - reward) / max(1, args.group - 1)
+            advantage = (reward - others).flatten()                                                   # (B * G,)
+            with torch.no_grad(), adapter_weights(model, reference):
+                reference_logprobs, _ = token_logprobs(model, rows)
+            logprobs, mask = token_logprobs(model, rows)                                              # (N, T-1)
+            tokens = mask.sum(1).clamp(min=1)
+            log_ratio = reference_logprobs - logprobs
+            kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum(1) / tokens                           # k3, per token
+            policy = -(advantage * (logprobs * mask).sum(1) / tokens)
+            loss = (policy + args.kl * kl).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            done, steps_here = step + 1, steps_here + 1
+            for key, value in (("step", done), ("reward", sum(rewards) / len(rewards)), ("loss", loss.item()),
+                               ("fallback", sum(r.fallback is not None for r in records) / len(records)),
+                               ("kl", kl.mean().item())):
+                history[key].append(value)
+            elapsed = time.time() - t_start
+            bar.set_postfix(reward=f"{history['reward'][-1]:.2f}", kl=f"{history['kl'][-1]:.3f}",
+                            q_s=f"{steps_here * len(batch) / elapsed:.2f}")
+            out_of_time = args.time_limit is not None and elapsed >= args.time_limit * 60
+            if done % args.save_every == 0 or done == args.steps or out_of_time:
+                save_state(state_path, get_peft_model_state_dict(model.lm, adapter_name=ADAPTER), optimizer, done,
+                           history, options, seconds_before + time.time() - t_start)
+                plot_curves(history, run_dir / CURVE_NAME)
+            if out_of_time and done < args.steps:
+                stopped_early = True
+                break
+        bar.close()
     summary = {"finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0,
                "options": options, "device": str(device), "seconds": round(seconds_before + time.time() - t_start, 1),
                "reward_last_10": mean_tail(history["reward"], 10), "fallback_last_10": mean_tail(history["fallback"], 10),
