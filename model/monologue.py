@@ -136,7 +136,9 @@ class Reasoner:
         self.unread += self.model.tokenizer(text, add_special_tokens=False).input_ids
 
     def line(self, cancel: Cancel | None) -> Iterator[str | Retrieved]:
-        """Decode one line as text deltas (and `Retrieved` where `[RET]` searched); `ended` says how it stopped."""
+        """Decode one line as text deltas (and `Retrieved` where `[RET]` searched); `ended` says how it stopped
+        (a line stopped before it could start, waiting for a row, is "cancelled")."""
+        self.ended = "cancelled"
         events = (self.engine.submit_decoding(lambda request: ReasonerLine(self, request), cancel)
                   if self.engine is not None else decode_alone(self.model, ReasonerLine(self, cancel)))
         for event in events:
