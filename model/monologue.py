@@ -101,12 +101,18 @@ def observe(model: GroundedLM, images: list[Image.Image], question: str, setting
     """The Observer's answer to one sub-question about `images`, streamed (adapter off, greedy, no retrieval),
     decoded alone or (`engine`) in the batched decoder's batch."""
     look = GenerationSettings(max_new_tokens=OBSERVER_TOKENS, look=settings.look)
-    turns = [Turn("user", [*images, question])]
-    events = engine.submit(turns, look, cancel=cancel) if engine is not None else stream_reply(model, turns, look,
-                                                                                            cancel=cancel)
-    for event in events:
+    for event in _observer_reply(model, [Turn("user", [*images, question])], look, None, cancel, engine):
         if isinstance(event, Text):
             yield event
+
+
+def _observer_reply(model: GroundedLM, turns: list[Turn], settings: GenerationSettings, search: SearchFn | None,
+                    cancel: Cancel | None, engine: DecodeEngine | None) -> Iterator[Event]:
+    """An ordinary reply of the Observer, decoded alone or in the engine's batch (its places in line left out)."""
+    if engine is None:
+        yield from stream_reply(model, turns, settings, search, cancel)
+        return
+    yield from (e for e in engine.submit(turns, settings, search, cancel) if not isinstance(e, Waiting))
 
 
 class Reasoner:
@@ -307,11 +313,7 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
     if record.fallback is not None:
         yield Thought("Reasoner", len(record.lines), f"(The monologue went wrong: {record.fallback}. The Observer "
                                                      f"answers the question directly.)")
-        direct = (engine.submit(turns, settings, search, cancel) if engine is not None
-                  else stream_reply(model, turns, settings, search, cancel))
-        for event in direct:
-            if isinstance(event, Waiting):
-                continue
+        for event in _observer_reply(model, turns, settings, search, cancel, engine):
             if isinstance(event, Done):
                 stats = dict(event.stats)
                 continue
