@@ -39,6 +39,10 @@ class GroundedConfig:
     one more LM input token after the CLS tokens (0: none, FROMAGe's CLS-only input). A single CLS vector
     cannot say which colour goes with which shape once a scene has several objects; the cells can (3 x 3: the
     shapes world's five positions each fall in one cell of the demo encoder's 8 x 8 patches)."""
+    tokens_per_cell: int = 1
+    """LM input tokens per region cell. Several let a cell say its object in word-sized pieces (size, colour,
+    shape, place), each a token the frozen LM can read like a word it knows (`train.py --cell-words`); 1: one
+    token per cell (every older checkpoint)."""
     projector: str = "mlp"
     """How CLIP features become LM tokens: `linear` (FROMAGe) or `mlp` (Linear-GELU-Linear, as LLaVA-1.5 found
     better), for the CLS and the region mapping alike."""
@@ -72,8 +76,8 @@ class GroundedConfig:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
-        if self.n_visual_tokens < 1 or self.emb_dim < 1:
-            raise ValueError("n_visual_tokens and emb_dim must be positive")
+        if self.n_visual_tokens < 1 or self.emb_dim < 1 or self.tokens_per_cell < 1:
+            raise ValueError("n_visual_tokens, tokens_per_cell and emb_dim must be positive")
         if self.region_grid < 0 or self.request_tokens < 0:
             raise ValueError(f"region_grid and request_tokens must be 0 (none) or positive, got {self.region_grid} "
                              f"and {self.request_tokens}")
@@ -81,7 +85,7 @@ class GroundedConfig:
     @property
     def tokens_per_image(self) -> int:
         """LM input positions one image takes: its CLS tokens, then its region tokens."""
-        return self.n_visual_tokens + self.region_grid ** 2
+        return self.n_visual_tokens + self.region_grid ** 2 * self.tokens_per_cell
 
     def save(self, folder: str | Path) -> None:
         """`grounded_config.json` in `folder`, written whole or not at all."""

@@ -109,8 +109,13 @@ class GroundedLM(nn.Module):
         self.tied = self.lm.get_output_embeddings().weight is embeddings.weight
         n = config.n_visual_tokens
         self.input_mapping = projector(config.projector, visual_dim, lm_dim, n * lm_dim)  # (B, visual_dim) -> (B, n * lm_dim)
-        self.region_mapping = (projector(config.projector, visual_dim, lm_dim, lm_dim)    # per cell, shared
+        k = config.tokens_per_cell
+        self.region_mapping = (projector(config.projector, visual_dim, lm_dim, k * lm_dim)  # per cell, shared
                                if config.region_grid else None)
+        # With several tokens per cell, a learnt vector per cell and token says where the cell is, which the
+        # shared mapping cannot.
+        self.region_positions = (nn.Parameter(torch.zeros(config.region_grid ** 2, k, lm_dim))
+                                 if config.region_grid and k > 1 else None)
         self.ret_mapping = nn.Linear(lm_dim, config.emb_dim)
         self.image_mapping = nn.Linear(visual_dim, config.emb_dim)
         # [RET] starts as the mean embedding row: a plausible token the LM has never seen.
@@ -125,6 +130,8 @@ class GroundedLM(nn.Module):
             if module is not None:
                 module.to(self.device)
         self.ret_embedding.data = self.ret_embedding.data.to(self.device)
+        if self.region_positions is not None:
+            self.region_positions.data = self.region_positions.data.to(self.device)
         if self.ret_output is not None:
             self.ret_output.data = self.ret_output.data.to(self.device)
         self.logit_scale.data = self.logit_scale.data.to(self.device)
@@ -132,6 +139,9 @@ class GroundedLM(nn.Module):
         """Which images are like the training images (`familiarity.safetensors` in the checkpoint), if known."""
         self.reasoner: LoraConfig | None = None
         """IMMO's Reasoner adapter on `lm` (`model/reasoner.py`), if the checkpoint has one or `add_reasoner` made one."""
+        self.cls_dropout = 0.0
+        """In training only: the share of images whose pooled CLS feature is zeroed, so that only their region
+        tokens can say what is where (`train.py --cls-dropout`)."""
         self._encoded: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._encoded_lock = threading.Lock()  # sessions share one model
         self.prefixes = PrefixCache(PREFIX_CACHE_BYTES)
@@ -142,17 +152,23 @@ class GroundedLM(nn.Module):
     def from_pretrained(cls, folder_or_preset: str | Path, quantize: str | None = None,
                         device: torch.device | str | None = None, region_grid: int | None = None,
                         compute_dtype: str | None = None, request_tokens: int | None = None,
-                        dequantize: bool = False) -> "GroundedLM":
+                        dequantize: bool = False, tokens_per_cell: int | None = None) -> "GroundedLM":
         """A checkpoint folder or preset, loaded as it was trained unless `quantize` / `compute_dtype` say
         otherwise; `dequantize` dequantises a 4-bit LM once (`lm.dequantized`: for batches), before the Reasoner's
         adapter goes on it. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
         without region tokens then gets a new, untrained region mapping (the shared per-cell mapping fits
-        any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module."""
+        any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module, and a
+        new `tokens_per_cell` a new, untrained region mapping."""
         folder = resolve(folder_or_preset)
         config, weights = read_checkpoint(folder)
-        grown = tuple(prefix for prefix, new in (("region_mapping.", config.region_grid == 0 and region_grid),
+        recut = tokens_per_cell is not None and tokens_per_cell != config.tokens_per_cell
+        grown = tuple(prefix for prefix, new in (("region_mapping.", config.region_grid == 0 and region_grid or recut),
+                                                 ("region_positions", recut),
                                                  ("perception.", config.request_tokens == 0 and request_tokens))
-                      if new)  # modules the checkpoint lacks and gets, untrained
+                      if new)  # modules the checkpoint lacks (or has in another shape) and gets, untrained
+        if recut:
+            weights = {k: v for k, v in weights.items() if not k.startswith(grown)}
+            config.tokens_per_cell = tokens_per_cell
         if region_grid is not None:
             config.region_grid = region_grid
         if request_tokens is not None and config.request_tokens and request_tokens != config.request_tokens:
@@ -243,9 +259,15 @@ class GroundedLM(nn.Module):
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(N, 1 + region_grid^2, visual_dim) -> (N, tokens_per_image, lm_dim), in the LM's dtype."""
         n, dtype = self.config.n_visual_tokens, self.lm.get_input_embeddings().weight.dtype
-        tokens = self.input_mapping(features[:, 0]).view(features.shape[0], n, -1)        # (N, n, lm_dim)
+        pooled = features[:, 0]                                                            # (N, visual_dim)
+        if self.training and self.cls_dropout:
+            pooled = pooled * (torch.rand(len(pooled), 1, device=pooled.device) >= self.cls_dropout)
+        tokens = self.input_mapping(pooled).view(features.shape[0], n, -1)                # (N, n, lm_dim)
         if self.region_mapping is not None:
-            tokens = torch.cat([tokens, self.region_mapping(features[:, 1:])], 1)         # (N, n + grid^2, lm_dim)
+            cells = self.region_mapping(features[:, 1:]).unflatten(-1, (self.config.tokens_per_cell, -1))
+            if self.region_positions is not None:                                          # (N, grid^2, k, lm_dim)
+                cells = cells + self.region_positions
+            tokens = torch.cat([tokens, cells.flatten(1, 2)], 1)                          # (N, n + grid^2 * k, lm_dim)
         return tokens.to(dtype)
 
     # ---- text -----------------------------------------------------------------------------------

@@ -77,6 +77,22 @@ def test_a_checkpoint_grows_region_tokens_to_be_fine_tuned(trained, tmp_path):
         GroundedLM.from_pretrained(tmp_path / "grown", quantize="none", device="cpu", region_grid=0)
 
 
+def test_a_checkpoint_recut_to_several_tokens_per_cell_gets_a_new_region_mapping(tiny_lm_dir, tiny_clip_dir,
+                                                                                  tmp_path):
+    GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2), quantize="none",
+               device="cpu").save_pretrained(tmp_path / "ckpt")
+    before = GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu").trainable_state_dict()
+    recut = GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu", tokens_per_cell=4)
+    assert recut.config.tokens_per_cell == 4 and recut.config.tokens_per_image == 2 + 4 * 4
+    assert recut.region_mapping.weight.shape == (4 * 32, 32) and recut.region_positions.shape == (4, 4, 32)
+    after = recut.trainable_state_dict()
+    for name, value in before.items():
+        if not name.startswith("region_mapping."):
+            assert torch.equal(after[name], value), f"{name} is kept"
+    recut.save_pretrained(tmp_path / "recut")
+    assert GroundedLM.from_pretrained(tmp_path / "recut", quantize="none", device="cpu").config.tokens_per_cell == 4
+
+
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         GroundedLM.from_pretrained(tmp_path, quantize="none")

@@ -45,6 +45,32 @@ def test_region_tokens_follow_the_cls_tokens_one_per_cell(tiny_lm_dir, tiny_clip
     assert {"region_mapping.weight", "region_mapping.bias"} <= set(model.trainable_state_dict())
 
 
+def test_several_tokens_per_cell_follow_cell_by_cell_each_with_its_place(tiny_lm_dir, tiny_clip_dir, colour_images):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, tokens_per_cell=3), quantize="none",
+                       device="cpu")
+    assert model.config.tokens_per_image == 2 + 4 * 3
+    with torch.no_grad():
+        model.region_positions.normal_()
+    _, patches = model.visual.encode(colour_images[:2])
+    tokens = model.visual_tokens(model.visual_features(colour_images[:2]))      # (2, 14, lm_dim)
+    cells = model.region_mapping(model.visual.regions(patches, 2)).view(2, 4, 3, 32) + model.region_positions
+    torch.testing.assert_close(tokens[:, 2:], cells.flatten(1, 2))
+    turns = [Turn("user", [colour_images[0], "describe the image."])]
+    assert model.embed_conversation(turns).shape[1] == count_tokens(render(turns, model.tokenizer, "chat"), 14)
+
+
+def test_cls_dropout_blanks_the_pooled_feature_in_training_only(tiny_lm_dir, tiny_clip_dir, colour_images):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2), quantize="none", device="cpu")
+    features = model.visual_features(colour_images)
+    model.cls_dropout = 1.0
+    model.train()
+    dropped = model.visual_tokens(features)
+    torch.testing.assert_close(dropped[:, :2], model.input_mapping(torch.zeros(3, 32)).view(3, 2, 32))
+    assert torch.equal(dropped[:, 2:], model.region_mapping(features[:, 1:])), "the cells are left alone"
+    model.eval()
+    torch.testing.assert_close(model.visual_tokens(features)[:, :2], model.input_mapping(features[:, 0]).view(3, 2, 32))
+
+
 def test_a_region_grid_finer_than_the_patches_is_refused(tiny_lm_dir, tiny_clip_dir):
     with pytest.raises(ValueError, match="region_grid=5 is finer than the 4x4 patches"):
         GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=5), quantize="none", device="cpu")

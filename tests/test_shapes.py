@@ -193,6 +193,13 @@ def test_plain_caption_round_trips():
         assert parse_caption(shapes.plain_caption(scene)).objects == scene.objects
 
 
+def test_the_plain_caption_lists_objects_as_the_region_grid_reads_them():
+    scene = Scene((SceneObject("circle", "red", "small", "right"), SceneObject("star", "blue", "large", "top"),
+                   SceneObject("cross", "white", "small", "left")))
+    assert shapes.plain_caption(scene) == ("A large blue star at the top, a small white cross on the left and "
+                                           "a small red circle on the right.")
+
+
 def test_score_scene_per_attribute():
     truth = Scene((SceneObject("circle", "red", "small", "left"), SceneObject("star", "blue", "large", "top")))
     assert score_scene(truth, truth) == {"exact": 1.0, "count": 1.0, "position": 1.0, "shape": 1.0,

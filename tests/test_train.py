@@ -273,6 +273,19 @@ def test_stage_two_trains_the_request_module_alone_and_its_ablation_the_input_ma
             v.numel() for k, v in weights.items() if k.startswith(TRAINABLE[trainable]))
 
 
+def test_a_run_with_cell_words_trains_a_token_per_word_of_each_cell_and_records_that_loss(tiny_lm_dir, tiny_clip_dir,
+                                                                                          tmp_path):
+    summary = main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path, "--region-grid", "3", "--tokens-per-cell", "4",
+                            "--cell-words", "1", "--cls-dropout", "0.5", "--steps", "3", "--val-every", "3"))
+    assert summary["options"] | {"tokens_per_cell": 4, "cell_words": 1.0, "cls_dropout": 0.5} == summary["options"]
+    history = read_state(tmp_path / "run" / STATE_NAME)[1]["history"]
+    assert len(history["cell_words"]) == 3 and all(v > 0 for v in history["cell_words"])
+    model = GroundedLM.from_pretrained(tmp_path / "out", quantize="none", device="cpu")
+    assert model.config.tokens_per_cell == 4 and model.config.tokens_per_image == 2 + 9 * 4
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--tsv", "pairs.tsv", "--cell-words", "1"])
+
+
 def test_a_state_saved_before_an_option_existed_resumes_as_the_run_that_wrote_it(tiny_lm_dir, tiny_clip_dir,
                                                                                   tmp_path):
     cut = args_for(tiny_lm_dir, tiny_clip_dir, tmp_path, "--steps", "2", "--val-every", "2")

@@ -69,7 +69,7 @@ from model.world.data import ImageFolder, ShapesImages
 
 OPENINGS = ("", "The image shows a", "I see a", "There is a", "A picture of a")
 """How a sampled reply may begin (ESPER's sentence openings): the judge scores the opening and the reply."""
-POLICY = ("input_mapping.", "region_mapping.")
+POLICY = ("input_mapping.", "region_mapping.", "region_positions")
 NEG = -1e4
 """Logit of a masked token: finite, so the KL's 0 * log 0 terms stay 0."""
 SAMPLES_NAME = "samples.txt"
@@ -87,7 +87,8 @@ def quiet_start(model: GroundedLM, scale: float) -> None:
     newline = model.tokenizer.encode("\n", add_special_tokens=False)[-1]
     centre = model.lm.get_input_embeddings().weight.detach().float()[newline]               # (lm_dim,)
     with torch.no_grad():
-        for mapping, n_tokens in ((model.input_mapping, model.config.n_visual_tokens), (model.region_mapping, 1)):
+        for mapping, n_tokens in ((model.input_mapping, model.config.n_visual_tokens),
+                                  (model.region_mapping, model.config.tokens_per_cell)):
             if mapping is None:
                 continue
             last = mapping if isinstance(mapping, nn.Linear) else mapping[-1]

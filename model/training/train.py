@@ -46,6 +46,7 @@ from model.config import CONFIG_NAME, PROJECTORS, WEIGHTS_NAME, GroundedConfig
 from model.world.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import Example, GroundedLM
 from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, dequantized
+from model.training.cell_words import cell_word_loss
 from model.training.conversations import Conversations, QuestionConversations
 from model.training.optimization import param_groups, schedule_step
 from model.training.train_clip import resolve_device
@@ -62,14 +63,16 @@ STATE_FORMAT = "grounded-train-state/1"
 CURVE_NAME = "training_curve.png"
 SUMMARY_NAME = "training.json"
 RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "region_grid", "projector", "emb_dim", "batch_size", "lr", "warmup",
-               "seed", "tsv", "holdout", "val_size", "init", "quantize", "questions", "request_tokens", "trainable")
+               "seed", "tsv", "holdout", "val_size", "init", "quantize", "questions", "request_tokens", "trainable",
+               "tokens_per_cell", "cls_dropout", "cell_words")
 """Options a resumed run must share with the run it continues: they shape the weights or the data order."""
-LATER_OPTIONS = {"questions": False, "request_tokens": 0, "trainable": "all", "candidates": 0}
+LATER_OPTIONS = {"questions": False, "request_tokens": 0, "trainable": "all", "candidates": 0, "tokens_per_cell": 1,
+                 "cls_dropout": 0.0, "cell_words": 0.0}
 """Options added after state files were first written: a state without them comes from a run that had these."""
-TRAINABLE = {"all": ("input_mapping.", "region_mapping.", "ret_mapping.", "image_mapping.", "ret_embedding",
-                     "ret_output", "logit_scale", "perception."),
+TRAINABLE = {"all": ("input_mapping.", "region_mapping.", "region_positions", "ret_mapping.", "image_mapping.",
+                     "ret_embedding", "ret_output", "logit_scale", "perception."),
              "perception": ("perception.",),
-             "input": ("input_mapping.", "region_mapping.")}
+             "input": ("input_mapping.", "region_mapping.", "region_positions")}
 """What trains: every small layer; LMEye's stage 2 (the request module, the mappings frozen); or the input
 mappings alone (stage 2's ablation: the same budget spent on what the model already has)."""
 
@@ -166,7 +169,8 @@ def optimizer_for(model: GroundedLM, lr: float) -> torch.optim.AdamW:
 
 
 def plot_curves(history: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    words = bool(history.get("cell_words"))
+    fig, axes = plt.subplots(1, 3 + words, figsize=(14 + 4.5 * words, 3.8))
     for ax, key, title in ((axes[0], "caption", "caption loss"), (axes[1], "ret", "contrastive loss ([RET] vs image)")):
         plot_batches(ax, history["step"], history[key])
         ax.plot(history["val_step"], history[f"val_{key}"], marker="o", color="tab:orange", label="validation")
@@ -174,6 +178,10 @@ def plot_curves(history: dict, path: Path) -> None:
         ax.legend()
     axes[2].plot(history["val_step"], history["val_ret_acc"], marker="o", color="tab:orange")
     axes[2].set(xlabel="step", ylim=(0, 1.02), title="validation: [RET] finds its image in the batch")
+    if words:
+        plot_batches(axes[3], history["step"], history["cell_words"])
+        axes[3].set(xlabel="step", title="cell words: region tokens vs their words")
+        axes[3].legend()
     save_figure(fig, path)
 
 
@@ -259,20 +267,23 @@ def train(args: argparse.Namespace) -> dict:
         kept_out = kept_out and init_summary.is_file() and holdout_kept_out(json.loads(init_summary.read_text()))
         model = GroundedLM.from_pretrained(init_dir, quantize=args.quantize, device=device,
                                            region_grid=args.region_grid, compute_dtype=args.compute_dtype,
-                                           request_tokens=args.request_tokens, dequantize=args.quantize == "4bit")
+                                           request_tokens=args.request_tokens, dequantize=args.quantize == "4bit",
+                                           tokens_per_cell=args.tokens_per_cell)
         named = GroundedConfig.load(init_dir)  # as the checkpoint names them, not resolved paths
         args.lm, args.visual, args.visual_pretrained = named.lm, named.visual, named.visual_pretrained
         args.n_visual_tokens, args.emb_dim, args.projector = named.n_visual_tokens, named.emb_dim, named.projector
-        args.region_grid = model.config.region_grid
+        args.region_grid, args.tokens_per_cell = model.config.region_grid, model.config.tokens_per_cell
     else:
         config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
                                 n_visual_tokens=args.n_visual_tokens, region_grid=args.region_grid,
-                                projector=args.projector, emb_dim=args.emb_dim, request_tokens=args.request_tokens)
+                                projector=args.projector, emb_dim=args.emb_dim, request_tokens=args.request_tokens,
+                                tokens_per_cell=args.tokens_per_cell)
         model = GroundedLM(config, quantize=args.quantize, device=device, compute_dtype=args.compute_dtype)
         if args.quantize == "4bit":
             model.lm = dequantized(model.lm)
     # 4-bit is dequantised once (before a Reasoner's adapter goes on it): bench/training.py measures both
     args.compute_dtype = model.config.compute_dtype  # what this device runs, recorded in the summary
+    model.cls_dropout = args.cls_dropout
     args.request_tokens = model.config.request_tokens
     if args.trainable == "perception" and model.perception is None:
         raise SystemExit("--trainable perception: the model has no request module (give --request-tokens K)")
@@ -315,8 +326,13 @@ def train(args: argparse.Namespace) -> dict:
         examples = train_data.batch(step, args.batch_size)
         model.visual_features(images_of(examples))  # one batched CLIP pass; forward then finds them cached
         result = model(examples)
+        loss = result.loss
+        if args.cell_words:
+            cell_words = cell_word_loss(model, step, args.batch_size, args.holdout, args.seed)
+            loss = loss + args.cell_words * cell_words
+            history.setdefault("cell_words", []).append(cell_words.item())
         optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         with torch.no_grad():
@@ -327,6 +343,7 @@ def train(args: argparse.Namespace) -> dict:
             history[key].append(value)
         elapsed = time.time() - t_start
         bar.set_postfix(caption=f"{history['caption'][-1]:.3f}", ret=f"{history['ret'][-1]:.3f}",
+                        **({"words": f"{history['cell_words'][-1]:.3f}"} if args.cell_words else {}),
                         ex_s=f"{steps_here * args.batch_size / elapsed:.1f}")
         out_of_time = args.time_limit is not None and elapsed >= args.time_limit * 60
         if done % args.val_every == 0 or done == args.steps:
@@ -382,6 +399,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainable", choices=tuple(TRAINABLE), default="all",
                    help="what trains: every small layer, the request module alone (LMEye's stage 2), or the input "
                         "mappings alone (its ablation)")
+    p.add_argument("--tokens-per-cell", type=int, default=None,
+                   help=f"LM tokens per region cell (default {DEMO.tokens_per_cell}, or the --init checkpoint's; "
+                        f"another number than the checkpoint's starts a new region mapping)")
+    p.add_argument("--cell-words", type=float, default=0.0,
+                   help="weight of the loss that pulls each cell's 4 tokens towards the words of its object "
+                        "(size, colour, shape, place; model/training/cell_words.py); shapes world only")
+    p.add_argument("--cls-dropout", type=float, default=0.0,
+                   help="the share of training images whose pooled CLS feature is zeroed, so that only their "
+                        "region tokens can say what they show")
     p.add_argument("--lm", default=DEMO.lm)
     p.add_argument("--visual", default=DEMO.visual)
     p.add_argument("--visual-pretrained", default=DEMO.visual_pretrained, help="open_clip tag, for a named --visual model")
@@ -411,6 +437,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--questions trains on the shapes world: leave out --tsv")
     if args.region_grid is None and args.init is None:
         args.region_grid = DEMO.region_grid
+    if args.tokens_per_cell is None and args.init is None:
+        args.tokens_per_cell = DEMO.tokens_per_cell
+    if args.cell_words and args.tsv:
+        p.error("--cell-words needs the shapes world's scenes: leave out --tsv")
     if args.request_tokens is None and args.init is None:
         args.request_tokens = 0
     return args

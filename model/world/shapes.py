@@ -158,11 +158,17 @@ def describe(scene: Scene, rng: random.Random) -> str:
     return text[0].upper() + text[1:]
 
 
+READING_ORDER = ("top", "left", "centre", "right", "bottom")
+"""The positions as a region grid lists its cells: row by row from the top left."""
+
+
 def plain_caption(scene: Scene) -> str:
-    """The grammar's plainest caption: objects in canonical order, first wording of each word. It is also how the
+    """The grammar's plainest caption: objects in reading order, first wording of each word. It is also how the
     demo model describes a scene: a model learning to describe needs no guess at which of many equally good
-    orders and wordings comes next (requests for a picture keep the grammar's variety)."""
-    phrases = [f"a {o.size} {o.colour} {o.shape} {_POSITION_PHRASES[o.position][0]}" for o in scene.objects]
+    orders and wordings comes next (requests for a picture keep the grammar's variety), and it meets the objects
+    in the order its region tokens list them."""
+    ordered = sorted(scene.objects, key=lambda o: READING_ORDER.index(o.position))
+    phrases = [f"a {o.size} {o.colour} {o.shape} {_POSITION_PHRASES[o.position][0]}" for o in ordered]
     listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{listed[0].upper()}{listed[1:]}."
 

@@ -1,0 +1,82 @@
+"""The stage before captioning with cell words (`cell_words.py`): a checkpoint's region mapping is replaced by one
+of four tokens per cell, trained on the cell-word loss alone (no LM forward, about a second a step on a CPU), so
+that the LM meets cells that already read as words when `train.py --cell-words` starts teaching it to describe
+from them.
+
+    python -m model.training.train_cells --init demo --out runs/cells --steps 600
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import resolve
+from model.grounded import GroundedLM
+from model.training.cell_words import SLOTS, cell_word_loss, nearest_words
+from model.training.optimization import param_groups, schedule_step
+from model.training.plots import plot_batches, plt, save_figure
+from model.training.train import CURVE_NAME, SUMMARY_NAME, export, holdout_kept_out
+from model.training.train_clip import resolve_device
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """A new region mapping of four tokens per cell on `--init`'s checkpoint, trained on the loss alone."""
+    init = resolve(args.init)
+    model = GroundedLM.from_pretrained(init, device=resolve_device(args.device), tokens_per_cell=len(SLOTS))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("region_mapping.", "region_positions")))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=args.lr)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.out).name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    losses, t_start = [], time.time()
+    for step in (bar := tqdm(range(args.steps), desc="cell words", unit="step", dynamic_ncols=True)):
+        schedule_step(optimizer, step, args.steps, max(1, args.steps // 20), args.lr)
+        loss = cell_word_loss(model, step, args.batch_size, args.holdout, args.seed)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    nearest = nearest_words(model)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    plot_batches(ax, list(range(1, len(losses) + 1)), losses)
+    ax.set(xlabel="step", ylabel="loss", yscale="log",
+           title="cell words: " + ", ".join(f"{slot} {100 * v:.0f}%" for slot, v in nearest.items()))
+    ax.legend()
+    save_figure(fig, run_dir / CURVE_NAME)
+    init_summary = init / SUMMARY_NAME
+    summary = {"finished": True, "step": args.steps, "options": {**vars(args), "init": args.init},
+               "holdout_kept_out": args.holdout and init_summary.is_file()
+               and holdout_kept_out(json.loads(init_summary.read_text())),
+               "seconds": round(time.time() - t_start, 1), "loss": sum(losses[-50:]) / len(losses[-50:]),
+               "nearest_word_val": nearest}
+    export(model, run_dir, Path(args.out), summary)
+    print("summary " + json.dumps(summary), flush=True)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--init", required=True, help="checkpoint (folder or preset) whose region mapping is replaced")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--run-dir", help="curve and working files (default: runs/<name of --out>)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16, help="scenes a step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the hold-out (shape, colour) pairs out, as the other stages do")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    pretrain(parse_args())

@@ -1,0 +1,54 @@
+"""Region tokens that read as words: each cell's tokens pulled towards the words of the object in it."""
+import pytest
+import torch
+
+from conftest import tiny_config
+from model.grounded import GroundedLM
+from model.training.cell_words import EMPTY, SLOTS, cell_of, cell_word_loss, cell_word_targets, word_row
+from model.world.shapes import Scene, SceneObject
+
+
+@pytest.fixture
+def worded(tiny_lm_dir, tiny_clip_dir):
+    return GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=3, tokens_per_cell=len(SLOTS)),
+                      quantize="none", device="cpu")
+
+
+def test_the_five_places_fall_in_the_cells_of_a_three_by_three_grid():
+    assert [cell_of(p, 3) for p in ("top", "left", "centre", "right", "bottom")] == [1, 3, 4, 5, 7]
+
+
+def test_an_objects_cell_says_its_words_in_order_and_every_other_cell_says_empty(worded):
+    scene = Scene((SceneObject("circle", "red", "small", "left"), SceneObject("star", "blue", "large", "top")))
+    targets = cell_word_targets(worded, [scene])                               # (1, 9, 4, lm_dim)
+    assert targets.shape == (1, 9, 4, 32)
+    for cell, words in ((3, ("small", "red", "circle", "left")), (1, ("large", "blue", "star", "top"))):
+        for slot, word in enumerate(words):
+            assert torch.equal(targets[0, cell, slot], word_row(worded, word))
+    for cell in (0, 2, 4, 5, 6, 7, 8):
+        assert all(torch.equal(targets[0, cell, slot], word_row(worded, EMPTY)) for slot in range(4))
+
+
+def test_a_word_of_several_tokens_is_the_mean_of_their_rows(worded):
+    ids = worded.tokenizer.encode(" hexagon", add_special_tokens=False)
+    assert len(ids) > 1
+    table = worded.lm.get_input_embeddings().weight
+    torch.testing.assert_close(word_row(worded, "hexagon"), table[ids].mean(0))
+
+
+def test_training_the_region_mapping_on_the_loss_lowers_it(worded):
+    optimizer = torch.optim.Adam([*worded.region_mapping.parameters(), worded.region_positions], lr=1e-2)
+    losses = []
+    for step in range(12):
+        loss = cell_word_loss(worded, step % 3, 8, holdout=True, seed=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_model_without_a_token_per_word_is_refused(tiny_lm_dir, tiny_clip_dir):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=3), quantize="none", device="cpu")
+    with pytest.raises(ValueError, match="cell words need 4 tokens per region cell"):
+        cell_word_loss(model, 0, 2, holdout=True, seed=0)
