@@ -154,3 +154,21 @@ def test_the_demos_reasoner_questions_its_observer_and_concludes_what_the_answer
         answer, reason = conclusion(q, heard)
         assert record.answer.startswith(answer), (record.lines, answer)
         assert (GUESS in record.answer) == (reason == GUESS)
+
+
+def test_the_cell_words_checkpoint_reads_its_cells_and_describes_scenes_of_two_objects():
+    """`assets/demo-cells` (README: cell words): the same ten two-object scenes as above, described exactly at least
+    5 times (the demo: once), and with the encoder's pooled CLS feature zeroed too (what it says then comes from the
+    cells)."""
+    model = GroundedLM.from_pretrained(ASSETS / "demo-cells", device="cpu")
+    scenes = [s for s in (shapes.sample("test", i, model.visual.image_size[0]) for i in range(100, 200))
+              if len(s.scene.objects) == 2][:10]
+    conversations = [[Turn("user", [s.image, "Describe the image."])] for s in scenes]
+    features = model.visual_features
+    cls_zeroed = lambda images: features(images).index_fill(1, torch.tensor([0]), 0)  # noqa: E731
+    for label, tampered in (("own", features), ("cls zeroed", cls_zeroed)):
+        model.visual_features = tampered
+        replies = greedy_replies(model, conversations)
+        right = [not r.ret and getattr(shapes.parse_caption(r.text), "objects", None) == s.scene.objects
+                 for s, r in zip(scenes, replies)]
+        assert sum(right) >= 5, (label, [(s.caption, r.text) for s, r in zip(scenes, replies)])
