@@ -1,7 +1,7 @@
 """The grounded LM: a frozen causal LM and a frozen CLIP visual encoder joined by small trained layers.
 
     image --CLIP--> pooled (visual_dim) --input_mapping--> n_visual_tokens x lm_dim   (spliced into the LM input)
-          --CLIP--> patches pooled to region_grid^2 cells --region_mapping--> one lm_dim token per cell (after them)
+          --CLIP--> patches pooled to region_grid^2 cells --region_mapping--> tokens_per_cell lm_dim tokens per cell (after them)
     (input and region mappings: a Linear, or an MLP when the config's projector is `mlp`)
     image --CLIP--> pooled (visual_dim) --image_mapping--> emb_dim, L2-normalised       (what the index stores)
     [RET] hidden state (lm_dim)          --ret_mapping---> emb_dim, L2-normalised       (the retrieval query)

@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_config
 from model.grounded import GroundedLM
 from model.training.cell_words import EMPTY, SLOTS, cell_of, cell_word_loss, cell_word_targets, word_row
+from model.training.train_cells import parse_args, pretrain
 from model.world.shapes import Scene, SceneObject
 
 
@@ -52,3 +53,16 @@ def test_a_model_without_a_token_per_word_is_refused(tiny_lm_dir, tiny_clip_dir)
     model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=3), quantize="none", device="cpu")
     with pytest.raises(ValueError, match="cell words need 4 tokens per region cell"):
         cell_word_loss(model, 0, 2, holdout=True, seed=0)
+
+
+def test_the_stage_alone_recuts_a_checkpoint_and_trains_only_its_cells(tiny_lm_dir, tiny_clip_dir, tmp_path):
+    start = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=3), quantize="none", device="cpu")
+    start.save_pretrained(tmp_path / "start")
+    summary = pretrain(parse_args(["--init", str(tmp_path / "start"), "--out", str(tmp_path / "cells"), "--run-dir",
+                                   str(tmp_path / "run"), "--steps", "3", "--batch-size", "4", "--device", "cpu"]))
+    assert set(summary["nearest_word_val"]) == set(SLOTS) and not summary["holdout_kept_out"], "its start says nothing"
+    cells = GroundedLM.from_pretrained(tmp_path / "cells", quantize="none", device="cpu")
+    assert cells.config.tokens_per_cell == len(SLOTS)
+    before, after = start.trainable_state_dict(), cells.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("region_mapping."))
+    assert after["region_positions"].abs().sum() > 0, "the places learnt"
