@@ -286,6 +286,14 @@ def test_a_run_with_cell_words_trains_a_token_per_word_of_each_cell_and_records_
         parse_args(["--out", "x", "--tsv", "pairs.tsv", "--cell-words", "1"])
 
 
+def test_validation_sees_every_cls_feature_whatever_the_training_dropout(tiny_lm_dir, tiny_clip_dir):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2), quantize="none", device="cpu")
+    batches = [Conversations(ShapesDataset("val", 8, 32), 0).batch(0, 4)]
+    plain = validate(model, batches)
+    model.cls_dropout = 1.0
+    assert validate(model, batches) == plain and model.training, "validation leaves the model training"
+
+
 def test_a_state_saved_before_an_option_existed_resumes_as_the_run_that_wrote_it(tiny_lm_dir, tiny_clip_dir,
                                                                                   tmp_path):
     cut = args_for(tiny_lm_dir, tiny_clip_dir, tmp_path, "--steps", "2", "--val-every", "2")

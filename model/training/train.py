@@ -156,8 +156,14 @@ def images_of(examples: list[Example]) -> list[Image.Image]:
 
 @torch.no_grad()
 def validate(model: GroundedLM, batches: list[list[Example]]) -> dict[str, float]:
-    """Mean caption loss, contrastive loss and in-batch [RET] top-1 accuracy over fixed validation batches."""
-    outs = [model(batch) for batch in batches]
+    """Mean caption loss, contrastive loss and in-batch [RET] top-1 accuracy over fixed validation batches, in eval
+    mode (every image with its CLS feature, whatever `--cls-dropout` says)."""
+    training = model.training
+    model.eval()
+    try:
+        outs = [model(batch) for batch in batches]
+    finally:
+        model.train(training)
     return {"caption": sum(o.caption_loss.item() for o in outs) / len(outs),
             "ret": sum(o.ret_loss.item() for o in outs) / len(outs),
             "ret_acc": sum(o.ret_accuracy for o in outs) / len(outs)}
