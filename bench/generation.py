@@ -63,7 +63,7 @@ class TokenClock(BaseStreamer):
 
 
 def build(checkpoint: str, quantize: str, device: str) -> GroundedLM:
-    """A checkpoint as the app runs it (the demo's image takes 4 CLS + 9 region tokens), loaded with `quantize`."""
+    """A checkpoint as the app runs it (the demo's image takes 4 CLS + 9 x 4 cell-word tokens), loaded with `quantize`."""
     return GroundedLM.from_pretrained(checkpoint, quantize=quantize, device=device)
 
 

