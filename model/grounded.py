@@ -40,7 +40,8 @@ from model.visual import VisualEncoder
 FEATURE_CACHE_BYTES = 256 * 2 ** 20
 """Encoded images kept by pixel hash: ~5,000 of the demo encoder's, ~250 of ViT-L/14's."""
 PREFIX_CACHE_BYTES = 256 * 2 ** 20
-"""Prompts' keys and values kept for their conversations' next turns: ~5,800 tokens of the demo's, in fp32 (86 a one-image prompt)."""
+"""Prompts' keys and values kept for their conversations' next turns: ~5,800 prompt tokens of SmolLM2 in fp32 (a
+one-image demo prompt is 86)."""
 
 
 @dataclass
