@@ -1,7 +1,8 @@
 """Region tokens that read as words: an auxiliary loss for a model with several tokens per region cell.
 
-The demo's one token per cell reached the frozen LM as a near-identical "object here" vector, and the LM took what
-it said from the pooled CLS feature, so objects swapped colours and shapes (README, "Why several objects fail").
+One token per cell (the demo before cell words) reached the frozen LM as a near-identical "object here" vector, and
+the LM took what it said from the pooled CLS feature, so objects swapped colours and shapes (README, "Why several
+objects failed").
 A single token pulled towards four words at once was no word to it either. Here a cell has one token per word of
 its object, in the order a description says them (size, colour, shape, place), and each is pulled towards that
 word's row of the LM's own embedding table; a cell with no object says "empty" four times. The targets come from

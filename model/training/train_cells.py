@@ -1,9 +1,9 @@
 """The stage before captioning with cell words (`cell_words.py`): a checkpoint's region mapping is replaced by one
-of four tokens per cell, trained on the cell-word loss alone (no LM forward: 4 steps of 16 scenes a second on this repo's CPU), so
-that the LM meets cells that already read as words when `train.py --cell-words` starts teaching it to describe
-from them.
+of four tokens per cell (one that has four already keeps its own and trains it further), trained on the cell-word
+loss alone (no LM forward: 4 steps of 16 scenes a second on this repo's CPU), so that the LM meets cells that
+already read as words when `train.py --cell-words` starts teaching it to describe from them.
 
-    python -m model.training.train_cells --init demo --out runs/cells --steps 2000
+    python -m model.training.train_cells --init runs/base --out runs/cells --steps 2000   # runs/base: one token per cell
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def pretrain(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--init", required=True, help="checkpoint (folder or preset) whose region mapping is replaced")
+    p.add_argument("--init", required=True, help="checkpoint (folder or preset) whose region mapping is replaced (kept and trained further if it "
+                        "has four tokens per cell already)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--run-dir", help="curve and working files (default: runs/<name of --out>)")
     p.add_argument("--steps", type=int, default=2000)
