@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from PIL import Image
+from tqdm import tqdm
 from transformers import DynamicCache
 
 from model.world import shapes
@@ -73,15 +74,17 @@ def _warm_features(model: GroundedLM, conversations: list[list[Turn]]) -> None:
 
 @torch.no_grad()
 def greedy_replies(model: GroundedLM, conversations: list[list[Turn]], max_new_tokens: int = 48,
-                   batch_size: int = 32, queries: bool = False) -> list[Reply]:
-    """Greedy replies, many conversations at once: left-padded inputs_embeds, attention mask, KV cache.
+                   batch_size: int = 32, queries: bool = False, desc: str | None = None) -> list[Reply]:
+    """Greedy replies, many conversations at once: left-padded inputs_embeds, attention mask, KV cache; with
+    `desc`, a progress bar of the batches under that name.
 
     A reply ends at EOS or `[RET]`. With `queries`, `[RET]` is then fed as the next input (forced in place
     of EOS or after the last token) and the hidden state of that step is the reply's retrieval query, as
     `model.generate.stream_reply` does.
     """
     replies = []
-    for start in range(0, len(conversations), batch_size):
+    starts = range(0, len(conversations), batch_size)
+    for start in starts if desc is None else tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True):
         replies += _greedy_batch(model, conversations[start:start + batch_size], max_new_tokens, queries)
     return replies
 
@@ -244,7 +247,7 @@ def captioning(model: GroundedLM, items: list[shapes.Sample], batch_size: int, m
     are degenerate (`degeneracy.is_degenerate`)."""
     instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(len(items))]
     conversations = [[Turn("user", [s.image, instruction])] for s, instruction in zip(items, instructions)]
-    replies = greedy_replies(model, conversations, max_new_tokens, batch_size)
+    replies = greedy_replies(model, conversations, max_new_tokens, batch_size, desc="descriptions")
     texts = [r.text for r in replies]
     result = caption_scores([s.scene for s in items], texts)
     result["ret_emitted"] = sum(r.ret for r in replies) / len(replies)
@@ -304,7 +307,8 @@ def contextual(model: GroundedLM, split: str, n: int, image_size: int, batch_siz
     for name, with_history in (("with_context", True), ("without_context", False)):
         requests = [Turn("user", [CONTEXT_REQUESTS[0].format(ORDINALS[k])]) for k in targets]
         conversations = [(h if with_history else []) + [r] for h, r in zip(history, requests)]
-        replies = greedy_replies(model, conversations, max_new_tokens, batch_size, queries=True)
+        replies = greedy_replies(model, conversations, max_new_tokens, batch_size, queries=True,
+                                 desc=f"another like it ({name.replace('_', ' ')})")
         scores = (torch.stack([r.query for r in replies]) @ images.T).cpu()
         result[name] = {**recall_at_k(scores, relevant, (1, 5)),
                         "ret_emitted": sum(r.ret for r in replies) / n,
@@ -314,7 +318,7 @@ def contextual(model: GroundedLM, split: str, n: int, image_size: int, batch_siz
     requests = [retrieval_request(s.caption, model.config.ret_token, REQUESTS[c % len(REQUESTS)])[:1]
                 for c, s in enumerate(new)]
     replies = greedy_replies(model, [h + r for h, r in zip(history, requests)], max_new_tokens, batch_size,
-                             queries=True)
+                             queries=True, desc="requests after history")
     scores = (torch.stack([r.query for r in replies]) @ model.embed_images([s.image for s in items]).T).cpu()
     relevant = same_scene([s.scene for s in new], [s.scene for s in items], [s.caption for s in items])
     first = scores.argmax(1)
@@ -324,7 +328,7 @@ def contextual(model: GroundedLM, split: str, n: int, image_size: int, batch_siz
                              **recall_at_k(scores, relevant, (1, 5)), "examples": [r.text for r in replies[:5]]}
     describe = [h + [Turn("user", [s.image, INSTRUCTIONS[c % len(INSTRUCTIONS)]])] for c, (h, s) in
                 enumerate(zip(history, new))]
-    replies = greedy_replies(model, describe, max_new_tokens, batch_size)
+    replies = greedy_replies(model, describe, max_new_tokens, batch_size, desc="descriptions after history")
     result["new_image"] = {**caption_scores([s.scene for s in new], [r.text for r in replies]),
                            "ret_emitted": sum(r.ret for r in replies) / n,
                            "examples": [{"truth": s.caption, "reply": r.text} for s, r in zip(new[:5], replies)]}

@@ -62,9 +62,9 @@ def score(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: int, 
     image_size = model.visual.image_size[0]
     asked = [(kind, sample, q) for kind in kinds for sample, q in of_kind(split, kind, per_kind, image_size)]
     direct = greedy_replies(model, [[Turn("user", [s.image, q.text])] for _, s, q in asked],
-                            max_new_tokens=ANSWER_TOKENS, batch_size=batch_size)
+                            max_new_tokens=ANSWER_TOKENS, batch_size=batch_size, desc=f"the Observer alone ({split})")
     captions = greedy_replies(model, [[Turn("user", [s.image, DESCRIBE])] for _, s, q in asked],
-                              max_new_tokens=ANSWER_TOKENS, batch_size=batch_size)
+                              max_new_tokens=ANSWER_TOKENS, batch_size=batch_size, desc=f"captions ({split})")
     replies = {"observer": [r.text for r in direct], "hybrid": [], "immo": []}
     monologues, seconds = [], []
     for (_, sample, q), caption in tqdm(list(zip(asked, captions)), desc=f"monologues ({split})", unit="q"):

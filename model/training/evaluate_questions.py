@@ -42,7 +42,7 @@ def accuracy(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: in
         asked = [questions.question(split, QUESTION_OFFSET + i, image_size, True, (kind,))
                  for i in range(per_kind)]
         replies = greedy_replies(model, [[Turn("user", [s.image, q.text])] for s, q in asked], max_new_tokens=12,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, desc=f"{kind} ({split})")
         right = [questions.is_right(r.text, q) for (_, q), r in zip(asked, replies)]
         result[kind] = {"accuracy": sum(right) / len(right), "n": len(right),
                         "examples": [{"question": q.text, "answer": q.answer, "reply": r.text}

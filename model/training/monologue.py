@@ -75,9 +75,8 @@ def observe_all(model: GroundedLM, split: str, items: list[tuple[int, questions.
         for step in steps_of(question):
             convos.append([Turn("user", [image, step])])
             owners.append(n)
-    replies = [reply for start in tqdm(range(0, len(convos), batch_size), desc=f"the Observer answers ({split})",
-                                       unit="batch", dynamic_ncols=True)
-               for reply in greedy_replies(model, convos[start:start + batch_size], max_new_tokens=OBSERVER_TOKENS)]
+    replies = greedy_replies(model, convos, max_new_tokens=OBSERVER_TOKENS, batch_size=batch_size,
+                             desc=f"the Observer answers ({split})")
     answers: list[list[str]] = [[] for _ in items]
     for n, reply in zip(owners, replies):
         answers[n].append(reply.text)
