@@ -65,8 +65,8 @@ def pretrain(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--init", required=True, help="checkpoint (folder or preset) whose region mapping is replaced (kept and trained further if it "
-                        "has four tokens per cell already)")
+    p.add_argument("--init", required=True, help="checkpoint (folder or preset) whose region mapping is replaced "
+                                                 "(kept and trained further if it has four tokens per cell already)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--run-dir", help="curve and working files (default: runs/<name of --out>)")
     p.add_argument("--steps", type=int, default=2000)
