@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from model.checkpoint import read_checkpoint, resolve, write_checkpoint
 from model.config import GroundedConfig
 from model.familiarity import Familiarity
-from model.image_embedder import fingerprint, image_vectors
+from model.image_embedder import fingerprint, image_keys, image_vectors
 from model.images import image_key
 from model.lm import dequantized, load_lm
 from model.perception import Perception
@@ -388,6 +388,10 @@ class GroundedLM(nn.Module):
         """Hidden state where `[RET]` is the input (..., lm_dim) -> query (..., emb_dim), L2-normalised."""
         return F.normalize(self.ret_mapping(hidden.float()), dim=-1)
 
+    def image_keys(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled CLS features (N, visual_dim) -> what queries are matched against (N, emb_dim), L2-normalised."""
+        return image_keys(self.image_mapping, pooled)
+
     @torch.no_grad()
     def text_query(self, description: str) -> torch.Tensor:
         """The retrieval query (emb_dim,) for a description, asked as training taught: a request for a
@@ -547,7 +551,7 @@ class GroundedLM(nn.Module):
             zero = caption_loss.new_zeros(())
             return LossOutput(caption_loss, caption_loss.detach(), zero, 0.0)
         queries = self.ret_query(torch.stack([ret_hidden[k] for k in sorted(ret_hidden)]))  # (R, emb_dim), in order
-        keys = F.normalize(self.image_mapping(self.visual_features(ret_images)[:, 0]), dim=-1)  # (R, emb_dim)
+        keys = self.image_keys(self.visual_features(ret_images)[:, 0])                     # (R, emb_dim)
         scores = self.logit_scale.exp().clamp(max=100) * queries @ keys.T                                # (R, R)
         target = torch.arange(len(keys), device=self.device)
         ret_loss = (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2

@@ -18,10 +18,15 @@ from model.lm import default_device
 from model.visual import VisualEncoder
 
 
+def image_keys(image_mapping: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
+    """Pooled CLS features (N, visual_dim) -> index vectors (N, emb_dim), L2-normalised."""
+    return F.normalize(image_mapping(pooled.float()), dim=-1)
+
+
 def image_vectors(visual: VisualEncoder, image_mapping: nn.Linear, images: list[Image.Image]) -> torch.Tensor:
     """Index vectors (N, emb_dim), L2-normalised: the pooled CLS feature through the image mapping."""
     pooled, _ = visual.encode(images)
-    return F.normalize(image_mapping(pooled.float()), dim=-1)
+    return image_keys(image_mapping, pooled)
 
 
 def fingerprint(visual: VisualEncoder, image_mapping: nn.Linear) -> str:

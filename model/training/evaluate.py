@@ -166,14 +166,15 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
 
 
 @torch.no_grad()
-def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
-                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced retrieval queries (N, emb_dim): each conversation ends with an assistant turn holding
-    `[RET]`; the query is the hidden state where its first `[RET]` is the input (what decoding would use).
-    Also (N,) bool: greedy decoding would have emitted that `[RET]` itself, given the text before it."""
+def ret_hidden(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32,
+               desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced: each conversation ends with an assistant turn holding `[RET]`; -> the LM's hidden state
+    where its first `[RET]` is the input (N, lm_dim), what decoding's query is mapped from, and (N,) bool: greedy
+    decoding would have emitted that `[RET]` itself, given the text before it. With `desc`, a progress bar."""
     tokenizer, fmt = model.tokenizer, model.config.prompt_format
     out, emitted = [], []
-    for start in range(0, len(conversations), batch_size):
+    starts = range(0, len(conversations), batch_size)
+    for start in starts if desc is None else tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True):
         chunk = conversations[start:start + batch_size]
         _warm_features(model, chunk)
         rows, ret_at = [], []
@@ -191,9 +192,16 @@ def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
         hidden, _ = model.hidden_states(inputs, mask)                                       # (B, T, lm_dim)
         rows_at = torch.arange(len(rows), device=model.device)
         ret_at = torch.tensor(ret_at, device=model.device)
-        out.append(model.ret_query(hidden[rows_at, ret_at]))
+        out.append(hidden[rows_at, ret_at].float())
         emitted.append(model.logits(hidden[rows_at, ret_at - 1]).argmax(-1) == model.ret_id)
-    return torch.cat(out), torch.cat(emitted).cpu()                                         # (N, emb_dim), (N,)
+    return torch.cat(out), torch.cat(emitted).cpu()                                         # (N, lm_dim), (N,)
+
+
+def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
+                batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The retrieval queries (N, emb_dim) of `ret_hidden`'s conversations, and whether `[RET]` was emitted."""
+    hidden, emitted = ret_hidden(model, conversations, batch_size)
+    return model.ret_query(hidden), emitted
 
 
 # --- metrics --------------------------------------------------------------------------------------

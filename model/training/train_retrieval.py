@@ -1,0 +1,213 @@
+"""The retrieval stage: `[RET]`'s query mapping and the image mapping trained alone, in large contrastive batches.
+
+Joint training (`train.py`) meets 8 requests a step (half of 16 conversations), so each query learns against 7 other
+images: too few to tell apart scenes that share most of their objects (the demo after it: text -> image R@1 70% over
+1,000 test images, while its validation batches of 32 found their own image 81% of the time). Everything before the
+two mappings is frozen here (the LM, the `[RET]` row, the encoder and the input mappings), so what they read is
+computed once: the LM's hidden state where `[RET]` is the input for `--queries` requests (a share after two or three
+described images, asking for a new scene or for another like an earlier one) and the encoder's pooled feature of
+the image each should find. The cache is kept in the run folder and reused by a later run with the same inputs; a
+step on it is a few milliseconds, so `--batch-size` can be hundreds: every other image in the batch is a negative,
+except another picture of the same scene.
+
+    python -m model.training.train_retrieval --init demo --out runs/retrieval --queries 4000
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from model.checkpoint import resolve
+from model.config import WEIGHTS_NAME
+from model.grounded import GroundedLM
+from model.prompt import Turn
+from model.training.conversations import ORDINALS, RET_TOKEN, caption_turns, context_request, retrieval_turns
+from model.training.evaluate import recall_at_k, ret_hidden
+from model.training.optimization import param_groups, schedule_step
+from model.training.plots import plot_batches, plt, save_figure
+from model.training.train import CURVE_NAME, SUMMARY_NAME, export, holdout_kept_out
+from model.training.train_clip import resolve_device
+from model.world import shapes
+
+TRAINED = ("ret_mapping.", "image_mapping.", "logit_scale")
+CACHE_NAME = "retrieval_cache.{split}.safetensors"
+
+
+def requests(split: str, n: int, image_size: int, holdout: bool, after_history: float, seed: int
+             ) -> tuple[list[list[Turn]], list[Image.Image], list[tuple]]:
+    """n conversations ending in a request answered by `[RET]`, the image each should find, and that image's
+    objects (two images of the same objects are the same answer). A share `after_history` comes after two or three
+    described images, half of them asking for a new scene, half for "another picture like the second one" (found
+    as another rendering of that scene); the rest are a request alone. A pure function of its arguments."""
+    rng = random.Random(f"retrieval:{split}:{seed}")
+    start, stop = shapes.SPLITS[split]
+
+    def draw() -> shapes.Sample:
+        return shapes.sample(split, rng.randrange(stop - start), image_size, holdout)
+
+    conversations, images, scenes = [], [], []
+    for i in range(n):
+        if rng.random() >= after_history:
+            wanted = draw()
+            conversations.append(retrieval_turns(wanted.caption, rng))
+        else:
+            history = [draw() for _ in range(rng.randint(2, len(ORDINALS)))]
+            turns = [t for h in history for t in caption_turns(h.image, shapes.plain_caption(h.scene), rng)]
+            if rng.random() < 0.5:
+                k = rng.randrange(len(history))
+                scene = history[k].scene
+                wanted = shapes.Sample(shapes.render(scene, random.Random(f"another:{split}:{seed}:{i}"), image_size),
+                                       history[k].caption, scene)
+                turns += [Turn("user", [context_request(k, rng)]), Turn("assistant", [RET_TOKEN])]
+            else:
+                wanted = draw()
+                turns += retrieval_turns(wanted.caption, rng)
+            conversations.append(turns)
+        images.append(wanted.image)
+        scenes.append(wanted.scene.objects)
+    return conversations, images, scenes
+
+
+def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.Namespace, n: int
+                  ) -> dict[str, torch.Tensor]:
+    """What the two mappings read for `n` requests of `split`: {"hidden": (n, lm_dim), "pooled": (n, visual_dim),
+    "scene": (n,) an id shared by the images of one scene}, from the run folder when a run with the same inputs
+    made them."""
+    path = run_dir / CACHE_NAME.format(split=split)
+    weights = hashlib.sha256((resolve(args.init) / WEIGHTS_NAME).read_bytes()).hexdigest()
+    inputs = {"init": str(resolve(args.init).resolve()), "weights": weights, "n": str(n),
+              "after_history": str(args.after_history), "holdout": str(args.holdout), "seed": str(args.seed)}
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            if f.metadata() == inputs:
+                return load_file(path)
+    conversations, images, scenes = requests(split, n, model.visual.image_size[0], args.holdout,
+                                             args.after_history, args.seed)
+    by_length = sorted(range(n), key=lambda i: len(conversations[i]))  # batches of alike length pad little
+    hidden, _ = ret_hidden(model, [conversations[i] for i in by_length], args.cache_batch,
+                           desc=f"[RET] states ({split})")
+    hidden = hidden[torch.argsort(torch.tensor(by_length))]                                # back in order
+    pooled = torch.cat([model.encoded(images[i:i + 256])[:, 0] for i in range(0, n, 256)])
+    ids = {scene: i for i, scene in enumerate(dict.fromkeys(scenes))}
+    cache = {"hidden": hidden.cpu(), "pooled": pooled.cpu(), "scene": torch.tensor([ids[s] for s in scenes])}
+    save_file(cache, path, metadata=inputs)
+    return cache
+
+
+def contrastive_loss(model: GroundedLM, hidden: torch.Tensor, pooled: torch.Tensor, scene: torch.Tensor
+                     ) -> torch.Tensor:
+    """Symmetric InfoNCE between the queries of `hidden` (B, lm_dim) and the keys of `pooled` (B, visual_dim), as
+    joint training's: each query's own image is its answer; another row's image of the same scene (B,) ids is left
+    out rather than counted as wrong."""
+    scores = model.logit_scale.exp().clamp(max=100) * model.ret_query(hidden) @ model.image_keys(pooled).T  # (B, B)
+    own = torch.eye(len(scene), dtype=torch.bool, device=scores.device)
+    scores = scores.masked_fill((scene[:, None] == scene[None, :]) & ~own, float("-inf"))
+    target = torch.arange(len(scene), device=scores.device)
+    return (F.cross_entropy(scores, target) + F.cross_entropy(scores.T, target)) / 2
+
+
+@torch.no_grad()
+def recall(model: GroundedLM, cache: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Text -> image recall over the cache's own images (an image of the scene asked for is a hit)."""
+    scores = model.ret_query(cache["hidden"]) @ model.image_keys(cache["pooled"]).T
+    return recall_at_k(scores, cache["scene"][:, None] == cache["scene"][None, :], (1, 5))
+
+
+def plot(history: dict[str, list], path: Path) -> None:
+    fig, (loss_ax, recall_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    plot_batches(loss_ax, history["step"], history["loss"])
+    loss_ax.set(title="contrastive loss ([RET] query vs image)", xlabel="step", yscale="log")
+    loss_ax.legend()
+    recall_ax.plot(history["val_step"], history["val_R@1"], "o-", label="R@1")
+    recall_ax.plot(history["val_step"], history["val_R@5"], "s-", label="R@5")
+    recall_ax.set(title="validation: text -> image over its requests' images", xlabel="step", ylim=(0, 1.02))
+    recall_ax.legend()
+    save_figure(fig, path)
+
+
+def train_retrieval(args: argparse.Namespace) -> dict:
+    init = resolve(args.init)
+    device = resolve_device(args.device)
+    # 4-bit weights dequantised once: what they compute on a batch, without dequantising at every call
+    model = GroundedLM.from_pretrained(init, device=device, dequantize=True)
+    if not model.config.retrieves:
+        raise SystemExit(f"{args.init} does not retrieve (its [RET] was never trained): nothing to map")
+    model.eval()
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.out).name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    train = {k: v.to(device) for k, v in cached_inputs(model, run_dir, "train", args, args.queries).items()}
+    val = {k: v.to(device) for k, v in cached_inputs(model, run_dir, "val", args, args.val_queries).items()}
+    cache_seconds = time.time() - t_start
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(TRAINED))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=args.lr)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    history: dict[str, list] = {"step": [], "loss": [], "val_step": [0], **{f"val_{k}": [v] for k, v in
+                                                                              recall(model, val).items()}}
+    generator = torch.Generator().manual_seed(args.seed)
+    t_fit = time.time()
+    for step in (bar := tqdm(range(args.steps), desc="retrieval mappings", unit="step", dynamic_ncols=True)):
+        schedule_step(optimizer, step, args.steps, max(1, args.steps // 20), args.lr)
+        rows = torch.randperm(len(train["scene"]), generator=generator)[:args.batch_size].to(device)
+        loss = contrastive_loss(model, train["hidden"][rows], train["pooled"][rows], train["scene"][rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        history["step"].append(step + 1)
+        history["loss"].append(loss.item())
+        if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
+            history["val_step"].append(step + 1)
+            for k, v in recall(model, val).items():
+                history[f"val_{k}"].append(v)
+            bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_R1=f"{history['val_R@1'][-1]:.3f}")
+    plot(history, run_dir / CURVE_NAME)
+    init_summary = init / SUMMARY_NAME
+    summary = {"finished": True, "step": args.steps, "options": {**vars(args), "init": args.init},
+               "holdout_kept_out": args.holdout and init_summary.is_file()
+               and holdout_kept_out(json.loads(init_summary.read_text())),
+               "cache_seconds": round(cache_seconds, 1), "fit_seconds": round(time.time() - t_fit, 1),
+               "loss": sum(history["loss"][-50:]) / len(history["loss"][-50:]),
+               "val_before": {k: history[f"val_{k}"][0] for k in ("R@1", "R@5")},
+               "val_after": {k: history[f"val_{k}"][-1] for k in ("R@1", "R@5")}}
+    export(model, run_dir, Path(args.out), summary)
+    print("summary " + json.dumps(summary), flush=True)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--init", required=True, help="checkpoint (folder or preset) whose two retrieval mappings train")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--run-dir", help="the cache and the curves (default: runs/<name of --out>)")
+    p.add_argument("--queries", type=int, default=4000, help="training requests (shapes world, train split)")
+    p.add_argument("--val-queries", type=int, default=500, help="validation requests (val split)")
+    p.add_argument("--after-history", type=float, default=0.2,
+                   help="the share of requests that come after two or three described images")
+    p.add_argument("--cache-batch", type=int, default=32, help="conversations a forward while caching")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=256, help="requests a step, each the others' negatives")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the hold-out (shape, colour) pairs out, as the other stages do")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train_retrieval(parse_args())

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from model.grounded import GroundedLM
+from model.training import train_retrieval
+from model.training.train_retrieval import TRAINED, contrastive_loss, parse_args, requests
+from model.world import shapes
+
+
+def test_requests_are_a_pure_function_and_each_ends_in_ret_with_the_image_it_should_find():
+    first = requests("train", 40, 64, holdout=True, after_history=0.5, seed=0)
+    again = requests("train", 40, 64, holdout=True, after_history=0.5, seed=0)
+    conversations, images, scenes = first
+    assert [[t.text for t in c] for c in conversations] == [[t.text for t in c] for c in again[0]]
+    assert scenes == again[2] and len(images) == 40
+    assert all(c[-1].role == "assistant" and c[-1].text == "[RET]" for c in conversations)
+    after_history = [c for c in conversations if len(c) > 2]
+    assert 10 <= len(after_history) <= 30, "about half come after described images"
+    referring = [(c, s) for c, s in zip(conversations, scenes) if "like the" in c[-2].text]
+    assert referring, "some ask for another picture like an earlier one"
+    for c, scene in referring:
+        ordinal = next(i for i, word in enumerate(("first", "second", "third")) if word in c[-2].text)
+        described = [t.text for t in c if t.role == "assistant"][ordinal]
+        assert shapes.parse_caption(described).objects == scene, "the answer is that scene, drawn anew"
+
+
+def test_the_hold_out_pairs_stay_out_of_the_requests():
+    _, _, scenes = requests("train", 200, 64, holdout=True, after_history=0.2, seed=1)
+    assert not any((o.shape, o.colour) in shapes.HOLDOUT_PAIRS for objects in scenes for o in objects)
+
+
+def test_another_picture_of_the_same_scene_is_not_a_negative(tiny_model):
+    hidden = torch.randn(4, tiny_model.config.lm_dim)
+    pooled = torch.randn(4, tiny_model.visual.visual_dim)
+    one_scene = contrastive_loss(tiny_model, hidden, pooled, torch.zeros(4, dtype=torch.long))
+    assert one_scene.item() == pytest.approx(0.0, abs=1e-6), "nothing to tell apart: every other row is left out"
+    assert contrastive_loss(tiny_model, hidden, pooled, torch.arange(4)).item() > 0.1
+
+
+def test_the_stage_trains_the_two_mappings_alone_and_reuses_its_cache(tiny_lm_dir, tiny_clip_dir, tmp_path,
+                                                                      monkeypatch):
+    start = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
+    start.save_pretrained(tmp_path / "start")
+    argv = ["--init", str(tmp_path / "start"), "--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"),
+            "--queries", "48", "--val-queries", "16", "--steps", "300", "--batch-size", "16", "--val-every", "100",
+            "--lr", "3e-2", "--device", "cpu"]
+    summary = train_retrieval.train_retrieval(parse_args(argv))
+    assert summary["loss"] < 2.0 and not summary["holdout_kept_out"], "its start says nothing of the hold-out"
+    trained = GroundedLM.from_pretrained(tmp_path / "out", quantize="none", device="cpu")
+    before, after = start.trainable_state_dict(), trained.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(TRAINED))
+    assert not torch.equal(before["image_mapping.weight"], after["image_mapping.weight"])
+    assert not torch.equal(before["ret_mapping.weight"], after["ret_mapping.weight"])
+    assert trained.fingerprint != start.fingerprint, "an index of the old mapping is refused"
+
+    def no_lm(*args, **kwargs):
+        raise AssertionError("the LM ran again: the cache was not reused")
+
+    monkeypatch.setattr(train_retrieval, "ret_hidden", no_lm)
+    train_retrieval.train_retrieval(parse_args([*argv[:3], str(tmp_path / "out2"), *argv[4:]]))
+    with pytest.raises(AssertionError, match="the LM ran again"):  # other inputs: computed afresh
+        train_retrieval.train_retrieval(parse_args([*argv, "--seed", "1"]))
