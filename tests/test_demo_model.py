@@ -22,10 +22,12 @@ from model.training.familiarity import skimage_photographs
 from model.world import shapes
 
 DEMO = ASSETS / "demo"
-# On these fixed samples the shipped weights get 7 of 10, 19 and 9 of 20, 5 of 5, 8 and 2 of 9 (README: known weaknesses).
+# On these fixed samples the shipped weights get: two objects 7 of 10; requests 20 of 20; after history 19 and 15 of 20;
+# through the app 5 of 5; the Reasoner 8 and 2 of 9 (README: known weaknesses).
 TWO_OBJECTS_RIGHT = 5
 AFTER_HISTORY_RET = 17
-AFTER_HISTORY_RIGHT = 6
+AFTER_HISTORY_RIGHT = 12
+REQUESTS_RIGHT = 18  # of 20
 APP_REQUESTS_RIGHT = 4  # of 5
 REASONER_STEPS = 7  # of 9
 REASONER_CONCLUDES = 2  # of 9
@@ -88,7 +90,7 @@ def test_the_demo_answers_requests_with_the_described_picture(demo, gallery):
     best = (queries @ vectors.T).argmax(1)                                               # (20,)
     right = [items[int(b)].scene.objects == s.scene.objects for b, s in zip(best, requests)]
     assert emitted.sum() >= 18, [s.caption for s, e in zip(requests, emitted) if not e]
-    assert sum(right) >= 16, list(zip([s.caption for s in requests], right))
+    assert sum(right) >= REQUESTS_RIGHT, list(zip([s.caption for s in requests], right))
 
     def search(query, exclude):
         scores = vectors @ query
