@@ -1,12 +1,11 @@
 """The retrieval stage: `[RET]`'s query mapping and the image mapping trained alone, in large contrastive batches.
 
 Joint training (`train.py`) meets 8 requests a step (half of 16 conversations), so each query learns against 7 other
-images: too few to tell apart scenes that share most of their objects (the demo after it: text -> image R@1 70% over
-1,000 test images, while its validation batches of 32 found their own image 81% of the time). Everything before the
-two mappings is frozen here (the LM, the `[RET]` row, the encoder and the input mappings), so what they read is
-computed once: the LM's hidden state where `[RET]` is the input for `--queries` requests (a share after two or three
-described images, asking for a new scene or for another like an earlier one) and the encoder's pooled feature of
-the image each should find. The cache is kept in the run folder and reused by a later run with the same inputs; a
+images: too few to tell apart scenes that share most of their objects (the demo after it ranked the right scene first
+for 70% of 1,000 test requests; after this stage, 93%). Everything before the two mappings is frozen here (the LM,
+the `[RET]` row, the encoder and the input mappings), so what they read is computed once: the LM's hidden state
+where `[RET]` is the input for `--queries` requests (a share after two or three described images, asking for a new
+scene or for another like an earlier one) and the encoder's pooled feature of the image each should find. The cache is kept in the run folder and reused by a later run with the same inputs; a
 step on it is a few milliseconds, so `--batch-size` can be hundreds: every other image in the batch is a negative,
 except another picture of the same scene.
 
@@ -108,8 +107,8 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.N
 def contrastive_loss(model: GroundedLM, hidden: torch.Tensor, pooled: torch.Tensor, scene: torch.Tensor
                      ) -> torch.Tensor:
     """Symmetric InfoNCE between the queries of `hidden` (B, lm_dim) and the keys of `pooled` (B, visual_dim), as
-    joint training's: each query's own image is its answer; another row's image of the same scene (B,) ids is left
-    out rather than counted as wrong."""
+    joint training's: each query's own image is its answer. `scene` (B,) says which rows show the same scene:
+    another row's picture of the scene asked for is left out rather than counted as wrong."""
     scores = model.logit_scale.exp().clamp(max=100) * model.ret_query(hidden) @ model.image_keys(pooled).T  # (B, B)
     own = torch.eye(len(scene), dtype=torch.bool, device=scores.device)
     scores = scores.masked_fill((scene[:, None] == scene[None, :]) & ~own, float("-inf"))
