@@ -44,7 +44,7 @@ from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_r
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns
 from model.training.degeneracy import is_degenerate
-from model.training.train import SUMMARY_NAME, holdout_kept_out
+from model.training.train import SUMMARY_NAME, checkpoint_kept_holdout_out
 from model.training.train_clip import resolve_device
 from model.training.plots import plt, save_figure
 
@@ -244,9 +244,8 @@ def load(checkpoint: str, device: str, quantize: str | None) -> tuple[GroundedLM
     """The model as evaluation runs it (4-bit dequantised once: what the 4-bit weights compute on a batch,
     without per-call dequantising) and whether it never saw the hold-out pairs."""
     folder = resolve(checkpoint)
-    summary = folder / SUMMARY_NAME
-    kept_out = summary.is_file() and holdout_kept_out(json.loads(summary.read_text()))
-    return GroundedLM.from_pretrained(folder, quantize=quantize, device=resolve_device(device), dequantize=True), kept_out
+    return (GroundedLM.from_pretrained(folder, quantize=quantize, device=resolve_device(device), dequantize=True),
+            checkpoint_kept_holdout_out(folder))
 
 
 def captioning(model: GroundedLM, items: list[shapes.Sample], batch_size: int, max_new_tokens: int,

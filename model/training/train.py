@@ -251,6 +251,12 @@ def holdout_kept_out(summary: dict) -> bool:
     return summary.get("holdout_kept_out", bool(options.get("holdout")) and not options.get("init"))
 
 
+def checkpoint_kept_holdout_out(folder: Path) -> bool:
+    """`holdout_kept_out` of the checkpoint in `folder`; False when it has no training.json to say so."""
+    summary = folder / SUMMARY_NAME
+    return summary.is_file() and holdout_kept_out(json.loads(summary.read_text()))
+
+
 def mean_tail(values: list[float], n: int = 50) -> float | None:
     return sum(values[-n:]) / len(values[-n:]) if values else None
 
@@ -269,8 +275,7 @@ def train(args: argparse.Namespace) -> dict:
     kept_out = args.holdout
     if args.init:  # fine-tune: the checkpoint's model, and its weights to start from
         init_dir = resolve(args.init)
-        init_summary = init_dir / SUMMARY_NAME
-        kept_out = kept_out and init_summary.is_file() and holdout_kept_out(json.loads(init_summary.read_text()))
+        kept_out = kept_out and checkpoint_kept_holdout_out(init_dir)
         model = GroundedLM.from_pretrained(init_dir, quantize=args.quantize, device=device,
                                            region_grid=args.region_grid, compute_dtype=args.compute_dtype,
                                            request_tokens=args.request_tokens, dequantize=args.quantize == "4bit",

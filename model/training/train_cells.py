@@ -8,7 +8,6 @@ already read as words when `train.py --cell-words` starts teaching it to describ
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from model.grounded import GroundedLM
 from model.training.cell_words import SLOTS, cell_word_loss, nearest_words
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
-from model.training.train import CURVE_NAME, SUMMARY_NAME, export, holdout_kept_out
+from model.training.train import CURVE_NAME, checkpoint_kept_holdout_out, conclude
 from model.training.train_clip import resolve_device
 
 
@@ -51,14 +50,11 @@ def pretrain(args: argparse.Namespace) -> dict:
            title="cell words: " + ", ".join(f"{slot} {100 * v:.0f}%" for slot, v in nearest.items()))
     ax.legend()
     save_figure(fig, run_dir / CURVE_NAME)
-    init_summary = init / SUMMARY_NAME
     summary = {"finished": True, "step": args.steps, "options": {**vars(args), "init": args.init},
-               "holdout_kept_out": args.holdout and init_summary.is_file()
-               and holdout_kept_out(json.loads(init_summary.read_text())),
+               "holdout_kept_out": args.holdout and checkpoint_kept_holdout_out(init),
                "seconds": round(time.time() - t_start, 1), "loss": sum(losses[-50:]) / len(losses[-50:]),
                "nearest_word_val": nearest}
-    export(model, run_dir, Path(args.out), summary)
-    print("summary " + json.dumps(summary), flush=True)
+    conclude(model, run_dir, Path(args.out), summary, args)
     return summary
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from model.training.conversations import ORDINALS, RET_TOKEN, caption_turns, con
 from model.training.evaluate import recall_at_k, ret_hidden
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
-from model.training.train import CURVE_NAME, SUMMARY_NAME, export, holdout_kept_out
+from model.training.train import CURVE_NAME, checkpoint_kept_holdout_out, conclude
 from model.training.train_clip import resolve_device
 from model.world import shapes
 
@@ -84,8 +83,9 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.N
     "scene": (n,) an id shared by the images of one scene}, from the run folder when a run with the same inputs
     made them."""
     path = run_dir / CACHE_NAME.format(split=split)
-    weights = hashlib.sha256((resolve(args.init) / WEIGHTS_NAME).read_bytes()).hexdigest()
-    inputs = {"init": str(resolve(args.init).resolve()), "weights": weights, "n": str(n),
+    init = resolve(args.init)
+    weights = hashlib.sha256((init / WEIGHTS_NAME).read_bytes()).hexdigest()
+    inputs = {"init": str(init.resolve()), "weights": weights, "n": str(n),
               "after_history": str(args.after_history), "holdout": str(args.holdout), "seed": str(args.seed)}
     if path.is_file():
         with safe_open(path, "pt") as f:
@@ -173,16 +173,13 @@ def train_retrieval(args: argparse.Namespace) -> dict:
                 history[f"val_{k}"].append(v)
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_R1=f"{history['val_R@1'][-1]:.3f}")
     plot(history, run_dir / CURVE_NAME)
-    init_summary = init / SUMMARY_NAME
     summary = {"finished": True, "step": args.steps, "options": {**vars(args), "init": args.init},
-               "holdout_kept_out": args.holdout and init_summary.is_file()
-               and holdout_kept_out(json.loads(init_summary.read_text())),
+               "holdout_kept_out": args.holdout and checkpoint_kept_holdout_out(init),
                "cache_seconds": round(cache_seconds, 1), "fit_seconds": round(time.time() - t_fit, 1),
                "loss": sum(history["loss"][-50:]) / len(history["loss"][-50:]),
                "val_before": {k: history[f"val_{k}"][0] for k in ("R@1", "R@5")},
                "val_after": {k: history[f"val_{k}"][-1] for k in ("R@1", "R@5")}}
-    export(model, run_dir, Path(args.out), summary)
-    print("summary " + json.dumps(summary), flush=True)
+    conclude(model, run_dir, Path(args.out), summary, args)
     return summary
 
 
