@@ -4,20 +4,23 @@ import torch
 from conftest import tiny_config
 from model.grounded import GroundedLM
 from model.training import train_retrieval
-from model.training.train_retrieval import TRAINED, contrastive_loss, parse_args, requests
+from model.training.train_retrieval import KINDS, PER_HISTORY, TRAINED, contrastive_loss, parse_args, requests
 from model.world import shapes
 
 
 def test_requests_are_a_pure_function_and_each_ends_in_ret_with_the_image_it_should_find():
     first = requests("train", 40, 64, holdout=True, after_history=0.5, seed=0)
     again = requests("train", 40, 64, holdout=True, after_history=0.5, seed=0)
-    conversations, images, scenes = first
+    conversations, images, scenes, kinds = first
     assert [[t.text for t in c] for c in conversations] == [[t.text for t in c] for c in again[0]]
-    assert scenes == again[2] and len(images) == 40
+    assert scenes == again[2] and kinds == again[3] and len(images) == 40
     assert all(c[-1].role == "assistant" and c[-1].text == "[RET]" for c in conversations)
-    after_history = [c for c in conversations if len(c) > 2]
-    assert 10 <= len(after_history) <= 30, "about half come after described images"
-    referring = [(c, s) for c, s in zip(conversations, scenes) if "like the" in c[-2].text]
+    after_history = [c for c, kind in zip(conversations, kinds) if KINDS[kind] != "alone"]
+    assert len(after_history) == 20 and all(len(c) > 2 for c in after_history), "half come after described images"
+    histories = [[t.text for t in c[:-2]] for c in after_history]
+    assert histories[:PER_HISTORY] == [histories[0]] * PER_HISTORY != histories[PER_HISTORY], \
+        "each history is followed by several requests"
+    referring = [(c, s) for c, s, kind in zip(conversations, scenes, kinds) if KINDS[kind] == "refer-back"]
     assert referring, "some ask for another picture like an earlier one"
     for c, scene in referring:
         ordinal = next(i for i, word in enumerate(("first", "second", "third")) if word in c[-2].text)
@@ -26,7 +29,7 @@ def test_requests_are_a_pure_function_and_each_ends_in_ret_with_the_image_it_sho
 
 
 def test_the_hold_out_pairs_stay_out_of_the_requests():
-    _, _, scenes = requests("train", 200, 64, holdout=True, after_history=0.2, seed=1)
+    _, _, scenes, _ = requests("train", 200, 64, holdout=True, after_history=0.2, seed=1)
     assert not any((o.shape, o.colour) in shapes.HOLDOUT_PAIRS for objects in scenes for o in objects)
 
 
@@ -47,6 +50,7 @@ def test_the_stage_trains_the_two_mappings_alone_and_reuses_its_cache(tiny_lm_di
             "--lr", "3e-2", "--device", "cpu"]
     summary = train_retrieval.train_retrieval(parse_args(argv))
     assert summary["loss"] < 2.0 and not summary["holdout_kept_out"], "its start says nothing of the hold-out"
+    assert {f"R@1 {kind}" for kind in KINDS} <= set(summary["val_after"]), "recall of each kind of request"
     trained = GroundedLM.from_pretrained(tmp_path / "out", quantize="none", device="cpu")
     before, after = start.trainable_state_dict(), trained.trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(TRAINED))

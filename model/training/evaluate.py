@@ -166,6 +166,22 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
 
 
 @torch.no_grad()
+def shared_opening(model: GroundedLM, rows: list[torch.Tensor], limit: int) -> tuple[int, DynamicCache | None]:
+    """Rows of input embeddings (T_i, lm_dim) -> how many leading positions all of them share (at most `limit`)
+    and a KV cache of those positions read once, repeated for every row (None when they share none)."""
+    n = min(limit, *(len(row) for row in rows))
+    if n <= 0:
+        return 0, None
+    same = torch.stack([(row[:n] == rows[0][:n]).all(-1) for row in rows]).all(0)           # (n,)
+    n = n if bool(same.all()) else int(same.long().argmin())
+    if n == 0:
+        return 0, None
+    _, cache = model.hidden_states(rows[0][:n].unsqueeze(0), past_key_values=DynamicCache())
+    cache.batch_repeat_interleave(len(rows))
+    return n, cache
+
+
+@torch.no_grad()
 def ret_hidden(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32,
                desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced: each conversation ends with an assistant turn holding `[RET]`; -> the LM's hidden state
@@ -188,10 +204,14 @@ def ret_hidden(model: GroundedLM, conversations: list[list[Turn]], batch_size: i
             prompt_embeds = model.embed_segments(prompt)
             rows.append(torch.cat([prompt_embeds, model.embed_segments(target)]))
             ret_at.append(len(prompt_embeds) + target_ids.index(model.ret_id))
-        inputs, mask = padded(rows, "right")                                      # (B, T, lm_dim), (B, T)
-        hidden, _ = model.hidden_states(inputs, mask)                                       # (B, T, lm_dim)
+        # what every row opens with (the system prompt; a history several requests follow) is read once
+        opened, cache = shared_opening(model, rows, min(ret_at) - 1)
+        inputs, mask = padded([row[opened:] for row in rows], "right")            # (B, T, lm_dim), (B, T)
+        positions = torch.arange(opened, opened + inputs.shape[1], device=model.device).expand(len(rows), -1)
+        hidden, _ = model.hidden_states(inputs, torch.cat([mask.new_ones(len(rows), opened), mask], 1), cache,
+                                        positions)                                          # (B, T, lm_dim)
         rows_at = torch.arange(len(rows), device=model.device)
-        ret_at = torch.tensor(ret_at, device=model.device)
+        ret_at = torch.tensor(ret_at, device=model.device) - opened
         out.append(hidden[rows_at, ret_at].float())
         emitted.append(model.logits(hidden[rows_at, ret_at - 1]).argmax(-1) == model.ret_id)
     return torch.cat(out), torch.cat(emitted).cpu()                                         # (N, lm_dim), (N,)

@@ -4,10 +4,12 @@ Joint training (`train.py`) meets 8 requests a step (half of 16 conversations), 
 images: too few to tell apart scenes that share most of their objects (the demo after it ranked the right scene first
 for 70% of 1,000 test requests; after this stage, 93%). Everything before the two mappings is frozen here (the LM,
 the `[RET]` row, the encoder and the input mappings), so what they read is computed once: the LM's hidden state
-where `[RET]` is the input for `--queries` requests (a share after two or three described images, asking for a new
-scene or for another like an earlier one) and the encoder's pooled feature of the image each should find. The cache is kept in the run folder and reused by a later run with the same inputs; a
-step on it is a few milliseconds, so `--batch-size` can be hundreds: every other image in the batch is a negative,
-except another picture of the same scene.
+where `[RET]` is the input for `--queries` requests and the encoder's pooled feature of the image each should find.
+A share of the requests follows two or three described images, where the history pulls the query towards the earlier
+pictures; eight requests follow each history (a new scene, or another like an earlier one), which is read once for
+all eight, so such a request costs about what a request alone does. The cache is kept in the run folder and reused
+by a later run with the same inputs; a step on it is a few milliseconds, so `--batch-size` can be hundreds: every
+other image in the batch is a negative, except another picture of the same scene.
 
     python -m model.training.train_retrieval --init demo --out runs/retrieval --queries 4000
 """
@@ -39,67 +41,75 @@ from model.training.train_clip import resolve_device
 from model.world import shapes
 
 TRAINED = ("ret_mapping.", "image_mapping.", "logit_scale")
+KINDS = ("alone", "new after history", "refer-back")
+PER_HISTORY = 8  # requests after one history: ret_hidden reads the history once for all of them
 CACHE_NAME = "retrieval_cache.{split}.safetensors"
 
 
 def requests(split: str, n: int, image_size: int, holdout: bool, after_history: float, seed: int
-             ) -> tuple[list[list[Turn]], list[Image.Image], list[tuple]]:
-    """n conversations ending in a request answered by `[RET]`, the image each should find, and that image's
-    objects (two images of the same objects are the same answer). A share `after_history` comes after two or three
-    described images, half of them asking for a new scene, half for "another picture like the second one" (found
-    as another rendering of that scene); the rest are a request alone. A pure function of its arguments."""
+             ) -> tuple[list[list[Turn]], list[Image.Image], list[tuple], list[int]]:
+    """n conversations ending in a request answered by `[RET]`, the image each should find, that image's objects
+    (two images of the same objects are the same answer) and each request's kind (an index of `KINDS`). A share
+    `after_history` comes after two or three described images, `PER_HISTORY` requests after each history, each
+    asking for a new scene or for "another picture like the second one" (found as another rendering of that
+    scene); the rest are a request alone, and come first. A pure function of its arguments."""
     rng = random.Random(f"retrieval:{split}:{seed}")
     start, stop = shapes.SPLITS[split]
 
     def draw() -> shapes.Sample:
         return shapes.sample(split, rng.randrange(stop - start), image_size, holdout)
 
-    conversations, images, scenes = [], [], []
-    for i in range(n):
-        if rng.random() >= after_history:
-            wanted = draw()
-            conversations.append(retrieval_turns(wanted.caption, rng))
-        else:
-            history = [draw() for _ in range(rng.randint(2, len(ORDINALS)))]
-            turns = [t for h in history for t in caption_turns(h.image, shapes.plain_caption(h.scene), rng)]
+    n_after = round(n * after_history)
+    conversations, wanted, kinds = [], [], []
+    for _ in range(n - n_after):
+        wanted.append(draw())
+        conversations.append(retrieval_turns(wanted[-1].caption, rng))
+        kinds.append(KINDS.index("alone"))
+    for first in range(0, n_after, PER_HISTORY):
+        history = [draw() for _ in range(rng.randint(2, len(ORDINALS)))]
+        turns = [t for h in history for t in caption_turns(h.image, shapes.plain_caption(h.scene), rng)]
+        for i in range(first, min(n_after, first + PER_HISTORY)):
             if rng.random() < 0.5:
                 k = rng.randrange(len(history))
                 scene = history[k].scene
-                wanted = shapes.Sample(shapes.render(scene, random.Random(f"another:{split}:{seed}:{i}"), image_size),
-                                       history[k].caption, scene)
-                turns += [Turn("user", [context_request(k, rng)]), Turn("assistant", [RET_TOKEN])]
+                wanted.append(shapes.Sample(shapes.render(scene, random.Random(f"another:{split}:{seed}:{i}"),
+                                                          image_size), history[k].caption, scene))
+                conversations.append(turns + [Turn("user", [context_request(k, rng)]), Turn("assistant", [RET_TOKEN])])
+                kinds.append(KINDS.index("refer-back"))
             else:
-                wanted = draw()
-                turns += retrieval_turns(wanted.caption, rng)
-            conversations.append(turns)
-        images.append(wanted.image)
-        scenes.append(wanted.scene.objects)
-    return conversations, images, scenes
+                wanted.append(draw())
+                conversations.append(turns + retrieval_turns(wanted[-1].caption, rng))
+                kinds.append(KINDS.index("new after history"))
+    return conversations, [w.image for w in wanted], [w.scene.objects for w in wanted], kinds
 
 
 def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.Namespace, n: int
                   ) -> dict[str, torch.Tensor]:
     """What the two mappings read for `n` requests of `split`: {"hidden": (n, lm_dim), "pooled": (n, visual_dim),
-    "scene": (n,) an id shared by the images of one scene}, from the run folder when a run with the same inputs
-    made them."""
+    "scene": (n,) an id shared by the images of one scene, "kind": (n,) an index of `KINDS`}, from the run folder
+    when a run with the same inputs made them."""
     path = run_dir / CACHE_NAME.format(split=split)
     init = resolve(args.init)
     weights = hashlib.sha256((init / WEIGHTS_NAME).read_bytes()).hexdigest()
-    inputs = {"init": str(init.resolve()), "weights": weights, "n": str(n),
+    inputs = {"init": str(init.resolve()), "weights": weights, "n": str(n), "per_history": str(PER_HISTORY),
               "after_history": str(args.after_history), "holdout": str(args.holdout), "seed": str(args.seed)}
     if path.is_file():
         with safe_open(path, "pt") as f:
             if f.metadata() == inputs:
                 return load_file(path)
-    conversations, images, scenes = requests(split, n, model.visual.image_size[0], args.holdout,
-                                             args.after_history, args.seed)
-    by_length = sorted(range(n), key=lambda i: len(conversations[i]))  # batches of alike length pad little
-    hidden, _ = ret_hidden(model, [conversations[i] for i in by_length], args.cache_batch,
-                           desc=f"[RET] states ({split})")
-    hidden = hidden[torch.argsort(torch.tensor(by_length))]                                # back in order
+    conversations, images, scenes, kinds = requests(split, n, model.visual.image_size[0], args.holdout,
+                                                    args.after_history, args.seed)
+    alone = [i for i, kind in enumerate(kinds) if KINDS[kind] == "alone"]
+    after = [i for i, kind in enumerate(kinds) if KINDS[kind] != "alone"]  # one history's requests are a batch
+    hidden = torch.empty(n, model.config.lm_dim)
+    for rows, batch, what in ((alone, args.cache_batch, "alone"), (after, PER_HISTORY, "after history")):
+        if rows:
+            hidden[rows] = ret_hidden(model, [conversations[i] for i in rows], batch,
+                                      desc=f"[RET] states ({split}, {what})")[0].cpu()
     pooled = torch.cat([model.encoded(images[i:i + 256])[:, 0] for i in range(0, n, 256)])
     ids = {scene: i for i, scene in enumerate(dict.fromkeys(scenes))}
-    cache = {"hidden": hidden.cpu(), "pooled": pooled.cpu(), "scene": torch.tensor([ids[s] for s in scenes])}
+    cache = {"hidden": hidden, "pooled": pooled.cpu(), "scene": torch.tensor([ids[s] for s in scenes]),
+             "kind": torch.tensor(kinds)}
     save_file(cache, path, metadata=inputs)
     return cache
 
@@ -118,9 +128,15 @@ def contrastive_loss(model: GroundedLM, hidden: torch.Tensor, pooled: torch.Tens
 
 @torch.no_grad()
 def recall(model: GroundedLM, cache: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Text -> image recall over the cache's own images (an image of the scene asked for is a hit)."""
+    """Text -> image recall over the cache's own images (an image of the scene asked for is a hit): R@1 and R@5
+    of all requests, and R@1 of each kind."""
     scores = model.ret_query(cache["hidden"]) @ model.image_keys(cache["pooled"]).T
-    return recall_at_k(scores, cache["scene"][:, None] == cache["scene"][None, :], (1, 5))
+    relevant = cache["scene"][:, None] == cache["scene"][None, :]
+    result = recall_at_k(scores, relevant, (1, 5))
+    for k, kind in enumerate(KINDS):
+        if (rows := cache["kind"] == k).any():
+            result[f"R@1 {kind}"] = recall_at_k(scores[rows], relevant[rows], (1,))["R@1"]
+    return result
 
 
 def plot(history: dict[str, list], path: Path) -> None:
@@ -130,6 +146,9 @@ def plot(history: dict[str, list], path: Path) -> None:
     loss_ax.legend()
     recall_ax.plot(history["val_step"], history["val_R@1"], "o-", label="R@1")
     recall_ax.plot(history["val_step"], history["val_R@5"], "s-", label="R@5")
+    for kind in KINDS:
+        if f"val_R@1 {kind}" in history:
+            recall_ax.plot(history["val_step"], history[f"val_R@1 {kind}"], ".--", label=f"R@1, {kind}")
     recall_ax.set(title="validation: text -> image over its requests' images", xlabel="step", ylim=(0, 1.02))
     recall_ax.legend()
     save_figure(fig, path)
@@ -177,8 +196,8 @@ def train_retrieval(args: argparse.Namespace) -> dict:
                "holdout_kept_out": args.holdout and checkpoint_kept_holdout_out(init),
                "cache_seconds": round(cache_seconds, 1), "fit_seconds": round(time.time() - t_fit, 1),
                "loss": sum(history["loss"][-50:]) / len(history["loss"][-50:]),
-               "val_before": {k: history[f"val_{k}"][0] for k in ("R@1", "R@5")},
-               "val_after": {k: history[f"val_{k}"][-1] for k in ("R@1", "R@5")}}
+               "val_before": {k[4:]: v[0] for k, v in history.items() if k.startswith("val_R@")},
+               "val_after": {k[4:]: v[-1] for k, v in history.items() if k.startswith("val_R@")}}
     conclude(model, run_dir, Path(args.out), summary, args)
     return summary
 
