@@ -111,7 +111,8 @@ class GroundedLM(nn.Module):
         n = config.n_visual_tokens
         self.input_mapping = projector(config.projector, visual_dim, lm_dim, n * lm_dim)  # (B, visual_dim) -> (B, n * lm_dim)
         k = config.tokens_per_cell
-        self.region_mapping = (projector(config.projector, visual_dim, lm_dim, k * lm_dim)  # per cell, shared
+        read = config.cell_patches ** 2 * visual_dim  # a cell's pooled patches side by side
+        self.region_mapping = (projector(config.projector, read, lm_dim, k * lm_dim)  # per cell, shared
                                if config.region_grid else None)
         # With several tokens per cell, a learnt vector per cell and token says where the cell is, which the
         # shared mapping cannot.
@@ -153,23 +154,27 @@ class GroundedLM(nn.Module):
     def from_pretrained(cls, folder_or_preset: str | Path, quantize: str | None = None,
                         device: torch.device | str | None = None, region_grid: int | None = None,
                         compute_dtype: str | None = None, request_tokens: int | None = None,
-                        dequantize: bool = False, tokens_per_cell: int | None = None) -> "GroundedLM":
+                        dequantize: bool = False, tokens_per_cell: int | None = None,
+                        cell_patches: int | None = None) -> "GroundedLM":
         """A checkpoint folder or preset, loaded as it was trained unless `quantize` / `compute_dtype` say
         otherwise; `dequantize` dequantises a 4-bit LM once (`lm.dequantized`: for batches), before the Reasoner's
         adapter goes on it. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
         without region tokens then gets a new, untrained region mapping (the shared per-cell mapping fits
         any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module, and a
-        new `tokens_per_cell` a new, untrained region mapping."""
+        new `tokens_per_cell` or `cell_patches` a new, untrained region mapping."""
         folder = resolve(folder_or_preset)
         config, weights = read_checkpoint(folder)
         recut = tokens_per_cell is not None and tokens_per_cell != config.tokens_per_cell
-        grown = tuple(prefix for prefix, new in (("region_mapping.", config.region_grid == 0 and region_grid or recut),
+        reread = cell_patches is not None and cell_patches != config.cell_patches
+        grown = tuple(prefix for prefix, new in (("region_mapping.",
+                                                  config.region_grid == 0 and region_grid or recut or reread),
                                                  ("region_positions", recut),
                                                  ("perception.", config.request_tokens == 0 and request_tokens))
                       if new)  # modules the checkpoint lacks (or has in another shape) and gets, untrained
-        if recut:
+        if recut or reread:
             weights = {k: v for k, v in weights.items() if not k.startswith(grown)}
-            config.tokens_per_cell = tokens_per_cell
+            config.tokens_per_cell = tokens_per_cell or config.tokens_per_cell
+            config.cell_patches = cell_patches or config.cell_patches
         if region_grid is not None:
             config.region_grid = region_grid
         if request_tokens is not None and config.request_tokens and request_tokens != config.request_tokens:
@@ -239,11 +244,13 @@ class GroundedLM(nn.Module):
         return torch.stack([found[k] for k in keys]).float()
 
     def visual_features(self, images: list[Image.Image]) -> torch.Tensor:
-        """What the mappings read (N, 1 + region_grid^2, visual_dim): the pooled CLS feature, then the region cells."""
+        """What the mappings read (N, 1 + region_grid^2 * cell_patches^2, visual_dim): the pooled CLS feature, then
+        the region cells (each as `cell_patches`^2 pooled patches)."""
         encoded = self.encoded(images)
         if not self.config.region_grid:
             return encoded[:, :1]
-        return torch.cat([encoded[:, :1], self.visual.regions(encoded[:, 1:], self.config.region_grid)], 1)
+        cells = self.visual.regions(encoded[:, 1:], self.config.region_grid, self.config.cell_patches)
+        return torch.cat([encoded[:, :1], cells], 1)
 
     @torch.no_grad()
     def unfamiliar(self, images: list[Image.Image]) -> list[bool]:
@@ -258,14 +265,15 @@ class GroundedLM(nn.Module):
         return image_vectors(self.visual, self.image_mapping, images)
 
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, 1 + region_grid^2, visual_dim) -> (N, tokens_per_image, lm_dim), in the LM's dtype."""
+        """(N, 1 + region_grid^2 * cell_patches^2, visual_dim) -> (N, tokens_per_image, lm_dim), in the LM's dtype."""
         n, dtype = self.config.n_visual_tokens, self.lm.get_input_embeddings().weight.dtype
         pooled = features[:, 0]                                                            # (N, visual_dim)
         if self.training and self.cls_dropout:
             pooled = pooled * (torch.rand(len(pooled), 1, device=pooled.device) >= self.cls_dropout)
         tokens = self.input_mapping(pooled).view(features.shape[0], n, -1)                # (N, n, lm_dim)
         if self.region_mapping is not None:
-            cells = self.region_mapping(features[:, 1:]).unflatten(-1, (self.config.tokens_per_cell, -1))
+            cells = features[:, 1:].reshape(features.shape[0], self.config.region_grid ** 2, -1)  # (N, grid^2, c^2 D)
+            cells = self.region_mapping(cells).unflatten(-1, (self.config.tokens_per_cell, -1))
             if self.region_positions is not None:                                          # (N, grid^2, k, lm_dim)
                 cells = cells + self.region_positions
             tokens = torch.cat([tokens, cells.flatten(1, 2)], 1)                          # (N, n + grid^2 * k, lm_dim)

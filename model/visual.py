@@ -91,12 +91,15 @@ class VisualEncoder(nn.Module):
         """pixels (B, 3, H, W) -> pooled (B, visual_dim), patches (B, n_patches, visual_dim), pre-projection."""
         return pre_projection_features(self.visual, pixels.to(self.visual.conv1.weight.dtype))
 
-    def regions(self, patches: torch.Tensor, grid: int) -> torch.Tensor:
-        """Patch features (B, n_patches, D) -> (B, grid * grid, D): the mean of each cell of a grid x grid
-        split of the image, row by row from the top left."""
+    def regions(self, patches: torch.Tensor, grid: int, per_cell: int = 1) -> torch.Tensor:
+        """Patch features (B, n_patches, D) -> (B, grid * grid * per_cell^2, D): the cells of a grid x grid split
+        of the image, row by row from the top left, each as the means of a per_cell x per_cell split of it (1:
+        the cell's mean), row by row."""
         rows, cols = self.grid_size
-        cells = patches.transpose(1, 2).reshape(patches.shape[0], -1, rows, cols)     # (B, D, rows, cols)
-        return F.adaptive_avg_pool2d(cells, grid).flatten(2).transpose(1, 2)           # (B, grid * grid, D)
+        n, c = grid, per_cell
+        maps = patches.transpose(1, 2).reshape(patches.shape[0], -1, rows, cols)      # (B, D, rows, cols)
+        pooled = F.adaptive_avg_pool2d(maps, n * c).unflatten(2, (n, c)).unflatten(4, (n, c))  # (B, D, n, c, n, c)
+        return pooled.permute(0, 2, 4, 3, 5, 1).reshape(patches.shape[0], n * n * c * c, -1)  # (B, n^2 c^2, D)
 
     @torch.no_grad()
     def encode(self, images: list[Image.Image], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

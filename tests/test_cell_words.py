@@ -66,3 +66,10 @@ def test_the_stage_alone_recuts_a_checkpoint_and_trains_only_its_cells(tiny_lm_d
     before, after = start.trainable_state_dict(), cells.trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("region_mapping."))
     assert after["region_positions"].abs().sum() > 0, "the places learnt"
+
+    pretrain(parse_args(["--init", str(tmp_path / "cells"), "--out", str(tmp_path / "patches"), "--run-dir",
+                         str(tmp_path / "run2"), "--cell-patches", "2", "--steps", "2", "--batch-size", "4",
+                         "--device", "cpu"]))
+    patches = GroundedLM.from_pretrained(tmp_path / "patches", quantize="none", device="cpu")
+    assert patches.config.cell_patches == 2 and patches.region_mapping.in_features == 4 * patches.visual.visual_dim
+    assert torch.equal(patches.trainable_state_dict()["input_mapping.weight"], after["input_mapping.weight"])

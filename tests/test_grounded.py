@@ -59,6 +59,27 @@ def test_several_tokens_per_cell_follow_cell_by_cell_each_with_its_place(tiny_lm
     assert model.embed_conversation(turns).shape[1] == count_tokens(render(turns, model.tokenizer, "chat"), 14)
 
 
+def test_a_cell_read_as_its_patches_is_mapped_from_them_side_by_side(tiny_lm_dir, tiny_clip_dir, colour_images,
+                                                                     tmp_path):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, cell_patches=2), quantize="none",
+                       device="cpu")
+    assert model.config.tokens_per_image == 2 + 4, "as many LM positions as a cell read as its mean"
+    _, patches = model.visual.encode(colour_images[:2])
+    features = model.visual_features(colour_images[:2])                               # (2, 1 + 4 * 4, visual_dim)
+    assert features.shape == (2, 1 + 16, 32)
+    tokens = model.visual_tokens(features)                                             # (2, 6, lm_dim)
+    read = model.visual.regions(patches, 2, per_cell=2).view(2, 4, 4 * 32)            # (2, cells, 4 patches x D)
+    torch.testing.assert_close(tokens[:, 2:], model.region_mapping(read))
+
+    model.save_pretrained(tmp_path / "patches")
+    assert GroundedLM.from_pretrained(tmp_path / "patches", quantize="none", device="cpu").config.cell_patches == 2
+    mean = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2), quantize="none", device="cpu")
+    mean.save_pretrained(tmp_path / "mean")
+    reread = GroundedLM.from_pretrained(tmp_path / "mean", quantize="none", device="cpu", cell_patches=2)
+    assert reread.region_mapping.in_features == 4 * 32, "a new region mapping, for the patches"
+    assert torch.equal(reread.input_mapping.weight, mean.input_mapping.weight), "the rest is the checkpoint's"
+
+
 def test_cls_dropout_blanks_the_pooled_feature_in_training_only(tiny_lm_dir, tiny_clip_dir, colour_images):
     model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2), quantize="none", device="cpu")
     features = model.visual_features(colour_images)

@@ -148,6 +148,16 @@ def test_regions_are_cell_means_of_the_patch_grid_row_by_row(encoder: VisualEnco
     torch.testing.assert_close(encoder.regions(patches, rows), patches)  # one cell per patch: the patches
 
 
+def test_a_cell_read_as_its_patches_keeps_them_side_by_side_in_its_place(encoder: VisualEncoder):
+    rows, cols = encoder.grid_size                                             # 4 x 4 patches
+    patches = torch.randn(2, rows * cols, encoder.visual_dim)
+    cells = encoder.regions(patches, 2, per_cell=2).view(2, 4, 4, -1)         # (B, cell, patch of the cell, D)
+    grid = patches.view(2, rows, cols, -1)
+    for index, (top, left) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+        torch.testing.assert_close(cells[:, index], grid[:, top:top + 2, left:left + 2].flatten(1, 2))
+    torch.testing.assert_close(cells.mean(2), encoder.regions(patches, 2)), "their mean is the cell's mean"
+
+
 def test_encode_of_no_images_is_empty(encoder: VisualEncoder):
     pooled, patches = encoder.encode([])
     assert pooled.shape == (0, encoder.visual_dim) and patches.shape == (0, encoder.n_patches, encoder.visual_dim)

@@ -1,7 +1,8 @@
 """The stage before captioning with cell words (`cell_words.py`): a checkpoint's region mapping is replaced by one
 of four tokens per cell (one that has four already keeps its own and trains it further), trained on the cell-word
 loss alone (no LM forward: 4 steps of 16 scenes a second on this repo's CPU), so that the LM meets cells that
-already read as words when `train.py --cell-words` starts teaching it to describe from them.
+already read as words when `train.py --cell-words` starts teaching it to describe from them. `--cell-patches N`
+gives the new mapping each cell as N x N pooled patches side by side rather than their mean, which loses shape.
 
     python -m model.training.train_cells --init runs/base --out runs/cells --steps 2000   # runs/base: one token per cell
 """
@@ -26,7 +27,8 @@ from model.training.train_clip import resolve_device
 def pretrain(args: argparse.Namespace) -> dict:
     """A new region mapping of four tokens per cell on `--init`'s checkpoint, trained on the loss alone."""
     init = resolve(args.init)
-    model = GroundedLM.from_pretrained(init, device=resolve_device(args.device), tokens_per_cell=len(SLOTS))
+    model = GroundedLM.from_pretrained(init, device=resolve_device(args.device), tokens_per_cell=len(SLOTS),
+                                       cell_patches=args.cell_patches)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(("region_mapping.", "region_positions")))
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=args.lr)
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "(kept and trained further if it has four tokens per cell already)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--run-dir", help="curve and working files (default: runs/<name of --out>)")
+    p.add_argument("--cell-patches", type=int, default=None,
+                   help="read each cell as N x N pooled patches (a new region mapping; default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16, help="scenes a step")
     p.add_argument("--lr", type=float, default=1e-3)
