@@ -140,16 +140,19 @@ def test_teacher_forced_queries_do_not_depend_on_the_batch(tiny_model, colour_im
 
 def test_requests_after_one_history_read_it_once_and_each_gets_its_own_query(tiny_model, colour_images,
                                                                             monkeypatch):
-    red, green, blue = colour_images
+    red, green, _ = colour_images
     history = [Turn("user", [red, "describe it"]), Turn("assistant", ["A red one."]),
                Turn("user", [green, "and this?"]), Turn("assistant", ["A green one."])]
     requests = [[Turn("user", [text]), Turn("assistant", ["[RET]"])]
                 for text in ("show me a blue one", "another like the first one", "a red square, please")]
     alone = torch.cat([ret_queries(tiny_model, [history + r])[0] for r in requests])
-    widths = []
-    forward = tiny_model.hidden_states
-    monkeypatch.setattr(tiny_model, "hidden_states", lambda inputs, *a, **k: widths.append(inputs.shape[:2])
-                        or forward(inputs, *a, **k))
+    widths, forward = [], tiny_model.hidden_states
+
+    def counted(inputs, *args, **kwargs):
+        widths.append(tuple(inputs.shape[:2]))                                              # (rows, positions)
+        return forward(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "hidden_states", counted)
     together, _ = ret_queries(tiny_model, [history + r for r in requests], batch_size=3)
     assert torch.allclose(together, alone, atol=1e-5)
     assert [w[0] for w in widths] == [1, 3], "the history read once, then the three requests together"
