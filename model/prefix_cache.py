@@ -19,6 +19,13 @@ from transformers import DynamicCache
 RTOL, ATOL = 1e-5, 1e-6
 
 
+def common_length(stored: torch.Tensor, embeds: torch.Tensor) -> int:
+    """How many leading positions of stored (S, D) and embeds (T, D) are equal (to float rounding)."""
+    n = min(len(stored), len(embeds))
+    same = torch.isclose(stored[:n], embeds[:n], rtol=RTOL, atol=ATOL).all(-1)              # (n,)
+    return n if bool(same.all()) else int(same.long().argmin())
+
+
 class PrefixCache:
     """Prompts' (inputs_embeds, keys and values) in least-recently-used order, up to `max_bytes`."""
 
@@ -32,20 +39,13 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @staticmethod
-    def _common(stored: torch.Tensor, embeds: torch.Tensor) -> int:
-        """How many leading positions of stored (S, D) and embeds (T, D) are equal."""
-        n = min(len(stored), len(embeds))
-        same = torch.isclose(stored[:n], embeds[:n], rtol=RTOL, atol=ATOL).all(-1)          # (n,)
-        return n if bool(same.all()) else int(same.long().argmin())
-
     def reuse(self, embeds: torch.Tensor, limit: int) -> tuple[int, DynamicCache]:
         """embeds (T, D) of a prompt -> how many of its first positions are known (at most `limit`) and a new
         cache holding their keys and values (empty when none are)."""
         with self._lock:
             best, found = 0, None
             for key, (stored, _) in self._entries.items():
-                n = min(self._common(stored, embeds), limit)
+                n = min(common_length(stored, embeds), limit)
                 if n > best:
                     best, found = n, key
             if found is None:
@@ -68,7 +68,7 @@ class PrefixCache:
             return
         with self._lock:
             for key, (stored, _) in list(self._entries.items()):
-                if len(stored) <= len(embeds) and self._common(stored, embeds) == len(stored):
+                if len(stored) <= len(embeds) and common_length(stored, embeds) == len(stored):
                     self._drop(key)
             key, self._next_id = self._next_id, self._next_id + 1
             self._entries[key], self._bytes[key] = (embeds.detach().clone(), layers), size

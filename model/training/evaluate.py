@@ -40,6 +40,7 @@ from model.checkpoint import resolve
 from model.world.data import ShapesDataset
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES
+from model.prefix_cache import common_length
 from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_request
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns
@@ -169,12 +170,8 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
 def shared_opening(model: GroundedLM, rows: list[torch.Tensor], limit: int) -> tuple[int, DynamicCache | None]:
     """Rows of input embeddings (T_i, lm_dim) -> how many leading positions all of them share (at most `limit`)
     and a KV cache of those positions read once, repeated for every row (None when they share none)."""
-    n = min(limit, *(len(row) for row in rows))
+    n = min(limit, *(common_length(rows[0], row) for row in rows))
     if n <= 0:
-        return 0, None
-    same = torch.stack([(row[:n] == rows[0][:n]).all(-1) for row in rows]).all(0)           # (n,)
-    n = n if bool(same.all()) else int(same.long().argmin())
-    if n == 0:
         return 0, None
     _, cache = model.hidden_states(rows[0][:n].unsqueeze(0), past_key_values=DynamicCache())
     cache.batch_repeat_interleave(len(rows))
