@@ -105,6 +105,16 @@ def test_every_few_batches_carry_history_and_refer_back_to_earlier_pictures():
     assert conversations.batch(5, 4)[0].turns[1].text != conversations.batch(6, 4)[0].turns[1].text
 
 
+def test_how_often_batches_carry_history_is_a_choice():
+    data = ShapesDataset("train", 1000, 32)
+    multi_turn = lambda c: [len(c.batch(step, 2)[0].turns) > 2 for step in range(6)]  # noqa: E731
+    assert multi_turn(Conversations(data, seed=0)) == [step % CONTEXT_EVERY == CONTEXT_EVERY - 1 for step in range(6)]
+    assert multi_turn(Conversations(data, seed=0, context_every=2)) == [False, True] * 3
+    assert multi_turn(Conversations(data, seed=0, context_every=1)) == [True] * 6
+    with pytest.raises(ValueError, match="context_every"):
+        Conversations(data, seed=0, context_every=0)
+
+
 def test_training_on_a_tsv_reduces_both_losses(seeing_lm_dir, tiny_clip_dir, colour_tsv, tmp_path):
     rows = Subset(TsvCaptionDataset(colour_tsv), range(len(COLOURS) - 2))  # what it trains on
     fit = [Conversations(rows, seed=7).batch(i, 8) for i in range(2)]

@@ -4,7 +4,7 @@
 `Conversations` (the mappings and `[RET]`, `train.py`'s default):
     captioning  user: [image, "Describe the image."]                assistant: "A small red circle on the left."
     retrieval   user: "Show me a picture of a small red circle ..."  assistant: "[RET]"
-    history     (every CONTEXT_EVERY-th batch) earlier image turns with their captions, then a new image or
+    history     (every CONTEXT_EVERY-th batch, or `context_every`-th) earlier image turns with their captions, then a new image or
                 request, or "Show me another picture like the second one." -> "[RET]"
 In the shapes world the model's own descriptions are the grammar's plain captions (one order and wording per
 scene: nothing to guess but the scene), while requests keep the grammar's variety.
@@ -72,10 +72,12 @@ class Conversations:
     A resumed run therefore sees exactly the batches an uninterrupted one would have seen.
     """
 
-    def __init__(self, dataset: Dataset, seed: int = 0):
+    def __init__(self, dataset: Dataset, seed: int = 0, context_every: int = CONTEXT_EVERY):
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
-        self.dataset, self.seed = dataset, seed
+        if context_every < 1:
+            raise ValueError(f"context_every must be >= 1, got {context_every}")
+        self.dataset, self.seed, self.context_every = dataset, seed, context_every
 
     def description(self, index: int, caption: str) -> str:
         """What the model says when asked to describe item `index`: the shapes world's plain caption (one order
@@ -92,11 +94,12 @@ class Conversations:
         return shapes.render(scene, random.Random(f"another:{self.dataset.split}:{index}"), self.dataset.image_size)
 
     def batch(self, step: int, size: int, multi_turn: bool | None = None) -> list[Example]:
-        """`size` conversations, the second half retrieval; multi-turn every CONTEXT_EVERY-th step unless
+        """`size` conversations, the second half retrieval; multi-turn every `context_every`-th step unless
         `multi_turn` says otherwise. No item appears twice in a batch while the dataset has enough: a
         repeated image would be its own negative in the contrastive loss."""
         rng = random.Random(f"{self.seed}:{step}")
-        multi_turn = step % CONTEXT_EVERY == CONTEXT_EVERY - 1 if multi_turn is None else multi_turn
+        every = self.context_every
+        multi_turn = step % every == every - 1 if multi_turn is None else multi_turn
         used: set[int] = set()
 
         def draw() -> tuple[int, Image.Image, str, str]:

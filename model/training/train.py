@@ -47,7 +47,7 @@ from model.world.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import Example, GroundedLM
 from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, dequantized
 from model.training.cell_words import cell_word_loss
-from model.training.conversations import Conversations, QuestionConversations
+from model.training.conversations import CONTEXT_EVERY, Conversations, QuestionConversations
 from model.training.optimization import param_groups, schedule_step
 from model.training.train_clip import resolve_device
 from model.visual import LOCAL_DIR
@@ -64,10 +64,10 @@ CURVE_NAME = "training_curve.png"
 SUMMARY_NAME = "training.json"
 RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "region_grid", "projector", "emb_dim", "batch_size", "lr", "warmup",
                "seed", "tsv", "holdout", "val_size", "init", "quantize", "questions", "request_tokens", "trainable",
-               "tokens_per_cell", "cls_dropout", "cell_words")
+               "tokens_per_cell", "cls_dropout", "cell_words", "context_every")
 """Options a resumed run must share with the run it continues: they shape the weights or the data order."""
 LATER_OPTIONS = {"questions": False, "request_tokens": 0, "trainable": "all", "candidates": 0, "tokens_per_cell": 1,
-                 "cls_dropout": 0.0, "cell_words": 0.0}
+                 "cls_dropout": 0.0, "cell_words": 0.0, "context_every": CONTEXT_EVERY}
 """Options added after state files were first written: a state without them comes from a run that had these."""
 TRAINABLE = {"all": ("input_mapping.", "region_mapping.", "region_positions", "ret_mapping.", "image_mapping.",
                      "ret_embedding", "ret_output", "logit_scale", "perception."),
@@ -309,7 +309,7 @@ def train(args: argparse.Namespace) -> dict:
         val_batches = [val_data.batch(i, args.batch_size) for i in range(n_val_batches)]
     else:
         train_set, val_set = datasets(args, model.visual.image_size[0])
-        train_data = Conversations(train_set, args.seed)
+        train_data = Conversations(train_set, args.seed, args.context_every)
         val_data = Conversations(val_set, args.seed + 1)
         val_batches = [val_data.batch(i, args.batch_size, multi_turn=i % 2 == 1)  # every other one multi-turn
                        for i in range(n_val_batches)]
@@ -419,6 +419,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cls-dropout", type=float, default=0.0,
                    help="the share of training images whose pooled CLS feature is zeroed, so that only their "
                         "region tokens can say what they show")
+    p.add_argument("--context-every", type=int, default=CONTEXT_EVERY,
+                   help="every N-th training batch is multi-turn (described images, then a request or another "
+                        "image); 1: all of them, for a model whose requests after described images need the practice")
     p.add_argument("--lm", default=DEMO.lm)
     p.add_argument("--visual", default=DEMO.visual)
     p.add_argument("--visual-pretrained", default=DEMO.visual_pretrained, help="open_clip tag, for a named --visual model")
