@@ -60,6 +60,11 @@ class GroundedConfig:
     prompt_format: str = "chat"
     """`chat`: the LM's chat template; `qa`: FROMAGe's `Q: ...\\nA:` dialogue turns."""
     ret_token: str = "[RET]"
+    ret_output_row: bool = False
+    """`[RET]` has an output row of its own, which decides when a reply retrieves, apart from its input row, which
+    the query is read after, even where the LM's head is tied to its input embeddings (SmolLM2's is): the
+    retrieval stage fits it where requests and descriptions open (`train_retrieval.py`), leaving every query as it
+    was. False: one row for both (every older checkpoint; an untied LM's head always has its own)."""
     retrieves: bool = True
     """False: `[RET]` and the image mapping were never trained (a checkpoint aligned by ESPER, which sees no
     caption): the model never emits `[RET]` and the app offers no retrieval."""

@@ -122,7 +122,7 @@ class GroundedLM(nn.Module):
         self.image_mapping = nn.Linear(visual_dim, config.emb_dim)
         # [RET] starts as the mean embedding row: a plausible token the LM has never seen.
         self.ret_embedding = nn.Parameter(embeddings.weight.detach().float().mean(0).clone())
-        self.ret_output = None if self.tied else nn.Parameter(
+        self.ret_output = None if self.tied and not config.ret_output_row else nn.Parameter(
             self.lm.get_output_embeddings().weight.detach().float().mean(0).clone())
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.perception = (Perception(config.request_tokens, lm_dim, visual_dim, self.visual.n_patches,
@@ -155,13 +155,14 @@ class GroundedLM(nn.Module):
                         device: torch.device | str | None = None, region_grid: int | None = None,
                         compute_dtype: str | None = None, request_tokens: int | None = None,
                         dequantize: bool = False, tokens_per_cell: int | None = None,
-                        cell_patches: int | None = None) -> "GroundedLM":
+                        cell_patches: int | None = None, ret_output_row: bool = False) -> "GroundedLM":
         """A checkpoint folder or preset, loaded as it was trained unless `quantize` / `compute_dtype` say
         otherwise; `dequantize` dequantises a 4-bit LM once (`lm.dequantized`: for batches), before the Reasoner's
         adapter goes on it. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
         without region tokens then gets a new, untrained region mapping (the shared per-cell mapping fits
         any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module, and a
-        new `tokens_per_cell` or `cell_patches` a new, untrained region mapping."""
+        new `tokens_per_cell` or `cell_patches` a new, untrained region mapping. `ret_output_row` gives `[RET]` an
+        output row of its own, a copy of its row (so nothing is emitted differently until it is fitted)."""
         folder = resolve(folder_or_preset)
         config, weights = read_checkpoint(folder)
         recut = tokens_per_cell is not None and tokens_per_cell != config.tokens_per_cell
@@ -169,7 +170,8 @@ class GroundedLM(nn.Module):
         grown = tuple(prefix for prefix, new in (("region_mapping.",
                                                   config.region_grid == 0 and region_grid or recut or reread),
                                                  ("region_positions", recut),
-                                                 ("perception.", config.request_tokens == 0 and request_tokens))
+                                                 ("perception.", config.request_tokens == 0 and request_tokens),
+                                                 ("ret_output", ret_output_row and not config.ret_output_row))
                       if new)  # modules the checkpoint lacks (or has in another shape) and gets, untrained
         if recut or reread:
             weights = {k: v for k, v in weights.items() if not k.startswith(grown)}
@@ -181,6 +183,7 @@ class GroundedLM(nn.Module):
             raise ValueError(f"{folder_or_preset} has a request module of {config.request_tokens} tokens, "
                              f"not {request_tokens}")
         config.request_tokens = request_tokens or config.request_tokens
+        config.ret_output_row = ret_output_row or config.ret_output_row
         model = cls(config, quantize, device, compute_dtype)
         expected = model.trainable_state_dict()
         problems = [f"missing {k}" for k in expected if k not in weights and not k.startswith(grown)]
@@ -191,6 +194,8 @@ class GroundedLM(nn.Module):
             raise ValueError(f"the checkpoint {folder_or_preset} does not match the model its config describes "
                              f"(LM {config.lm}, encoder {model.visual.source}): " + "; ".join(problems))
         model.load_state_dict(weights, strict=False)
+        if "ret_output" in grown and "ret_output" not in weights:
+            model.ret_output.data.copy_(model.ret_embedding.data)
         model.familiarity = Familiarity.load(folder, model.device)
         if dequantize and model.config.quantize == "4bit":
             model.lm = dequantized(model.lm)
@@ -383,7 +388,7 @@ class GroundedLM(nn.Module):
         """(..., lm_dim) -> (..., V') float32 logits, with `[RET]`'s logit at `ret_id` (V' = max(V, ret_id + 1));
         -inf there for a model that does not retrieve (`config.retrieves`)."""
         logits = self.lm.get_output_embeddings()(hidden).float()
-        ret_row = self.ret_embedding if self.tied else self.ret_output
+        ret_row = self.ret_embedding if self.ret_output is None else self.ret_output
         ret_logit = hidden.float() @ ret_row.float()
         if not self.config.retrieves:
             ret_logit = torch.full_like(ret_logit, float("-inf"))

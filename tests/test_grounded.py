@@ -118,6 +118,22 @@ def test_untied_head_gets_a_separate_ret_output_row(tiny_untied_lm_dir, tiny_cli
     assert "ret_output" in model.trainable_state_dict()
 
 
+def test_a_tied_head_can_give_ret_an_output_row_of_its_own_that_starts_as_its_row(tiny_model, tiny_clip_dir,
+                                                                                   tmp_path):
+    tiny_model.save_pretrained(tmp_path / "one-row")
+    model = GroundedLM.from_pretrained(tmp_path / "one-row", quantize="none", device="cpu", ret_output_row=True)
+    assert model.tied and model.config.ret_output_row and torch.equal(model.ret_output, model.ret_embedding)
+    hidden = torch.randn(2, 32)
+    assert torch.allclose(model.logits(hidden), tiny_model.logits(hidden)), "nothing is emitted differently yet"
+    with torch.no_grad():
+        model.ret_output.add_(1.0)
+    assert torch.allclose(model.logits(hidden)[:, model.ret_id], hidden @ model.ret_output)
+    assert torch.equal(model.embed_ids(torch.tensor([model.ret_id]))[0], model.ret_embedding), "the input row stays"
+    model.save_pretrained(tmp_path / "two-rows")
+    again = GroundedLM.from_pretrained(tmp_path / "two-rows", quantize="none", device="cpu")
+    assert again.config.ret_output_row and torch.equal(again.ret_output, model.ret_output)
+
+
 def test_index_vectors_and_queries_are_unit_length(tiny_model, colour_images):
     vectors = tiny_model.embed_images(colour_images)
     assert vectors.shape == (3, 8)

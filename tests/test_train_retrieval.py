@@ -4,7 +4,8 @@ import torch
 from conftest import tiny_config
 from model.grounded import GroundedLM
 from model.training import train_retrieval
-from model.training.train_retrieval import KINDS, PER_HISTORY, TRAINED, contrastive_loss, parse_args, requests
+from model.training.train_retrieval import (KINDS, PER_HISTORY, TRAINED, contrastive_loss, descriptions, fit_emission,
+                                           parse_args, requests)
 from model.world import shapes
 
 
@@ -28,6 +29,15 @@ def test_requests_are_a_pure_function_and_each_ends_in_ret_with_the_image_it_sho
         assert shapes.parse_caption(described).objects == scene, "the answer is that scene, drawn anew"
 
 
+def test_descriptions_end_in_a_new_image_described_alone_or_after_described_images():
+    conversations = descriptions("train", 20, 64, holdout=True, after_history=0.5, seed=0)
+    assert [[t.text for t in c] for c in conversations] == \
+        [[t.text for t in c] for c in descriptions("train", 20, 64, holdout=True, after_history=0.5, seed=0)]
+    assert all(c[-2].images and c[-1].role == "assistant" and "[RET]" not in c[-1].text for c in conversations)
+    assert [len(c) for c in conversations[:10]] == [2] * 10 and all(len(c) >= 6 for c in conversations[10:])
+    assert all(shapes.parse_caption(c[-1].text) for c in conversations), "described as the model describes"
+
+
 def test_the_hold_out_pairs_stay_out_of_the_requests():
     _, _, scenes, _ = requests("train", 200, 64, holdout=True, after_history=0.2, seed=1)
     assert not any((o.shape, o.colour) in shapes.HOLDOUT_PAIRS for objects in scenes for o in objects)
@@ -39,6 +49,27 @@ def test_another_picture_of_the_same_scene_is_not_a_negative(tiny_model):
     one_scene = contrastive_loss(tiny_model, hidden, pooled, torch.zeros(4, dtype=torch.long))
     assert one_scene.item() == pytest.approx(0.0, abs=1e-6), "nothing to tell apart: every other row is left out"
     assert contrastive_loss(tiny_model, hidden, pooled, torch.arange(4)).item() > 0.1
+
+
+def test_the_ret_output_row_learns_to_open_requests_and_not_descriptions(tiny_lm_dir, tiny_clip_dir):
+    """Openings where the LM's state says 'request' along one direction: the row finds it; its input row stays."""
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, ret_output_row=True), quantize="none", device="cpu")
+    model.requires_grad_(False).ret_output.requires_grad_(True)
+    input_row = model.ret_embedding.clone()
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(model.config.lm_dim, generator=generator)
+
+    def openings(n: int) -> dict[str, torch.Tensor]:
+        asked = torch.randn(n, model.config.lm_dim, generator=generator) + 2 * direction
+        described = torch.randn(n, model.config.lm_dim, generator=generator) - 2 * direction
+        words = model.logits(described).argmax(-1).clamp(max=model.vocab_size - 1)
+        return {"before": asked, "kind": torch.arange(n) % len(KINDS), "described": described, "word": words,
+                "described_kind": torch.arange(n) % 2}
+
+    rates = fit_emission(model, openings(96), openings(32), lr=3e-2)
+    assert all(rate > 0.9 for k, rate in rates["after"].items() if "describing" not in k), rates
+    assert all(rate < 0.1 for k, rate in rates["after"].items() if "describing" in k), rates
+    assert rates["after"] != rates["before"] and torch.equal(model.ret_embedding, input_row)
 
 
 def test_the_stage_trains_the_two_mappings_alone_and_reuses_its_cache(tiny_lm_dir, tiny_clip_dir, tmp_path,
@@ -57,10 +88,13 @@ def test_the_stage_trains_the_two_mappings_alone_and_reuses_its_cache(tiny_lm_di
     assert not torch.equal(before["image_mapping.weight"], after["image_mapping.weight"])
     assert not torch.equal(before["ret_mapping.weight"], after["ret_mapping.weight"])
     assert trained.fingerprint != start.fingerprint, "an index of the old mapping is refused"
+    assert trained.config.ret_output_row and "ret_output" in after, "when to retrieve has a row of its own"
+    assert {"[RET] alone", "[RET] describing alone"} <= set(summary["emission_after"])
 
     def no_lm(*args, **kwargs):
         raise AssertionError("the LM ran again: the cache was not reused")
 
+    monkeypatch.setattr(train_retrieval, "reply_states", no_lm)
     monkeypatch.setattr(train_retrieval, "ret_hidden", no_lm)
     train_retrieval.train_retrieval(parse_args([*argv[:3], str(tmp_path / "out2"), *argv[4:]]))
     with pytest.raises(AssertionError, match="the LM ran again"):  # other inputs: computed afresh

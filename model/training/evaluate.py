@@ -179,45 +179,59 @@ def shared_opening(model: GroundedLM, rows: list[torch.Tensor], limit: int) -> t
 
 
 @torch.no_grad()
-def ret_hidden(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32,
-               desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced: each conversation ends with an assistant turn holding `[RET]`; -> the LM's hidden state
-    where its first `[RET]` is the input (N, lm_dim), what decoding's query is mapped from, and (N,) bool: greedy
-    decoding would have emitted that `[RET]` itself, given the text before it. With `desc`, a progress bar."""
+def reply_states(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32, desc: str | None = None,
+                 token: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced, at the first `token` of each conversation's last (assistant) turn, or at its first token
+    whatever it is: the LM's hidden state where that token is predicted (N, lm_dim), where it is the input
+    (N, lm_dim), and its id (N,). With `desc`, a progress bar."""
     tokenizer, fmt = model.tokenizer, model.config.prompt_format
-    out, emitted = [], []
+    before, at, ids = [], [], []
     starts = range(0, len(conversations), batch_size)
     for start in starts if desc is None else tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True):
         chunk = conversations[start:start + batch_size]
         _warm_features(model, chunk)
-        rows, ret_at = [], []
+        rows, token_at = [], []
         for turns in chunk:
             prompt, target = render_with_target(turns, tokenizer, fmt)
             if any(isinstance(s, Image.Image) for s in target):
-                raise ValueError("the assistant turn of a retrieval conversation must be text")
+                raise ValueError("the assistant turn must be text")
             target_ids = [t for s in target for t in s]
-            if model.ret_id not in target_ids:
-                raise ValueError(f"the assistant turn {turns[-1].text!r} holds no {model.config.ret_token}")
+            if token is not None and token not in target_ids:
+                raise ValueError(f"the assistant turn {turns[-1].text!r} holds no {tokenizer.decode([token])}")
+            index = 0 if token is None else target_ids.index(token)
             prompt_embeds = model.embed_segments(prompt)
             rows.append(torch.cat([prompt_embeds, model.embed_segments(target)]))
-            ret_at.append(len(prompt_embeds) + target_ids.index(model.ret_id))
+            token_at.append(len(prompt_embeds) + index)
+            ids.append(target_ids[index])
         # what every row opens with (the system prompt; a history several requests follow) is read once
-        opened, cache = shared_opening(model, rows, min(ret_at) - 1)
+        opened, cache = shared_opening(model, rows, min(token_at) - 1)
         inputs, mask = padded([row[opened:] for row in rows], "right")            # (B, T, lm_dim), (B, T)
         positions = torch.arange(opened, opened + inputs.shape[1], device=model.device).expand(len(rows), -1)
         hidden, _ = model.hidden_states(inputs, torch.cat([mask.new_ones(len(rows), opened), mask], 1), cache,
                                         positions)                                          # (B, T, lm_dim)
         rows_at = torch.arange(len(rows), device=model.device)
-        ret_at = torch.tensor(ret_at, device=model.device) - opened
-        out.append(hidden[rows_at, ret_at].float())
-        emitted.append(model.logits(hidden[rows_at, ret_at - 1]).argmax(-1) == model.ret_id)
-    return torch.cat(out), torch.cat(emitted).cpu()                                         # (N, lm_dim), (N,)
+        token_at = torch.tensor(token_at, device=model.device) - opened
+        before.append(hidden[rows_at, token_at - 1].float())
+        at.append(hidden[rows_at, token_at].float())
+    return torch.cat(before), torch.cat(at), torch.tensor(ids)                   # (N, lm_dim), (N, lm_dim), (N,)
+
+
+def ret_hidden(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32,
+               desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each conversation ends with an assistant turn holding `[RET]` -> the LM's hidden state where its first
+    `[RET]` is the input (N, lm_dim), what decoding's query is mapped from, and where it is predicted (N, lm_dim),
+    what decides whether decoding emits it."""
+    before, at, _ = reply_states(model, conversations, batch_size, desc, token=model.ret_id)
+    return at, before
 
 
 def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The retrieval queries (N, emb_dim) of `ret_hidden`'s conversations, and whether `[RET]` was emitted."""
-    hidden, emitted = ret_hidden(model, conversations, batch_size)
+    """The retrieval queries (N, emb_dim) of `ret_hidden`'s conversations, and (N,) bool: greedy decoding would
+    have emitted that `[RET]` itself, given the text before it."""
+    hidden, before = ret_hidden(model, conversations, batch_size)
+    with torch.no_grad():
+        emitted = (model.logits(before).argmax(-1) == model.ret_id).cpu()
     return model.ret_query(hidden), emitted
 
 

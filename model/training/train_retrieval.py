@@ -3,8 +3,12 @@
 Joint training (`train.py`) meets 8 requests a step (half of 16 conversations), so each query learns against 7 other
 images: too few to tell apart scenes that share most of their objects (the demo after it ranked the right scene first
 for 70% of 1,000 test requests; after this stage, 90%). Everything before the two mappings is frozen here (the LM,
-the `[RET]` row, the encoder and the input mappings), so what they read is computed once: the LM's hidden state
-where `[RET]` is the input for `--queries` requests and the encoder's pooled feature of the image each should find.
+the `[RET]` input row, the encoder and the input mappings), so what they read is computed once: the LM's hidden
+state where `[RET]` is the input for `--queries` requests and the encoder's pooled feature of the image each should
+find. First, `[RET]` gets an output row of its own (`GroundedConfig.ret_output_row`), fitted on the hidden states
+where those requests open, and where a quarter as many descriptions do: when to retrieve, learnt where it goes
+wrong (a model whose image tokens read like words continued describing after described images) without
+moving any query.
 A share of the requests follows two or three described images, where the history pulls the query towards the
 earlier pictures; eight requests follow each history (a new scene, or another like an earlier one), which is read
 once for all eight (on this CPU 0.35 s a request, against 0.17 s for a request alone). The cache is kept in the run
@@ -19,6 +23,7 @@ import argparse
 import hashlib
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +38,7 @@ from model.config import WEIGHTS_NAME
 from model.grounded import GroundedLM
 from model.prompt import Turn
 from model.training.conversations import ORDINALS, RET_TOKEN, caption_turns, context_request, retrieval_turns
-from model.training.evaluate import recall_at_k, ret_hidden
+from model.training.evaluate import recall_at_k, reply_states, ret_hidden
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
 from model.training.train import CURVE_NAME, checkpoint_kept_holdout_out, conclude
@@ -44,6 +49,8 @@ TRAINED = ("ret_mapping.", "image_mapping.", "logit_scale")
 KINDS = ("alone", "new after history", "refer-back")
 PER_HISTORY = 8  # requests after one history: ret_hidden reads the history once for all of them
 CACHE_NAME = "retrieval_cache.{split}.safetensors"
+EMISSION_STEPS = 500  # full-batch steps of the [RET] output row: one vector, thousands of openings
+DESCRIBED_EVERY = 4  # one description to not open with [RET] for every four requests that must
 
 
 def requests(split: str, n: int, image_size: int, holdout: bool, after_history: float, seed: int
@@ -66,8 +73,7 @@ def requests(split: str, n: int, image_size: int, holdout: bool, after_history: 
         conversations.append(retrieval_turns(wanted[-1].caption, rng))
         kinds.append(KINDS.index("alone"))
     for first in range(0, n_after, PER_HISTORY):
-        history = [draw() for _ in range(rng.randint(2, len(ORDINALS)))]
-        turns = [t for h in history for t in caption_turns(h.image, shapes.plain_caption(h.scene), rng)]
+        history, turns = described_history(draw, rng)
         for i in range(first, min(n_after, first + PER_HISTORY)):
             if rng.random() < 0.5:
                 k = rng.randrange(len(history))
@@ -83,15 +89,47 @@ def requests(split: str, n: int, image_size: int, holdout: bool, after_history: 
     return conversations, [w.image for w in wanted], [w.scene.objects for w in wanted], kinds
 
 
+def described_history(draw: Callable[[], shapes.Sample], rng: random.Random
+                      ) -> tuple[list[shapes.Sample], list[Turn]]:
+    """Two or three drawn scenes and the turns that describe them, as the model describes them."""
+    history = [draw() for _ in range(rng.randint(2, len(ORDINALS)))]
+    return history, [t for h in history for t in caption_turns(h.image, shapes.plain_caption(h.scene), rng)]
+
+
+def descriptions(split: str, n: int, image_size: int, holdout: bool, after_history: float, seed: int
+                 ) -> list[list[Turn]]:
+    """n conversations ending in a new image described, where a reply must not open with `[RET]`: the rest of
+    `after_history` after two or three described images (`PER_HISTORY` after each), the rest alone, first."""
+    rng = random.Random(f"descriptions:{split}:{seed}")
+    start, stop = shapes.SPLITS[split]
+
+    def draw() -> shapes.Sample:
+        return shapes.sample(split, rng.randrange(stop - start), image_size, holdout)
+
+    n_after = round(n * after_history)
+    conversations = []
+    for _ in range(n - n_after):
+        new = draw()
+        conversations.append(caption_turns(new.image, shapes.plain_caption(new.scene), rng))
+    for first in range(0, n_after, PER_HISTORY):
+        _, turns = described_history(draw, rng)
+        for _ in range(first, min(n_after, first + PER_HISTORY)):
+            new = draw()
+            conversations.append(turns + caption_turns(new.image, shapes.plain_caption(new.scene), rng))
+    return conversations
+
+
 def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.Namespace, n: int
                   ) -> dict[str, torch.Tensor]:
-    """What the two mappings read for `n` requests of `split`: {"hidden": (n, lm_dim), "pooled": (n, visual_dim),
-    "scene": (n,) an id shared by the images of one scene, "kind": (n,) an index of `KINDS`}, from the run folder
-    when a run with the same inputs made them."""
+    """What the stage reads for `n` requests of `split`: {"hidden": (n, lm_dim) where `[RET]` is the input,
+    "before": (n, lm_dim) where it is predicted, "pooled": (n, visual_dim), "scene": (n,) an id shared by the
+    images of one scene, "kind": (n,) an index of `KINDS`}, and for n // DESCRIBED_EVERY descriptions
+    "described": (m, lm_dim) where their first word is predicted, "word": (m,) that word and "described_kind": (m,)
+    0 alone, 1 after history; from the run folder when a run with the same inputs made them."""
     path = run_dir / CACHE_NAME.format(split=split)
     init = resolve(args.init)
     weights = hashlib.sha256((init / WEIGHTS_NAME).read_bytes()).hexdigest()
-    inputs = {"init": str(init.resolve()), "weights": weights, "n": str(n), "per_history": str(PER_HISTORY),
+    inputs = {"format": "2", "init": str(init.resolve()), "weights": weights, "n": str(n), "per_history": str(PER_HISTORY),
               "after_history": str(args.after_history), "holdout": str(args.holdout), "seed": str(args.seed)}
     if path.is_file():
         with safe_open(path, "pt") as f:
@@ -101,17 +139,94 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.N
                                                     args.after_history, args.seed)
     alone = [i for i, kind in enumerate(kinds) if KINDS[kind] == "alone"]
     after = [i for i, kind in enumerate(kinds) if KINDS[kind] != "alone"]  # one history's requests are a batch
-    hidden = torch.empty(n, model.config.lm_dim)
+    hidden, before = torch.empty(n, model.config.lm_dim), torch.empty(n, model.config.lm_dim)
     for rows, batch, what in ((alone, args.cache_batch, "alone"), (after, PER_HISTORY, "after history")):
         if rows:
-            hidden[rows] = ret_hidden(model, [conversations[i] for i in rows], batch,
-                                      desc=f"[RET] states ({split}, {what})")[0].cpu()
+            at, predicted = ret_hidden(model, [conversations[i] for i in rows], batch,
+                                       desc=f"[RET] states ({split}, {what})")
+            hidden[rows], before[rows] = at.cpu(), predicted.cpu()
     pooled = torch.cat([model.encoded(images[i:i + 256])[:, 0] for i in range(0, n, 256)])
     ids = {scene: i for i, scene in enumerate(dict.fromkeys(scenes))}
-    cache = {"hidden": hidden, "pooled": pooled.cpu(), "scene": torch.tensor([ids[s] for s in scenes]),
-             "kind": torch.tensor(kinds)}
+    m = n // DESCRIBED_EVERY
+    described = descriptions(split, m, model.visual.image_size[0], args.holdout, args.after_history, args.seed)
+    alone_m = m - round(m * args.after_history)
+    states, words = [], []
+    for rows, batch, what in ((described[:alone_m], args.cache_batch, "alone"),
+                              (described[alone_m:], PER_HISTORY, "after history")):
+        if rows:
+            opening, _, word = reply_states(model, rows, batch, desc=f"descriptions ({split}, {what})")
+            states.append(opening.cpu())
+            words.append(word)
+    cache = {"hidden": hidden, "before": before, "pooled": pooled.cpu(),
+             "scene": torch.tensor([ids[s] for s in scenes]), "kind": torch.tensor(kinds),
+             "described": torch.cat(states), "word": torch.cat(words),
+             "described_kind": (torch.arange(m) >= alone_m).long()}
     save_file(cache, path, metadata=inputs)
     return cache
+
+
+@torch.no_grad()
+def vocabulary_side(model: GroundedLM, states: torch.Tensor, words: torch.Tensor | None = None, chunk: int = 1024
+                    ) -> dict[str, torch.Tensor]:
+    """What the vocabulary says where a reply opens, `[RET]` left out, for states (N, lm_dim): its logits'
+    logsumexp and max (N,), and with `words` (N,) the logit of each. Fixed while only `[RET]`'s output row
+    trains, so read once."""
+    out: dict[str, list[torch.Tensor]] = {"lse": [], "top": [], "word": []}
+    for start in range(0, len(states), chunk):
+        logits = model.logits(states[start:start + chunk])                                 # (C, V')
+        logits[:, model.ret_id] = float("-inf")
+        out["lse"].append(logits.logsumexp(-1))
+        out["top"].append(logits.max(-1).values)
+        if words is not None:
+            out["word"].append(logits.gather(1, words[start:start + chunk, None].to(logits.device))[:, 0])
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def opening(model: GroundedLM, cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The cache's openings for the emission fit: requests' and descriptions' states and their vocabulary side."""
+    asked, described = vocabulary_side(model, cache["before"]), vocabulary_side(model, cache["described"],
+                                                                                 cache["word"])
+    return {"asked": cache["before"], "asked_lse": asked["lse"], "asked_top": asked["top"], "kind": cache["kind"],
+            "described": cache["described"], "described_lse": described["lse"], "described_top": described["top"],
+            "described_word": described["word"], "described_kind": cache["described_kind"]}
+
+
+def emission_loss(row: torch.Tensor, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of a reply's first token over the vocabulary and `[RET]` (whose logit is `row` . state): a
+    request opens with `[RET]`, a description with its first word. Requests and descriptions weigh the same."""
+    asked = data["asked"] @ row
+    described = data["described"] @ row
+    return ((torch.logaddexp(data["asked_lse"], asked) - asked).mean()
+            + (torch.logaddexp(data["described_lse"], described) - data["described_word"]).mean())
+
+
+@torch.no_grad()
+def emission(row: torch.Tensor, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How often greedy decoding opens with `[RET]`: requests by kind (wanted) and descriptions (not wanted)."""
+    asked = data["asked"] @ row > data["asked_top"]
+    described = data["described"] @ row > data["described_top"]
+    rates = {f"[RET] {k}": asked[data["kind"] == i].float().mean().item()
+             for i, k in enumerate(KINDS) if (data["kind"] == i).any()}
+    rates |= {f"[RET] describing {k}": described[data["described_kind"] == i].float().mean().item()
+              for i, k in enumerate(("alone", "after history")) if (data["described_kind"] == i).any()}
+    return rates
+
+
+def fit_emission(model: GroundedLM, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], lr: float
+                 ) -> dict[str, dict[str, float]]:
+    """`[RET]`'s output row alone, full batch on the cached openings: when a reply retrieves. The input row, and
+    with it every query, stays as it was. -> validation emission rates before and after."""
+    row = model.ret_output
+    train, val = opening(model, train), opening(model, val)
+    before = emission(row, val)
+    optimizer = torch.optim.Adam([row], lr=lr)
+    for step in tqdm(range(EMISSION_STEPS), desc="[RET] output row", unit="step", dynamic_ncols=True):
+        schedule_step(optimizer, step, EMISSION_STEPS, EMISSION_STEPS // 20, lr)
+        loss = emission_loss(row, train)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {"before": before, "after": emission(row, val)}
 
 
 def contrastive_loss(model: GroundedLM, hidden: torch.Tensor, pooled: torch.Tensor, scene: torch.Tensor
@@ -158,7 +273,7 @@ def train_retrieval(args: argparse.Namespace) -> dict:
     init = resolve(args.init)
     device = resolve_device(args.device)
     # 4-bit weights dequantised once: what they compute on a batch, without dequantising at every call
-    model = GroundedLM.from_pretrained(init, device=device, dequantize=True)
+    model = GroundedLM.from_pretrained(init, device=device, dequantize=True, ret_output_row=True)
     if not model.config.retrieves:
         raise SystemExit(f"{args.init} does not retrieve (its [RET] was never trained): nothing to map")
     model.eval()
@@ -168,6 +283,11 @@ def train_retrieval(args: argparse.Namespace) -> dict:
     train = {k: v.to(device) for k, v in cached_inputs(model, run_dir, "train", args, args.queries).items()}
     val = {k: v.to(device) for k, v in cached_inputs(model, run_dir, "val", args, args.val_queries).items()}
     cache_seconds = time.time() - t_start
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "ret_output")
+    emitted = fit_emission(model, train, val, args.lr)
+    print("validation, share of replies opening with [RET], before -> after: "
+          + ", ".join(f"{k} {emitted['before'][k]:.3f} -> {v:.3f}" for k, v in emitted["after"].items()))
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TRAINED))
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=args.lr)
@@ -197,7 +317,8 @@ def train_retrieval(args: argparse.Namespace) -> dict:
                "cache_seconds": round(cache_seconds, 1), "fit_seconds": round(time.time() - t_fit, 1),
                "loss": sum(history["loss"][-50:]) / len(history["loss"][-50:]),
                "val_before": {k[4:]: v[0] for k, v in history.items() if k.startswith("val_R@")},
-               "val_after": {k[4:]: v[-1] for k, v in history.items() if k.startswith("val_R@")}}
+               "val_after": {k[4:]: v[-1] for k, v in history.items() if k.startswith("val_R@")},
+               "emission_before": emitted["before"], "emission_after": emitted["after"]}
     conclude(model, run_dir, Path(args.out), summary, args)
     return summary
 
