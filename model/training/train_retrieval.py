@@ -254,8 +254,16 @@ def recall(model: GroundedLM, cache: dict[str, torch.Tensor]) -> dict[str, float
     return result
 
 
-def plot(history: dict[str, list], path: Path) -> None:
-    fig, (loss_ax, recall_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+def plot(history: dict[str, list], emitted: dict[str, dict[str, float]], path: Path) -> None:
+    fig, (emission_ax, loss_ax, recall_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
+    names = list(emitted["after"])
+    at = torch.arange(len(names)).float()
+    for shift, when in ((-0.2, "before"), (0.2, "after")):
+        bars = emission_ax.bar(at + shift, [emitted[when][k] for k in names], width=0.4, label=f"{when} the fit")
+        emission_ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    emission_ax.set_xticks(at, [k.removeprefix("[RET] ").replace(" ", "\n", 1) for k in names], fontsize=8)
+    emission_ax.set(title="validation: replies opening with [RET]", ylim=(0, 1.1))
+    emission_ax.legend(fontsize=8)
     plot_batches(loss_ax, history["step"], history["loss"])
     loss_ax.set(title="contrastive loss ([RET] query vs image)", xlabel="step", yscale="log")
     loss_ax.legend()
@@ -265,7 +273,7 @@ def plot(history: dict[str, list], path: Path) -> None:
         if f"val_R@1 {kind}" in history:
             recall_ax.plot(history["val_step"], history[f"val_R@1 {kind}"], ".--", label=f"R@1, {kind}")
     recall_ax.set(title="validation: text -> image over its requests' images", xlabel="step", ylim=(0, 1.02))
-    recall_ax.legend()
+    recall_ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     save_figure(fig, path)
 
 
@@ -311,7 +319,7 @@ def train_retrieval(args: argparse.Namespace) -> dict:
             for k, v in recall(model, val).items():
                 history[f"val_{k}"].append(v)
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_R1=f"{history['val_R@1'][-1]:.3f}")
-    plot(history, run_dir / CURVE_NAME)
+    plot(history, emitted, run_dir / CURVE_NAME)
     summary = {"finished": True, "step": args.steps, "options": {**vars(args), "init": args.init},
                "holdout_kept_out": args.holdout and checkpoint_kept_holdout_out(init),
                "cache_seconds": round(cache_seconds, 1), "fit_seconds": round(time.time() - t_fit, 1),
