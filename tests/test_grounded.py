@@ -118,8 +118,7 @@ def test_untied_head_gets_a_separate_ret_output_row(tiny_untied_lm_dir, tiny_cli
     assert "ret_output" in model.trainable_state_dict()
 
 
-def test_a_tied_head_can_give_ret_an_output_row_of_its_own_that_starts_as_its_row(tiny_model, tiny_clip_dir,
-                                                                                   tmp_path):
+def test_a_tied_head_can_give_ret_an_output_row_of_its_own_that_starts_as_its_row(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "one-row")
     model = GroundedLM.from_pretrained(tmp_path / "one-row", quantize="none", device="cpu", ret_output_row=True)
     assert model.tied and model.config.ret_output_row and torch.equal(model.ret_output, model.ret_embedding)

@@ -4,8 +4,8 @@
 `Conversations` (the mappings and `[RET]`, `train.py`'s default):
     captioning  user: [image, "Describe the image."]                assistant: "A small red circle on the left."
     retrieval   user: "Show me a picture of a small red circle ..."  assistant: "[RET]"
-    history     (every CONTEXT_EVERY-th batch, or `context_every`-th) earlier image turns with their captions, then a new image or
-                request, or "Show me another picture like the second one." -> "[RET]"
+    history     (every `context_every`-th batch, CONTEXT_EVERY unless told) earlier image turns with their
+                captions, then a new image or request, or "Show me another picture like the second one." -> "[RET]"
 In the shapes world the model's own descriptions are the grammar's plain captions (one order and wording per
 scene: nothing to guess but the scene), while requests keep the grammar's variety.
 

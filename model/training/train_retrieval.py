@@ -98,8 +98,9 @@ def described_history(draw: Callable[[], shapes.Sample], rng: random.Random
 
 def descriptions(split: str, n: int, image_size: int, holdout: bool, after_history: float, seed: int
                  ) -> list[list[Turn]]:
-    """n conversations ending in a new image described, where a reply must not open with `[RET]`: the rest of
-    `after_history` after two or three described images (`PER_HISTORY` after each), the rest alone, first."""
+    """n conversations ending in a new image described, where a reply must not open with `[RET]`: a share
+    `after_history` after two or three described images (`PER_HISTORY` after each history), the rest alone, first.
+    A pure function of its arguments."""
     rng = random.Random(f"descriptions:{split}:{seed}")
     start, stop = shapes.SPLITS[split]
 
@@ -129,8 +130,9 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.N
     path = run_dir / CACHE_NAME.format(split=split)
     init = resolve(args.init)
     weights = hashlib.sha256((init / WEIGHTS_NAME).read_bytes()).hexdigest()
-    inputs = {"format": "2", "init": str(init.resolve()), "weights": weights, "n": str(n), "per_history": str(PER_HISTORY),
-              "after_history": str(args.after_history), "holdout": str(args.holdout), "seed": str(args.seed)}
+    inputs = {"format": "2", "init": str(init.resolve()), "weights": weights, "n": str(n),
+              "per_history": str(PER_HISTORY), "after_history": str(args.after_history), "holdout": str(args.holdout),
+              "seed": str(args.seed)}
     if path.is_file():
         with safe_open(path, "pt") as f:
             if f.metadata() == inputs:
