@@ -95,7 +95,6 @@ def test_the_stage_trains_the_two_mappings_alone_and_reuses_its_cache(tiny_lm_di
         raise AssertionError("the LM ran again: the cache was not reused")
 
     monkeypatch.setattr(train_retrieval, "reply_states", no_lm)
-    monkeypatch.setattr(train_retrieval, "ret_hidden", no_lm)
     train_retrieval.train_retrieval(parse_args([*argv[:3], str(tmp_path / "out2"), *argv[4:]]))
     with pytest.raises(AssertionError, match="the LM ran again"):  # other inputs: computed afresh
         train_retrieval.train_retrieval(parse_args([*argv, "--seed", "1"]))

@@ -155,7 +155,7 @@ def test_a_cell_read_as_its_patches_keeps_them_side_by_side_in_its_place(encoder
     grid = patches.view(2, rows, cols, -1)
     for index, (top, left) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
         torch.testing.assert_close(cells[:, index], grid[:, top:top + 2, left:left + 2].flatten(1, 2))
-    torch.testing.assert_close(cells.mean(2), encoder.regions(patches, 2)), "their mean is the cell's mean"
+    torch.testing.assert_close(cells.mean(2), encoder.regions(patches, 2))  # their mean is the cell's mean
 
 
 def test_encode_of_no_images_is_empty(encoder: VisualEncoder):

@@ -216,20 +216,12 @@ def reply_states(model: GroundedLM, conversations: list[list[Turn]], batch_size:
     return torch.cat(before), torch.cat(at), torch.tensor(ids)                   # (N, lm_dim), (N, lm_dim), (N,)
 
 
-def ret_hidden(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32,
-               desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each conversation ends with an assistant turn holding `[RET]` -> the LM's hidden state where its first
-    `[RET]` is the input (N, lm_dim), what decoding's query is mapped from, and where it is predicted (N, lm_dim),
-    what decides whether decoding emits it."""
-    before, at, _ = reply_states(model, conversations, batch_size, desc, token=model.ret_id)
-    return at, before
-
-
 def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The retrieval queries (N, emb_dim) of `ret_hidden`'s conversations, and (N,) bool: greedy decoding would
-    have emitted that `[RET]` itself, given the text before it."""
-    hidden, before = ret_hidden(model, conversations, batch_size)
+    """Conversations each ending with an assistant turn holding `[RET]` -> the retrieval queries (N, emb_dim), read
+    where its first `[RET]` is the input, and (N,) bool: greedy decoding would have emitted that `[RET]` itself,
+    given the text before it."""
+    before, hidden, _ = reply_states(model, conversations, batch_size, token=model.ret_id)
     with torch.no_grad():
         emitted = (model.logits(before).argmax(-1) == model.ret_id).cpu()
     return model.ret_query(hidden), emitted

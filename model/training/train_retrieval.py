@@ -38,7 +38,7 @@ from model.config import WEIGHTS_NAME
 from model.grounded import GroundedLM
 from model.prompt import Turn
 from model.training.conversations import ORDINALS, RET_TOKEN, caption_turns, context_request, retrieval_turns
-from model.training.evaluate import recall_at_k, reply_states, ret_hidden
+from model.training.evaluate import recall_at_k, reply_states
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
 from model.training.train import CURVE_NAME, checkpoint_kept_holdout_out, conclude
@@ -47,7 +47,7 @@ from model.world import shapes
 
 TRAINED = ("ret_mapping.", "image_mapping.", "logit_scale")
 KINDS = ("alone", "new after history", "refer-back")
-PER_HISTORY = 8  # requests after one history: ret_hidden reads the history once for all of them
+PER_HISTORY = 8  # requests after one history: reply_states reads the history once for all of them
 CACHE_NAME = "retrieval_cache.{split}.safetensors"
 EMISSION_STEPS = 500  # full-batch steps of the [RET] output row: one vector, thousands of openings
 DESCRIBED_EVERY = 4  # one description to not open with [RET] for every four requests that must
@@ -120,6 +120,17 @@ def descriptions(split: str, n: int, image_size: int, holdout: bool, after_histo
     return conversations
 
 
+def openings(model: GroundedLM, conversations: list[list[Turn]], n_alone: int, cache_batch: int, desc: str,
+             token: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`reply_states` of conversations whose first `n_alone` stand alone and the rest follow a history
+    `PER_HISTORY` at a time (as `requests` and `descriptions` draw them): those are read a history a batch, so each
+    history once. `desc` opens the progress bars' labels."""
+    parts = [reply_states(model, rows, batch, f"{desc}, {what})", token)
+             for rows, batch, what in ((conversations[:n_alone], cache_batch, "alone"),
+                                       (conversations[n_alone:], PER_HISTORY, "after history")) if rows]
+    return tuple(torch.cat([part[i].cpu() for part in parts]) for i in range(3))
+
+
 def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.Namespace, n: int
                   ) -> dict[str, torch.Tensor]:
     """What the stage reads for `n` requests of `split`: {"hidden": (n, lm_dim) where `[RET]` is the input,
@@ -139,30 +150,17 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.N
                 return load_file(path)
     conversations, images, scenes, kinds = requests(split, n, model.visual.image_size[0], args.holdout,
                                                     args.after_history, args.seed)
-    alone = [i for i, kind in enumerate(kinds) if KINDS[kind] == "alone"]
-    after = [i for i, kind in enumerate(kinds) if KINDS[kind] != "alone"]  # one history's requests are a batch
-    hidden, before = torch.empty(n, model.config.lm_dim), torch.empty(n, model.config.lm_dim)
-    for rows, batch, what in ((alone, args.cache_batch, "alone"), (after, PER_HISTORY, "after history")):
-        if rows:
-            at, predicted = ret_hidden(model, [conversations[i] for i in rows], batch,
-                                       desc=f"[RET] states ({split}, {what})")
-            hidden[rows], before[rows] = at.cpu(), predicted.cpu()
+    before, hidden, _ = openings(model, conversations, kinds.count(KINDS.index("alone")), args.cache_batch,
+                                 f"[RET] states ({split}", model.ret_id)
     pooled = torch.cat([model.encoded(images[i:i + 256])[:, 0] for i in range(0, n, 256)])
     ids = {scene: i for i, scene in enumerate(dict.fromkeys(scenes))}
     m = n // DESCRIBED_EVERY
     described = descriptions(split, m, model.visual.image_size[0], args.holdout, args.after_history, args.seed)
     alone_m = m - round(m * args.after_history)
-    states, words = [], []
-    for rows, batch, what in ((described[:alone_m], args.cache_batch, "alone"),
-                              (described[alone_m:], PER_HISTORY, "after history")):
-        if rows:
-            opening, _, word = reply_states(model, rows, batch, desc=f"descriptions ({split}, {what})")
-            states.append(opening.cpu())
-            words.append(word)
+    states, _, words = openings(model, described, alone_m, args.cache_batch, f"descriptions ({split}")
     cache = {"hidden": hidden, "before": before, "pooled": pooled.cpu(),
              "scene": torch.tensor([ids[s] for s in scenes]), "kind": torch.tensor(kinds),
-             "described": torch.cat(states), "word": torch.cat(words),
-             "described_kind": (torch.arange(m) >= alone_m).long()}
+             "described": states, "word": words, "described_kind": (torch.arange(m) >= alone_m).long()}
     save_file(cache, path, metadata=inputs)
     return cache
 
