@@ -257,6 +257,22 @@ def checkpoint_kept_holdout_out(folder: Path) -> bool:
     return summary.is_file() and holdout_kept_out(json.loads(summary.read_text()))
 
 
+def stage_summary(args: argparse.Namespace, init: Path, **figures) -> dict:
+    """A finished run's summary for the stages that train a part of `--init`'s checkpoint on their own
+    (`train_cells`, `train_retrieval`, `train_looking`): their options, whether the hold-out pairs stayed out of
+    everything the weights saw, and the stage's figures."""
+    return {"finished": True, "step": args.steps, "options": {**vars(args), "init": args.init},
+            "holdout_kept_out": args.holdout and checkpoint_kept_holdout_out(init), **figures}
+
+
+def add_stage_options(p: argparse.ArgumentParser) -> None:
+    """What those stages share: the hold-out, the device and the seed."""
+    p.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the hold-out (shape, colour) pairs out, as the other stages do")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def mean_tail(values: list[float], n: int = 50) -> float | None:
     return sum(values[-n:]) / len(values[-n:]) if values else None
 

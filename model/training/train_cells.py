@@ -20,7 +20,7 @@ from model.grounded import GroundedLM
 from model.training.cell_words import SLOTS, cell_word_loss, nearest_words
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
-from model.training.train import CURVE_NAME, checkpoint_kept_holdout_out, conclude
+from model.training.train import CURVE_NAME, add_stage_options, conclude, stage_summary
 from model.training.train_clip import resolve_device
 
 
@@ -52,10 +52,8 @@ def pretrain(args: argparse.Namespace) -> dict:
            title="cell words: " + ", ".join(f"{slot} {100 * v:.0f}%" for slot, v in nearest.items()))
     ax.legend()
     save_figure(fig, run_dir / CURVE_NAME)
-    summary = {"finished": True, "step": args.steps, "options": {**vars(args), "init": args.init},
-               "holdout_kept_out": args.holdout and checkpoint_kept_holdout_out(init),
-               "seconds": round(time.time() - t_start, 1), "loss": sum(losses[-50:]) / len(losses[-50:]),
-               "nearest_word_val": nearest}
+    summary = stage_summary(args, init, seconds=round(time.time() - t_start, 1),
+                            loss=sum(losses[-50:]) / len(losses[-50:]), nearest_word_val=nearest)
     conclude(model, run_dir, Path(args.out), summary, args)
     return summary
 
@@ -72,10 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16, help="scenes a step")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the hold-out (shape, colour) pairs out, as the other stages do")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    add_stage_options(p)
     return p.parse_args(argv)
 
 

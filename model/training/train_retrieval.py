@@ -41,7 +41,7 @@ from model.training.conversations import ORDINALS, RET_TOKEN, caption_turns, con
 from model.training.evaluate import recall_at_k, reply_states
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
-from model.training.train import CURVE_NAME, checkpoint_kept_holdout_out, conclude
+from model.training.train import CURVE_NAME, add_stage_options, conclude, stage_summary
 from model.training.train_clip import resolve_device
 from model.world import shapes
 
@@ -320,13 +320,12 @@ def train_retrieval(args: argparse.Namespace) -> dict:
                 history[f"val_{k}"].append(v)
             bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", val_R1=f"{history['val_R@1'][-1]:.3f}")
     plot(history, emitted, run_dir / CURVE_NAME)
-    summary = {"finished": True, "step": args.steps, "options": {**vars(args), "init": args.init},
-               "holdout_kept_out": args.holdout and checkpoint_kept_holdout_out(init),
-               "cache_seconds": round(cache_seconds, 1), "fit_seconds": round(time.time() - t_fit, 1),
-               "loss": sum(history["loss"][-50:]) / len(history["loss"][-50:]),
-               "val_before": {k[4:]: v[0] for k, v in history.items() if k.startswith("val_R@")},
-               "val_after": {k[4:]: v[-1] for k, v in history.items() if k.startswith("val_R@")},
-               "emission_before": emitted["before"], "emission_after": emitted["after"]}
+    summary = stage_summary(args, init, cache_seconds=round(cache_seconds, 1),
+                            fit_seconds=round(time.time() - t_fit, 1),
+                            loss=sum(history["loss"][-50:]) / len(history["loss"][-50:]),
+                            val_before={k[4:]: v[0] for k, v in history.items() if k.startswith("val_R@")},
+                            val_after={k[4:]: v[-1] for k, v in history.items() if k.startswith("val_R@")},
+                            emission_before=emitted["before"], emission_after=emitted["after"])
     conclude(model, run_dir, Path(args.out), summary, args)
     return summary
 
@@ -346,10 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="requests a step, each the others' negatives")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--val-every", type=int, default=250)
-    p.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the hold-out (shape, colour) pairs out, as the other stages do")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    add_stage_options(p)
     return p.parse_args(argv)
 
 
