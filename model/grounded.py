@@ -339,6 +339,25 @@ class GroundedLM(nn.Module):
         tokens, attention = self.look(hidden[0, -1:].expand(len(images), -1), images)
         return tokens, [Looked(im, a) for im, a in zip(images, attention)]
 
+    @torch.no_grad()
+    def requests(self, prompts: list[list[Segment]]) -> torch.Tensor:
+        """Pass 1 of prompts that look, as one batch: each prompt's request (B, lm_dim), the hidden state at the
+        first request row after its prompt before the first `Look` (rows right-padded: causal attention keeps a
+        row's positions its own)."""
+        heads = []
+        for prompt in prompts:
+            first, head = self._before_look(prompt)                                         # (T_i, lm_dim)
+            if first is None:
+                raise ValueError("a prompt without request positions: render it with look=True")
+            heads.append(torch.cat([head, self.perception.request_rows[:1].to(head.dtype)]))
+        lengths = [len(h) for h in heads]
+        inputs = torch.zeros(len(heads), max(lengths), heads[0].shape[-1], dtype=heads[0].dtype, device=self.device)
+        mask = torch.zeros(inputs.shape[:2], dtype=torch.long, device=self.device)       # (B, T)
+        for i, head in enumerate(heads):
+            inputs[i, :len(head)], mask[i, :len(head)] = head, 1
+        hidden, _ = self.hidden_states(inputs, mask)                                        # (B, T, lm_dim)
+        return hidden[torch.arange(len(heads)), torch.tensor(lengths) - 1]
+
     def prefill(self, segments: list[Segment]) -> tuple[torch.Tensor, DynamicCache, list[Looked]]:
         """Run a rendered prompt into a new KV cache -> the last hidden state (lm_dim,), the cache and where it
         looked.

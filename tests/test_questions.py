@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 
 from model.world import shapes
-from model.world.questions import (COMPOUND_KINDS, KINDS, SIMPLE_KINDS, Question, ask, is_right, question,
-                                   reference, relation_holds, reply_answer)
+from model.world.questions import (COMPOUND_KINDS, KINDS, SIMPLE_KINDS, Question, answer_on, ask, is_right,
+                                   question, reference, relation_holds, reply_answer)
 from model.world.shapes import Scene, SceneObject
 
 RED_CIRCLE = SceneObject("circle", "red", "small", "left")
@@ -36,6 +36,17 @@ def test_answers_follow_from_the_scene():
             assert q.answer == ("1" if any(w in q.text for w in ("left", "right")) else "0"), q
     assert relation_holds("left", RED_CIRCLE, BLUE_SQUARE) and not relation_holds("above", RED_CIRCLE, BLUE_SQUARE)
     assert {q.answer for q in asked("existence")} == {"yes", "no"}
+
+
+def test_a_simple_question_is_answered_on_any_scene_that_says_its_answer():
+    for i in range(300):
+        sample, q = question("train", i, 64, True, SIMPLE_KINDS)
+        assert answer_on(q.text, q.kind, q.answer_type, sample.scene) == q.answer, q
+    assert answer_on("What colour is the shape on the left?", "attribute", "colour", SCENE) == "red"
+    assert answer_on("What colour is the star?", "attribute", "colour", Scene((BLUE_SQUARE,), "grey")) is None
+    assert answer_on("Where is the red thing?", "location", "position", SCENE) is None, "two red things"
+    assert answer_on("How many red shapes are there?", "count", "number", SCENE) == "2"
+    assert answer_on("Is there a blue star?", "existence", "yes/no", SCENE) == "no"
 
 
 def test_objects_are_named_by_what_tells_them_apart():

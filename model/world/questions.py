@@ -185,16 +185,26 @@ def _read_simple(question: Question, reply: str) -> tuple[str, str] | None:
     if scene is None or question.answer_type == "yes/no" and reply_answer(reply, "yes/no") is not None:
         answer = reply_answer(reply, question.answer_type)  # a direct answer ("Yes.", "2.", "Red.")
         return None if answer is None else (answer, "The Observer said so.")
-    targets = _targets(question.text)
-    if question.kind == "attribute":
-        targets.pop(question.answer_type, None)
-    matches = _matching(scene, targets)
+    answer = answer_on(question.text, question.kind, question.answer_type, scene)
     if question.kind in ("count", "existence"):
-        n = len(matches)
-        answer = str(n) if question.kind == "count" else "yes" if n else "no"
+        n = len(_matching(scene, _targets(question.text)))
         return answer, f"The Observer saw {n} such thing{'s' if n != 1 else ''}."
-    value = getattr(matches[0], question.answer_type) if matches else None
-    return None if value is None else (value, "The Observer said so.")
+    return None if answer is None else (answer, "The Observer said so.")
+
+
+def answer_on(text: str, kind: str, answer_type: str, scene: Scene) -> str | None:
+    """The answer a simple question (of `kind`, answering an `answer_type`) has on a scene, which may be a parsed
+    description (fields None where it leaves them unsaid): None where an attribute or a place is asked of
+    nothing there, of two things, or of something whose answer it does not say."""
+    targets = _targets(text)
+    if kind == "attribute":
+        targets.pop(answer_type, None)
+    matches = _matching(scene, targets)
+    if kind == "count":
+        return str(len(matches))
+    if kind == "existence":
+        return "yes" if matches else "no"
+    return getattr(matches[0], answer_type) if len(matches) == 1 else None
 
 
 def reference(scene: Scene, obj: SceneObject) -> str | None:
