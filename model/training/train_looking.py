@@ -70,14 +70,15 @@ def other_scenes(items: list[tuple[shapes.Sample, str, str, str]], rows: list[in
     for i in rows:
         _, text, answer, kind = items[i]
         j = rng.randrange(len(items)) if rng.random() < share else i
-        other = questions.answer_on(text, simple_kind(kind, answer), answer_type(answer), items[j][0].scene
-                                    ) if j != i else None
+        other = None if j == i else questions.answer_on(text, simple_kind(kind, answer), answer_type(answer),
+                                                        items[j][0].scene)
         images.append(j if other in VOCABULARY else i)
         answers.append(other if other in VOCABULARY else answer)
     return images, answers
 
 
 def answer_type(answer: str) -> str:
+    """"yes/no", "number", or the attribute a canonical answer names."""
     return questions.Question("", answer, "").answer_type
 
 
@@ -87,9 +88,10 @@ def simple_kind(kind: str, answer: str) -> str:
 
 
 def cached_inputs(model: GroundedLM, run_dir: Path, split: str, n: int, args: argparse.Namespace
-                  ) -> dict[str, torch.Tensor | list[str]]:
-    """{"request": (N, lm_dim), "patches": (N, P, visual_dim), "kind": (N,) an index of KINDS} and the answers, for
-    the questions of `asked(split, n)`; from the run folder when a run with the same inputs made them."""
+                  ) -> dict:
+    """{"request": (N, lm_dim), "patches": (N, P, visual_dim), "kind": (N,) an index of KINDS}, and "answers" and
+    "items" (`asked(split, n)`, whose questions they are); the tensors from the run folder when a run with the same
+    inputs made them."""
     path = run_dir / CACHE_NAME.format(split=split)
     init = resolve(args.init)
     inputs = {"format": "1", "init": str(init.resolve()), "n": str(n), "holdout": str(args.holdout),
@@ -142,8 +144,8 @@ def answered(model: GroundedLM, cache: dict, batch: int = 512) -> dict[str, floa
     for start in range(0, len(cache["answers"]), batch):
         tokens, _ = model.perception(cache["request"][start:start + batch], cache["patches"][start:start + batch])
         for token, answer in zip(tokens.mean(1), cache["answers"][start:start + batch]):
-            kind = answer_type(answer)
-            right.append(ANSWER_WORDS[kind][int((rows[kind] - token).pow(2).sum(-1).argmin())] == answer)
+            said = answer_type(answer)
+            right.append(ANSWER_WORDS[said][int((rows[said] - token).pow(2).sum(-1).argmin())] == answer)
     right = torch.tensor(right)
     by_kind = {k: right[cache["kind"] == i].float().mean().item() for i, k in enumerate(KINDS)
                if (cache["kind"] == i).any()}
