@@ -356,7 +356,7 @@ class GroundedLM(nn.Module):
         for i, head in enumerate(heads):
             inputs[i, :len(head)], mask[i, :len(head)] = head, 1
         hidden, _ = self.hidden_states(inputs, mask)                                        # (B, T, lm_dim)
-        return hidden[torch.arange(len(heads)), torch.tensor(lengths) - 1]
+        return hidden[torch.arange(len(heads), device=self.device), torch.tensor(lengths, device=self.device) - 1]
 
     def prefill(self, segments: list[Segment]) -> tuple[torch.Tensor, DynamicCache, list[Looked]]:
         """Run a rendered prompt into a new KV cache -> the last hidden state (lm_dim,), the cache and where it
