@@ -120,9 +120,14 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, n: int, args: ar
     return {**cache, "answers": answers, "items": items}
 
 
+def word_rows(model: GroundedLM) -> dict[str, torch.Tensor]:
+    """Every answer word's embedding row (lm_dim,)."""
+    return {word: word_row(model, word).detach() for word in VOCABULARY}
+
+
 def answer_rows(model: GroundedLM, answers: list[str]) -> torch.Tensor:
     """The embedding row each answer's tokens should be (N, lm_dim)."""
-    rows = {word: word_row(model, word).detach() for word in VOCABULARY}
+    rows = word_rows(model)
     return torch.stack([rows[a] for a in answers])
 
 
@@ -139,7 +144,8 @@ def looking_loss(model: GroundedLM, request: torch.Tensor, patches: torch.Tensor
 def answered(model: GroundedLM, cache: dict, batch: int = 512) -> dict[str, float]:
     """By kind (and "all"): how often the request tokens' mean lies nearest the right answer among the words of
     its type."""
-    rows = {t: torch.stack([word_row(model, w) for w in words]) for t, words in ANSWER_WORDS.items()}
+    words = word_rows(model)
+    rows = {t: torch.stack([words[w] for w in type_words]) for t, type_words in ANSWER_WORDS.items()}
     right = []
     for start in range(0, len(cache["answers"]), batch):
         tokens, _ = model.perception(cache["request"][start:start + batch], cache["patches"][start:start + batch])
@@ -180,7 +186,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         p.requires_grad_(name.startswith("perception.") and name != "perception.request_rows")
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=args.lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    rows_of = {word: row for word, row in zip(sorted(VOCABULARY), answer_rows(model, sorted(VOCABULARY)))}
+    rows_of = word_rows(model)
     val_targets = answer_rows(model, val["answers"])
     generator, rng = torch.Generator().manual_seed(args.seed), random.Random(args.seed)
     order = torch.randperm(len(train["answers"]), generator=generator)
