@@ -65,6 +65,11 @@ class GroundedConfig:
     the query is read after, even where the LM's head is tied to its input embeddings (SmolLM2's is): the
     retrieval stage fits it where requests and descriptions open (`train_retrieval.py`), leaving every query as it
     was. False: one row for both (every older checkpoint; an untied LM's head always has its own)."""
+    ret_opens_reply: bool = False
+    """`[RET]` only ever opens a reply, as `train.py` teaches it (a request for a picture is answered by `[RET]`
+    alone, first), so decoding offers it nowhere else: inside a description it would retrieve at random (the demo
+    did, in long descriptions of photographs). False: anywhere (FROMAGe writes a caption, then `[RET]`; every
+    older checkpoint)."""
     retrieves: bool = True
     """False: `[RET]` and the image mapping were never trained (a checkpoint aligned by ESPER, which sees no
     caption): the model never emits `[RET]` and the app offers no retrieval."""

@@ -200,7 +200,8 @@ class Reply:
         if self.stop is not None:
             return None
         ret_allowed = (model.config.retrieves and self.search is not None and self.n_images < settings.max_images
-                       and len(self.emitted.split()) >= settings.min_words_before_ret)
+                       and len(self.emitted.split()) >= settings.min_words_before_ret
+                       and (self.n_tokens == 0 or not model.config.ret_opens_reply))
         logits[model.ret_id] = scale_ret_logit(logits[model.ret_id], settings.ret_scale_factor) \
             if ret_allowed else float("-inf")
         token = sample(logits, settings.temperature, self.warpers, self.generator)

@@ -147,6 +147,18 @@ def test_a_photograph_is_flagged_as_unlike_the_training_images_and_scenes_are_no
     assert sum(demo.unfamiliar([s.image for s in items])) <= 1, "test scenes are the training kind (1 in 1,000 flagged)"
 
 
+def test_a_long_description_of_a_photograph_does_not_retrieve(demo):
+    """Two photographs whose long descriptions opened `[RET]` mid-reply (README: the retrieval stage): the demo's
+    `[RET]` opens a reply or never comes."""
+    photographs = [p for p in skimage_photographs() if p.name in ("coffee.png", "hubble_deep_field.jpg")]
+    assert len(photographs) == 2
+    for photograph in photographs:
+        events = list(stream_reply(demo, [Turn("user", [load_image(photograph), "Describe the image."])],
+                                   GenerationSettings(), search=lambda query, exclude: [Hit(0)]))
+        assert not any(isinstance(e, Retrieved) for e in events), photograph.name
+        assert events[-1].stats["new_tokens"] > 20, "it described the photograph at length"
+
+
 def test_the_demos_reasoner_questions_its_observer_and_concludes_what_the_answers_imply(demo):
     """The shipped Reasoner on fixed test questions, three of each compound kind: a well-formed monologue each,
     mostly the steps of the question asked in order, and mostly the final answer the Observer's answers imply

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from model.training.evaluate import (caption_scores, greedy_replies, main, recall_at_k, reply_logits, ret_queries,
-                                     same_scene, text_only_nll)
+from model.training.evaluate import (caption_scores, greedy_replies, main, recall_at_k, reply_logits, reply_positions,
+                                     ret_queries, same_scene, text_only_nll)
 from model.generate import GenerationSettings, Retrieved, Text, stream_reply
 from model.grounded import GroundedLM
 from model.prompt import Turn, render, render_with_target
@@ -108,6 +108,34 @@ def test_batched_greedy_replies_match_the_apps_decoding(tiny_model, eager_ret_mo
     assert endings == {True, False}, "replies with and without [RET] are both exercised"
 
 
+@pytest.fixture
+def late_ret_model(tiny_lm_dir, tiny_clip_dir):
+    """A tiny model whose [RET] row points along the hidden state after a reply's first token and is orthogonal to
+    the opening's: greedy decoding opens a description, then retrieves. -> (model, the conversation)"""
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
+    turns = [Turn("user", [Image.new("RGB", (40, 40), "red"), "describe it"])]
+    prompt = model.embed_conversation(turns)
+    hidden, _ = model.hidden_states(prompt)
+    opening = hidden[0, -1]
+    first = model.embed_ids(torch.tensor([[int(model.logits(opening).argmax())]]))
+    after, _ = model.hidden_states(torch.cat([prompt, first], 1))
+    row = after[0, -1] - (after[0, -1] @ opening) / (opening @ opening) * opening
+    with torch.no_grad():
+        model.ret_embedding.copy_(1e3 * row / row.norm() ** 2)
+    assert model.logits(opening).argmax() != model.ret_id and model.logits(after[0, -1]).argmax() == model.ret_id
+    return model, turns
+
+
+def test_a_checkpoint_whose_ret_opens_replies_never_retrieves_inside_one(late_ret_model):
+    model, turns = late_ret_model
+    assert greedy_replies(model, [turns], max_new_tokens=6)[0].ret, "left free, it retrieves after a word"
+    model.config.ret_opens_reply = True
+    reply = greedy_replies(model, [turns], max_new_tokens=6)[0]
+    events = list(stream_reply(model, turns, GenerationSettings(max_new_tokens=6), search=lambda q, exclude: [Hit(0)]))
+    assert not reply.ret and not any(isinstance(e, Retrieved) for e in events)
+    assert reply.text == "".join(e.delta for e in events if isinstance(e, Text)), "the app decodes the same"
+
+
 def test_a_reply_without_ret_gets_one_forced_at_its_end(tiny_model, colour_images):
     model, convs = tiny_model, conversations(colour_images)
     for turns, reply in zip(convs, greedy_replies(model, convs, max_new_tokens=10, queries=True)):
@@ -136,6 +164,21 @@ def test_teacher_forced_queries_do_not_depend_on_the_batch(tiny_model, colour_im
         assert torch.allclose(query, tiny_model.ret_query(hidden[0, -1]), atol=1e-5)
     with pytest.raises(ValueError, match=r"holds no \[RET\]"):
         ret_queries(tiny_model, [[Turn("user", ["hi"]), Turn("assistant", ["hello"])]])
+
+
+def test_every_token_of_a_reply_gets_the_state_where_it_is_predicted(tiny_model, colour_images):
+    red, green, _ = colour_images
+    convs = [[Turn("user", [red, "describe it"]), Turn("assistant", ["A red one."])],
+             [Turn("user", [green, "and this one?"]), Turn("assistant", ["A green one, on the left of a red one."])]]
+    states, ids, reply = reply_positions(tiny_model, convs, batch_size=2)
+    for i, turns in enumerate(convs):
+        prompt, target = render_with_target(turns, tiny_model.tokenizer, "chat")
+        opened = len(tiny_model.embed_segments(prompt))
+        target_ids = [t for s in target for t in s]
+        hidden, _ = tiny_model.hidden_states(
+            torch.cat([tiny_model.embed_segments(prompt), tiny_model.embed_segments(target)]).unsqueeze(0))
+        assert ids[reply == i].tolist() == target_ids
+        assert torch.allclose(states[reply == i], hidden[0, opened - 1:opened - 1 + len(target_ids)], atol=1e-5)
 
 
 def test_requests_after_one_history_read_it_once_and_each_gets_its_own_query(tiny_model, colour_images,

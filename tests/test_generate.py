@@ -5,7 +5,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from conftest import tiny_config
 from model.generate import Done, GenerationSettings, Notice, Retrieved, Text, scale_ret_logit, stream_reply
+from model.grounded import GroundedLM
 from model.prompt import Turn, render
 
 
@@ -79,6 +81,16 @@ def test_min_words_before_ret_delays_retrieval(tiny_model):
                                GenerationSettings(max_new_tokens=6, ret_scale_factor=1e6, min_words_before_ret=1000),
                                search))
     assert not any(isinstance(e, Retrieved) for e in events) and search.queries == []
+
+
+def test_a_checkpoint_whose_ret_opens_replies_retrieves_first_or_not_at_all(tiny_lm_dir, tiny_clip_dir):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, ret_opens_reply=True), quantize="none", device="cpu")
+    eager = GenerationSettings(max_new_tokens=6, ret_scale_factor=1e6, max_images=2)
+    events = list(stream_reply(model, [Turn("user", ["pictures please"])], eager, RecordingSearch()))
+    assert isinstance(events[0], Retrieved) and sum(isinstance(e, Retrieved) for e in events) == 1
+    late = GenerationSettings(max_new_tokens=6, ret_scale_factor=1e6, min_words_before_ret=1)
+    assert not any(isinstance(e, Retrieved) for e in stream_reply(model, [Turn("user", ["hi"])], late,
+                                                                  RecordingSearch()))
 
 
 def test_ret_scale_factor():

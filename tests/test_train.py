@@ -139,6 +139,7 @@ def test_the_checkpoint_lands_in_out_beside_its_encoder(tiny_lm_dir, tiny_clip_d
     assert {p.name for p in out.iterdir()} == {"clip", CONFIG_NAME, WEIGHTS_NAME, "training_curve.png", "training.json"}
     assert (out / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert GroundedConfig.load(out).visual == "local-dir:clip", "named relative to the checkpoint: it can move"
+    assert GroundedConfig.load(out).ret_opens_reply, "its requests were answered by [RET] first, so it decodes so"
     monkeypatch.chdir(tmp_path.parent)
     loaded = GroundedLM.from_pretrained(out, quantize="none", device="cpu")
     tensors, meta = read_state(tmp_path / "run" / STATE_NAME)

@@ -51,7 +51,7 @@ def test_another_picture_of_the_same_scene_is_not_a_negative(tiny_model):
     assert contrastive_loss(tiny_model, hidden, pooled, torch.arange(4)).item() > 0.1
 
 
-def test_the_ret_output_row_learns_to_open_requests_and_not_descriptions(tiny_lm_dir, tiny_clip_dir):
+def test_the_ret_output_row_learns_to_open_requests_and_to_stay_out_of_descriptions(tiny_lm_dir, tiny_clip_dir):
     """Openings where the LM's state says 'request' along one direction: the row finds it; its input row stays."""
     model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, ret_output_row=True), quantize="none", device="cpu")
     model.requires_grad_(False).ret_output.requires_grad_(True)
@@ -60,11 +60,13 @@ def test_the_ret_output_row_learns_to_open_requests_and_not_descriptions(tiny_lm
     direction = torch.randn(model.config.lm_dim, generator=generator)
 
     def openings(n: int) -> dict[str, torch.Tensor]:
+        """n requests' openings, and n descriptions of three tokens each."""
         asked = torch.randn(n, model.config.lm_dim, generator=generator) + 2 * direction
-        described = torch.randn(n, model.config.lm_dim, generator=generator) - 2 * direction
+        described = torch.randn(3 * n, model.config.lm_dim, generator=generator) - 2 * direction
         words = model.logits(described).argmax(-1).clamp(max=model.vocab_size - 1)
+        reply = torch.arange(3 * n) // 3
         return {"before": asked, "kind": torch.arange(n) % len(KINDS), "described": described, "word": words,
-                "described_kind": torch.arange(n) % 2}
+                "described_reply": reply, "described_kind": reply % 2}
 
     rates = fit_emission(model, openings(96), openings(32), lr=3e-2)
     assert all(rate > 0.9 for k, rate in rates["after"].items() if "describing" not in k), rates
@@ -89,12 +91,18 @@ def test_the_stage_trains_the_two_mappings_alone_and_reuses_its_cache(tiny_lm_di
     assert not torch.equal(before["ret_mapping.weight"], after["ret_mapping.weight"])
     assert trained.fingerprint != start.fingerprint, "an index of the old mapping is refused"
     assert trained.config.ret_output_row and "ret_output" in after, "when to retrieve has a row of its own"
+    assert trained.config.ret_opens_reply, "fitted where replies open: decoding offers [RET] nowhere else"
     assert {"[RET] alone", "[RET] describing alone"} <= set(summary["emission_after"])
 
     def no_lm(*args, **kwargs):
         raise AssertionError("the LM ran again: the cache was not reused")
 
     monkeypatch.setattr(train_retrieval, "reply_states", no_lm)
+    monkeypatch.setattr(train_retrieval, "reply_positions", no_lm)
     train_retrieval.train_retrieval(parse_args([*argv[:3], str(tmp_path / "out2"), *argv[4:]]))
+    train_retrieval.train_retrieval(parse_args([*argv[:3], str(tmp_path / "row"), *argv[4:], "--steps", "0"]))
+    row_only = GroundedLM.from_pretrained(tmp_path / "row", quantize="none", device="cpu").trainable_state_dict()
+    assert all(torch.equal(before[k], row_only[k]) for k in before if k != "ret_output"), "--steps 0: the row alone"
+    assert not torch.equal(row_only["ret_output"], row_only["ret_embedding"]), "fitted from a copy of the input row"
     with pytest.raises(AssertionError, match="the LM ran again"):  # other inputs: computed afresh
         train_retrieval.train_retrieval(parse_args([*argv, "--seed", "1"]))

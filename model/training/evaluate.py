@@ -26,6 +26,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +147,10 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
         out = model.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
                                   past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -1]                                               # (B, lm_dim)
-        tokens = model.logits(hidden).argmax(-1).tolist()                                   # (B,)
+        logits = model.logits(hidden)                                                       # (B, V')
+        if step and model.config.ret_opens_reply:  # as the app decodes: [RET] opens a reply or never comes
+            logits[:, model.ret_id] = float("-inf")
+        tokens = logits.argmax(-1).tolist()                                                 # (B,)
         for i in range(batch):
             if state[i] == "awaiting":
                 query[i], state[i] = model.ret_query(hidden[i]), "done"
@@ -179,41 +183,64 @@ def shared_opening(model: GroundedLM, rows: list[torch.Tensor], limit: int) -> t
 
 
 @torch.no_grad()
+def _teacher_forced(model: GroundedLM, conversations: list[list[Turn]], batch_size: int, desc: str | None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[list[int]]]]:
+    """Each batch of conversations read whole, its last (assistant, text) turn as the input: the last-layer hidden
+    states (B, T, lm_dim), where each reply starts in them (B,), and each reply's token ids. What every row opens
+    with (the system prompt; a history several replies follow) is read once, so T counts from there."""
+    starts = range(0, len(conversations), batch_size)
+    for start in starts if desc is None else tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True):
+        chunk = conversations[start:start + batch_size]
+        _warm_features(model, chunk)
+        rows, reply_at, targets = [], [], []
+        for turns in chunk:
+            prompt, target = render_with_target(turns, model.tokenizer, model.config.prompt_format)
+            if any(isinstance(s, Image.Image) for s in target):
+                raise ValueError("the assistant turn must be text")
+            prompt_embeds = model.embed_segments(prompt)
+            rows.append(torch.cat([prompt_embeds, model.embed_segments(target)]))
+            reply_at.append(len(prompt_embeds))
+            targets.append([t for s in target for t in s])
+        opened, cache = shared_opening(model, rows, min(reply_at) - 1)
+        inputs, mask = padded([row[opened:] for row in rows], "right")            # (B, T, lm_dim), (B, T)
+        positions = torch.arange(opened, opened + inputs.shape[1], device=model.device).expand(len(rows), -1)
+        hidden, _ = model.hidden_states(inputs, torch.cat([mask.new_ones(len(rows), opened), mask], 1), cache,
+                                        positions)                                          # (B, T, lm_dim)
+        yield hidden, torch.tensor(reply_at, device=model.device) - opened, targets
+
+
 def reply_states(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32, desc: str | None = None,
                  token: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced, at the first `token` of each conversation's last (assistant) turn, or at its first token
     whatever it is: the LM's hidden state where that token is predicted (N, lm_dim), where it is the input
     (N, lm_dim), and its id (N,). With `desc`, a progress bar."""
-    tokenizer, fmt = model.tokenizer, model.config.prompt_format
     before, at, ids = [], [], []
-    starts = range(0, len(conversations), batch_size)
-    for start in starts if desc is None else tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True):
-        chunk = conversations[start:start + batch_size]
-        _warm_features(model, chunk)
-        rows, token_at = [], []
-        for turns in chunk:
-            prompt, target = render_with_target(turns, tokenizer, fmt)
-            if any(isinstance(s, Image.Image) for s in target):
-                raise ValueError("the assistant turn must be text")
-            target_ids = [t for s in target for t in s]
-            if token is not None and token not in target_ids:
-                raise ValueError(f"the assistant turn {turns[-1].text!r} holds no {tokenizer.decode([token])}")
-            index = 0 if token is None else target_ids.index(token)
-            prompt_embeds = model.embed_segments(prompt)
-            rows.append(torch.cat([prompt_embeds, model.embed_segments(target)]))
-            token_at.append(len(prompt_embeds) + index)
-            ids.append(target_ids[index])
-        # what every row opens with (the system prompt; a history several requests follow) is read once
-        opened, cache = shared_opening(model, rows, min(token_at) - 1)
-        inputs, mask = padded([row[opened:] for row in rows], "right")            # (B, T, lm_dim), (B, T)
-        positions = torch.arange(opened, opened + inputs.shape[1], device=model.device).expand(len(rows), -1)
-        hidden, _ = model.hidden_states(inputs, torch.cat([mask.new_ones(len(rows), opened), mask], 1), cache,
-                                        positions)                                          # (B, T, lm_dim)
-        rows_at = torch.arange(len(rows), device=model.device)
-        token_at = torch.tensor(token_at, device=model.device) - opened
+    for hidden, reply_at, targets in _teacher_forced(model, conversations, batch_size, desc):
+        if token is not None and (missing := [t for t in targets if token not in t]):
+            raise ValueError(f"the assistant turn {model.tokenizer.decode(missing[0])!r} holds no "
+                             f"{model.tokenizer.decode([token])}")
+        index = [0 if token is None else t.index(token) for t in targets]
+        rows_at = torch.arange(len(targets), device=model.device)
+        token_at = reply_at + torch.tensor(index, device=model.device)
         before.append(hidden[rows_at, token_at - 1].float())
         at.append(hidden[rows_at, token_at].float())
+        ids += [t[i] for t, i in zip(targets, index)]
     return torch.cat(before), torch.cat(at), torch.tensor(ids)                   # (N, lm_dim), (N, lm_dim), (N,)
+
+
+def reply_positions(model: GroundedLM, conversations: list[list[Turn]], batch_size: int = 32,
+                    desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced, at every token of each conversation's last (assistant) turn: the LM's hidden state where
+    it is predicted (M, lm_dim), its id (M,) and which conversation it is in (M,). With `desc`, a progress bar."""
+    states, ids, reply = [], [], []
+    done = 0
+    for hidden, reply_at, targets in _teacher_forced(model, conversations, batch_size, desc):
+        for row, (start, target) in enumerate(zip(reply_at.tolist(), targets)):
+            states.append(hidden[row, start - 1:start - 1 + len(target)].float())          # (len, lm_dim)
+            ids += target
+            reply += [done + row] * len(target)
+        done += len(targets)
+    return torch.cat(states), torch.tensor(ids), torch.tensor(reply)             # (M, lm_dim), (M,), (M,)
 
 
 def ret_queries(model: GroundedLM, conversations: list[list[Turn]],

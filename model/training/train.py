@@ -309,6 +309,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.quantize == "4bit":
             model.lm = dequantized(model.lm)
     # 4-bit is dequantised once (before a Reasoner's adapter goes on it): bench/training.py measures both
+    model.config.ret_opens_reply = True  # what `retrieval_request` teaches: [RET] alone, first
     args.compute_dtype = model.config.compute_dtype  # what this device runs, recorded in the summary
     model.cls_dropout = args.cls_dropout
     args.request_tokens = model.config.request_tokens

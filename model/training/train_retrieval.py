@@ -6,9 +6,10 @@ for 70% of 1,000 test requests; after this stage, 90%). Everything before the tw
 the `[RET]` input row, the encoder and the input mappings), so what they read is computed once: the LM's hidden
 state where `[RET]` is the input for `--queries` requests and the encoder's pooled feature of the image each should
 find. First, `[RET]` gets an output row of its own (`GroundedConfig.ret_output_row`), fitted on the hidden states
-where those requests open, and where a quarter as many descriptions do: when to retrieve, learnt where it goes
-wrong (a model whose image tokens read like words continued describing after described images) without
-moving any query.
+where those requests open, and at every token of a quarter as many descriptions: when to retrieve, learnt where
+it goes wrong (a model whose image tokens read like words continued describing after described images; fitted on
+descriptions' openings alone, it opened `[RET]` inside a long description of a photograph) without moving any
+query.
 A share of the requests follows two or three described images, where the history pulls the query towards the
 earlier pictures; eight requests follow each history (a new scene, or another like an earlier one), which is read
 once for all eight (on this CPU 0.35 s a request, against 0.17 s for a request alone). The cache is kept in the run
@@ -38,7 +39,7 @@ from model.config import WEIGHTS_NAME
 from model.grounded import GroundedLM
 from model.prompt import Turn
 from model.training.conversations import ORDINALS, RET_TOKEN, caption_turns, context_request, retrieval_turns
-from model.training.evaluate import recall_at_k, reply_states
+from model.training.evaluate import recall_at_k, reply_positions, reply_states
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
 from model.training.train import CURVE_NAME, add_stage_options, conclude, stage_summary
@@ -49,7 +50,7 @@ TRAINED = ("ret_mapping.", "image_mapping.", "logit_scale")
 KINDS = ("alone", "new after history", "refer-back")
 PER_HISTORY = 8  # requests after one history: reply_states reads the history once for all of them
 CACHE_NAME = "retrieval_cache.{split}.safetensors"
-EMISSION_STEPS = 500  # full-batch steps of the [RET] output row: one vector, thousands of openings
+EMISSION_STEPS = 500  # full-batch steps of the [RET] output row: one vector, tens of thousands of states
 DESCRIBED_EVERY = 4  # one description to not open with [RET] for every four requests that must
 
 
@@ -120,28 +121,50 @@ def descriptions(split: str, n: int, image_size: int, holdout: bool, after_histo
     return conversations
 
 
+def parts(conversations: list[list[Turn]], n_alone: int, cache_batch: int) -> list[tuple[list, int, str]]:
+    """Conversations whose first `n_alone` stand alone and the rest follow a history `PER_HISTORY` at a time (as
+    `requests` and `descriptions` draw them), as (conversations, batch size, label) to read: those after a history
+    a history a batch, so that each history is read once."""
+    return [(rows, batch, what) for rows, batch, what in ((conversations[:n_alone], cache_batch, "alone"),
+                                                          (conversations[n_alone:], PER_HISTORY, "after history"))
+            if rows]
+
+
 def openings(model: GroundedLM, conversations: list[list[Turn]], n_alone: int, cache_batch: int, desc: str,
-             token: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`reply_states` of conversations whose first `n_alone` stand alone and the rest follow a history
-    `PER_HISTORY` at a time (as `requests` and `descriptions` draw them): those are read a history a batch, so each
-    history once. `desc` opens the progress bars' labels."""
-    parts = [reply_states(model, rows, batch, f"{desc}, {what})", token)
-             for rows, batch, what in ((conversations[:n_alone], cache_batch, "alone"),
-                                       (conversations[n_alone:], PER_HISTORY, "after history")) if rows]
-    return tuple(torch.cat([part[i].cpu() for part in parts]) for i in range(3))
+             token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reply_states` at the first `token` of each reply, read in `parts`: where the token is predicted
+    (N, lm_dim), and where it is the input (N, lm_dim). `desc` opens the progress bars' labels."""
+    before, at, _ = zip(*(reply_states(model, rows, batch, f"{desc}, {what})", token)
+                          for rows, batch, what in parts(conversations, n_alone, cache_batch)))
+    return torch.cat(before).cpu(), torch.cat(at).cpu()
+
+
+def positions(model: GroundedLM, conversations: list[list[Turn]], n_alone: int, cache_batch: int, desc: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`reply_positions` of each reply, read in `parts`: the state where each of its tokens is predicted
+    (M, lm_dim), that token (M,) and which conversation it is in (M,)."""
+    states, ids, reply, done = [], [], [], 0
+    for rows, batch, what in parts(conversations, n_alone, cache_batch):
+        part = reply_positions(model, rows, batch, f"{desc}, {what})")
+        states.append(part[0].cpu())
+        ids.append(part[1])
+        reply.append(part[2] + done)
+        done += len(rows)
+    return torch.cat(states), torch.cat(ids), torch.cat(reply)
 
 
 def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.Namespace, n: int
                   ) -> dict[str, torch.Tensor]:
     """What the stage reads for `n` requests of `split`: {"hidden": (n, lm_dim) where `[RET]` is the input,
     "before": (n, lm_dim) where it is predicted, "pooled": (n, visual_dim), "scene": (n,) an id shared by the
-    images of one scene, "kind": (n,) an index of `KINDS`}, and for n // DESCRIBED_EVERY descriptions
-    "described": (m, lm_dim) where their first word is predicted, "word": (m,) that word and "described_kind": (m,)
-    0 alone, 1 after history; from the run folder when a run with the same inputs made them."""
+    images of one scene, "kind": (n,) an index of `KINDS`}, and for n // DESCRIBED_EVERY descriptions, at each of
+    their M tokens: "described": (M, lm_dim) where it is predicted, "word": (M,) the token, "described_reply": (M,)
+    which description it is in and "described_kind": (M,) 0 alone, 1 after history; from the run folder when a run
+    with the same inputs made them."""
     path = run_dir / CACHE_NAME.format(split=split)
     init = resolve(args.init)
     weights = hashlib.sha256((init / WEIGHTS_NAME).read_bytes()).hexdigest()
-    inputs = {"format": "2", "init": str(init.resolve()), "weights": weights, "n": str(n),
+    inputs = {"format": "3", "init": str(init.resolve()), "weights": weights, "n": str(n),
               "per_history": str(PER_HISTORY), "after_history": str(args.after_history), "holdout": str(args.holdout),
               "seed": str(args.seed)}
     if path.is_file():
@@ -150,17 +173,18 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.N
                 return load_file(path)
     conversations, images, scenes, kinds = requests(split, n, model.visual.image_size[0], args.holdout,
                                                     args.after_history, args.seed)
-    before, hidden, _ = openings(model, conversations, kinds.count(KINDS.index("alone")), args.cache_batch,
+    before, hidden = openings(model, conversations, kinds.count(KINDS.index("alone")), args.cache_batch,
                                  f"[RET] states ({split}", model.ret_id)
     pooled = torch.cat([model.encoded(images[i:i + 256])[:, 0] for i in range(0, n, 256)])
     ids = {scene: i for i, scene in enumerate(dict.fromkeys(scenes))}
     m = n // DESCRIBED_EVERY
     described = descriptions(split, m, model.visual.image_size[0], args.holdout, args.after_history, args.seed)
     alone_m = m - round(m * args.after_history)
-    states, _, words = openings(model, described, alone_m, args.cache_batch, f"descriptions ({split}")
+    states, words, reply = positions(model, described, alone_m, args.cache_batch, f"descriptions ({split}")
     cache = {"hidden": hidden, "before": before, "pooled": pooled.cpu(),
              "scene": torch.tensor([ids[s] for s in scenes]), "kind": torch.tensor(kinds),
-             "described": states, "word": words, "described_kind": (torch.arange(m) >= alone_m).long()}
+             "described": states, "word": words, "described_reply": reply,
+             "described_kind": (reply >= alone_m).long()}
     save_file(cache, path, metadata=inputs)
     return cache
 
@@ -168,7 +192,7 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.N
 @torch.no_grad()
 def vocabulary_side(model: GroundedLM, states: torch.Tensor, words: torch.Tensor | None = None, chunk: int = 1024
                     ) -> dict[str, torch.Tensor]:
-    """What the vocabulary says where a reply opens, `[RET]` left out, for states (N, lm_dim): its logits'
+    """What the vocabulary says at states (N, lm_dim) of replies, `[RET]` left out: its logits'
     logsumexp and max (N,), and with `words` (N,) the logit of each. Fixed while only `[RET]`'s output row
     trains, so read once."""
     out: dict[str, list[torch.Tensor]] = {"lse": [], "top": [], "word": []}
@@ -183,17 +207,19 @@ def vocabulary_side(model: GroundedLM, states: torch.Tensor, words: torch.Tensor
 
 
 def opening(model: GroundedLM, cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The cache's openings for the emission fit: requests' and descriptions' states and their vocabulary side."""
+    """The cache's states for the emission fit: where requests open, every position of the descriptions, and
+    their vocabulary side."""
     asked, described = vocabulary_side(model, cache["before"]), vocabulary_side(model, cache["described"],
                                                                                  cache["word"])
     return {"asked": cache["before"], "asked_lse": asked["lse"], "asked_top": asked["top"], "kind": cache["kind"],
             "described": cache["described"], "described_lse": described["lse"], "described_top": described["top"],
-            "described_word": described["word"], "described_kind": cache["described_kind"]}
+            "described_word": described["word"], "described_kind": cache["described_kind"],
+            "described_reply": cache["described_reply"]}
 
 
 def emission_loss(row: torch.Tensor, data: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of a reply's first token over the vocabulary and `[RET]` (whose logit is `row` . state): a
-    request opens with `[RET]`, a description with its first word. Requests and descriptions weigh the same."""
+    """Cross-entropy over the vocabulary and `[RET]` (whose logit is `row` . state): a request opens with `[RET]`,
+    and a description says each of its words, never `[RET]`. Requests and descriptions weigh the same."""
     asked = data["asked"] @ row
     described = data["described"] @ row
     return ((torch.logaddexp(data["asked_lse"], asked) - asked).mean()
@@ -202,19 +228,23 @@ def emission_loss(row: torch.Tensor, data: dict[str, torch.Tensor]) -> torch.Ten
 
 @torch.no_grad()
 def emission(row: torch.Tensor, data: dict[str, torch.Tensor]) -> dict[str, float]:
-    """How often greedy decoding opens with `[RET]`: requests by kind (wanted) and descriptions (not wanted)."""
+    """How often greedy decoding would emit `[RET]`: where requests open, by kind (wanted), and anywhere in a
+    description given its words so far, by kind of description (not wanted)."""
     asked = data["asked"] @ row > data["asked_top"]
-    described = data["described"] @ row > data["described_top"]
+    at = (data["described"] @ row > data["described_top"]).float()                       # (M,)
+    reply = data["described_reply"]
+    described = torch.zeros(int(reply.max()) + 1, device=at.device).scatter_reduce(0, reply, at, "amax")
+    kind = torch.zeros_like(described).scatter_reduce(0, reply, data["described_kind"].float(), "amax")
     rates = {f"[RET] {k}": asked[data["kind"] == i].float().mean().item()
              for i, k in enumerate(KINDS) if (data["kind"] == i).any()}
-    rates |= {f"[RET] describing {k}": described[data["described_kind"] == i].float().mean().item()
-              for i, k in enumerate(("alone", "after history")) if (data["described_kind"] == i).any()}
+    rates |= {f"[RET] describing {k}": described[kind == i].mean().item()
+              for i, k in enumerate(("alone", "after history")) if (kind == i).any()}
     return rates
 
 
 def fit_emission(model: GroundedLM, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor], lr: float
                  ) -> dict[str, dict[str, float]]:
-    """`[RET]`'s output row alone, full batch on the cached openings: when a reply retrieves. The input row, and
+    """`[RET]`'s output row alone, full batch on the cached states: when a reply retrieves. The input row, and
     with it every query, stays as it was. -> validation emission rates before and after."""
     row = model.ret_output
     train, val = opening(model, train), opening(model, val)
@@ -282,6 +312,7 @@ def train_retrieval(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     # 4-bit weights dequantised once: what they compute on a batch, without dequantising at every call
     model = GroundedLM.from_pretrained(init, device=device, dequantize=True, ret_output_row=True)
+    model.config.ret_opens_reply = True  # the row is fitted where replies open, and never inside a description
     if not model.config.retrieves:
         raise SystemExit(f"{args.init} does not retrieve (its [RET] was never trained): nothing to map")
     model.eval()
@@ -322,7 +353,7 @@ def train_retrieval(args: argparse.Namespace) -> dict:
     plot(history, emitted, run_dir / CURVE_NAME)
     summary = stage_summary(args, init, cache_seconds=round(cache_seconds, 1),
                             fit_seconds=round(time.time() - t_fit, 1),
-                            loss=sum(history["loss"][-50:]) / len(history["loss"][-50:]),
+                            loss=sum(history["loss"][-50:]) / len(history["loss"][-50:]) if args.steps else None,
                             val_before={k[4:]: v[0] for k, v in history.items() if k.startswith("val_R@")},
                             val_after={k[4:]: v[-1] for k, v in history.items() if k.startswith("val_R@")},
                             emission_before=emitted["before"], emission_after=emitted["after"])
@@ -341,7 +372,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--after-history", type=float, default=0.5,
                    help="the share of requests that come after two or three described images")
     p.add_argument("--cache-batch", type=int, default=32, help="conversations a forward while caching")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=4000, help="of the two mappings; 0: only [RET]'s output row")
     p.add_argument("--batch-size", type=int, default=256, help="requests a step, each the others' negatives")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--val-every", type=int, default=250)
