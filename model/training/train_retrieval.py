@@ -51,7 +51,7 @@ KINDS = ("alone", "new after history", "refer-back")
 PER_HISTORY = 8  # requests after one history: reply_states reads the history once for all of them
 CACHE_NAME = "retrieval_cache.{split}.safetensors"
 EMISSION_STEPS = 500  # full-batch steps of the [RET] output row: one vector, tens of thousands of states
-DESCRIBED_EVERY = 4  # one description to not open with [RET] for every four requests that must
+DESCRIBED_EVERY = 4  # one description, never to hold [RET], for every four requests that open with it
 
 
 def requests(split: str, n: int, image_size: int, holdout: bool, after_history: float, seed: int
@@ -124,7 +124,7 @@ def descriptions(split: str, n: int, image_size: int, holdout: bool, after_histo
 def parts(conversations: list[list[Turn]], n_alone: int, cache_batch: int) -> list[tuple[list, int, str]]:
     """Conversations whose first `n_alone` stand alone and the rest follow a history `PER_HISTORY` at a time (as
     `requests` and `descriptions` draw them), as (conversations, batch size, label) to read: those after a history
-    a history a batch, so that each history is read once."""
+    one history's conversations a batch, so that each history is read once."""
     return [(rows, batch, what) for rows, batch, what in ((conversations[:n_alone], cache_batch, "alone"),
                                                           (conversations[n_alone:], PER_HISTORY, "after history"))
             if rows]
@@ -174,7 +174,7 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.N
     conversations, images, scenes, kinds = requests(split, n, model.visual.image_size[0], args.holdout,
                                                     args.after_history, args.seed)
     before, hidden = openings(model, conversations, kinds.count(KINDS.index("alone")), args.cache_batch,
-                                 f"[RET] states ({split}", model.ret_id)
+                              f"[RET] states ({split}", model.ret_id)
     pooled = torch.cat([model.encoded(images[i:i + 256])[:, 0] for i in range(0, n, 256)])
     ids = {scene: i for i, scene in enumerate(dict.fromkeys(scenes))}
     m = n // DESCRIBED_EVERY
