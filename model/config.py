@@ -63,8 +63,9 @@ class GroundedConfig:
     ret_output_row: bool = False
     """`[RET]` has an output row of its own, which decides when a reply retrieves, apart from its input row, which
     the query is read after, even where the LM's head is tied to its input embeddings (SmolLM2's is): the
-    retrieval stage fits it where requests and descriptions open (`train_retrieval.py`), leaving every query as it
-    was. False: one row for both (every older checkpoint; an untied LM's head always has its own)."""
+    retrieval stage fits it where requests open and at every token of descriptions (`train_retrieval.py`), leaving
+    every query as it was. False: one row for both (every older checkpoint; an untied LM's head always has its
+    own)."""
     ret_opens_reply: bool = False
     """`[RET]` only ever opens a reply, as `train.py` teaches it (a request for a picture is answered by `[RET]`
     alone, first), so decoding offers it nowhere else: inside a description it would retrieve at random (the demo
