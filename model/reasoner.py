@@ -88,6 +88,15 @@ def load_reasoner(lm: torch.nn.Module, folder: Path) -> LoraConfig:
                                 f"it does not")
     config = LoraConfig.from_pretrained(str(folder))
     add_reasoner(lm, config=config)
+    set_peft_model_state_dict(lm, reasoner_weights(lm, folder), adapter_name=ADAPTER)
+    lm.requires_grad_(False)  # the app's model is frozen; a trainer unfreezes `reasoner_parameters`
+    return config
+
+
+def reasoner_weights(lm: torch.nn.Module, folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter weights saved in `folder`, checked against the adapter `lm` carries."""
+    if not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder} holds no Reasoner's adapter weights ({WEIGHTS})")
     weights = load_file(folder / WEIGHTS)
     expected = get_peft_model_state_dict(lm, adapter_name=ADAPTER)
     problems = [f"missing {k}" for k in expected if k not in weights]
@@ -96,6 +105,16 @@ def load_reasoner(lm: torch.nn.Module, folder: Path) -> LoraConfig:
                  for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
     if problems:
         raise ValueError(f"the Reasoner's adapter in {folder} does not fit this LM: " + "; ".join(problems[:5]))
+    return weights
+
+
+@contextlib.contextmanager
+def adapter_weights(lm: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The Reasoner's adapter holds `weights` inside the block (another Reasoner on the same LM, for a trainer's
+    reference or an evaluation's comparison: nothing else may decode meanwhile)."""
+    current = {k: v.detach().clone() for k, v in get_peft_model_state_dict(lm, adapter_name=ADAPTER).items()}
     set_peft_model_state_dict(lm, weights, adapter_name=ADAPTER)
-    lm.requires_grad_(False)  # the app's model is frozen; a trainer unfreezes `reasoner_parameters`
-    return config
+    try:
+        yield
+    finally:
+        set_peft_model_state_dict(lm, current, adapter_name=ADAPTER)

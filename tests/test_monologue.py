@@ -304,3 +304,36 @@ def test_a_sampled_monologue_is_scored_on_the_lines_the_reasoner_wrote_and_not_t
     learnt = model.tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
     assert learnt == ("Q1: What colour is the star?\nFinal answer: Red.\nReason: The star is red."
                       + model.tokenizer.eos_token)
+
+
+def test_the_evaluation_sets_a_reinforced_reasoner_beside_the_supervised_one_on_the_same_questions(model, tmp_path):
+    from model.training import evaluate_monologue
+    perturbed(model)
+    model.save_pretrained(tmp_path / "supervised")
+    (tmp_path / "supervised" / FOLDER / "training.json").write_text(json.dumps({"step": 7}))
+    with torch.no_grad():  # reinforcement moved the adapter
+        for name, p in model.lm.named_parameters():
+            if "lora_A" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "reinforced")
+    (tmp_path / "reinforced" / FOLDER / "training.json").write_text(json.dumps({"step": 7, "rl": {"step": 2}}))
+    options = ["--per-kind", "1", "--batch-size", "4", "--max-rounds", "1", "--device", "cpu"]
+
+    def evaluated(checkpoint: str, *more: str) -> dict:
+        return evaluate_monologue.main(options + ["--checkpoint", str(tmp_path / checkpoint), *more,
+                                                  "--out", str(tmp_path / f"{checkpoint}.json")])
+
+    with pytest.raises(SystemExit, match="was not"):
+        evaluated("supervised", "--supervised", str(tmp_path / "supervised"))
+    both = evaluated("reinforced", "--supervised", str(tmp_path / "supervised"))
+    assert list(both["labels"].values()) == ["(a) Observer alone", "(b) Reasoner reads a caption",
+                                             "(c) IMMO monologue (supervised)", "(d) IMMO monologue (supervised + RL)"]
+    alone = evaluated("supervised")
+    assert list(alone["labels"].values())[-1] == "(c) IMMO monologue (supervised)"
+    for split, rows in both["splits"].items():
+        for kind in questions.KINDS:
+            assert rows["supervised"][kind]["monologues"] == alone["splits"][split]["immo"][kind]["monologues"]
+            assert rows["observer"][kind] == alone["splits"][split]["observer"][kind]
+    assert any(rows["immo"][k]["monologues"] != rows["supervised"][k]["monologues"]
+               for rows in both["splits"].values() for k in questions.KINDS), "two Reasoners, two monologues"
+    assert (tmp_path / "reinforced.json").is_file() and (tmp_path / "reinforced.png").is_file()

@@ -29,7 +29,6 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -40,7 +39,7 @@ from model.generate import GenerationSettings
 from model.grounded import GroundedLM
 from model.monologue import Monologue, think
 from model.prompt import Turn
-from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning
+from model.reasoner import ADAPTER, FOLDER, adapter_weights, reasoner_parameters, reasoning
 from model.serving import DecodeEngine
 from model.training.monologue import asked, conclude, padded_rows, pieces_row
 from model.training.optimization import schedule_step
@@ -50,17 +49,6 @@ from model.training.train_clip import resolve_device
 from model.world import questions, shapes
 
 RESUME_KEYS = ("checkpoint", "questions_per_step", "group", "temperature", "kl", "lr", "simple_share", "seed")
-
-
-@contextlib.contextmanager
-def adapter_weights(model: GroundedLM, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """The Reasoner's adapter holds `weights` inside the block (the trainer's own thread: nothing else runs)."""
-    current = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.lm, adapter_name=ADAPTER).items()}
-    set_peft_model_state_dict(model.lm, weights, adapter_name=ADAPTER)
-    try:
-        yield
-    finally:
-        set_peft_model_state_dict(model.lm, current, adapter_name=ADAPTER)
 
 
 def row_of(model: GroundedLM, question: str, record: Monologue) -> tuple[list[int], list[int]]:
@@ -157,7 +145,7 @@ def train(args: argparse.Namespace) -> dict:
             reward = torch.tensor(rewards, device=model.device).view(len(batch), args.group)          # (B, G)
             others = (reward.sum(1, keepdim=True) - reward) / max(1, args.group - 1)
             advantage = (reward - others).flatten()                                                   # (B * G,)
-            with torch.no_grad(), adapter_weights(model, reference):
+            with torch.no_grad(), adapter_weights(model.lm, reference):
                 reference_logprobs, _ = token_logprobs(model, rows)
             logprobs, mask = token_logprobs(model, rows)                                              # (N, T-1)
             tokens = mask.sum(1).clamp(min=1)
