@@ -7,15 +7,19 @@ question (and the conversation's text) and writes one line at a time into its tr
     A1: Red.                              <- Observer: the grounded LM, adapter off, on the image
     Q2: What colour is the square?
     A2: Blue.
-    Final answer: No.
     Reason: the star is red and the square is blue.
+    Final answer: No.
 
-After `max_rounds` questions the loop writes `Final answer:` itself. A monologue that goes wrong (a line that is
-neither a question nor the final answer, a question asked twice, an empty answer, a line that never ends)
-falls back to the Observer answering the user's question directly, and says so: `Monologue.fallback` names
-why. `think` streams it all as events: `Thought`s for the lines as they are written, then the final answer as
-`Text` (with `[RET]` retrieving as in any reply). Training writes the same transcripts (`transcript_pieces`),
-so what the Reasoner learns is exactly what it is asked to continue here.
+The reason comes before the answer, so that the answer is read off what the Reasoner has just written (a small
+LM that answers first and explains after often explains right and answers wrong). After `max_rounds` questions
+the loop writes `Reason:` itself, and after the reason `Final answer:`. A Reasoner may also answer at once (a line
+opening "F"; one trained to answer before its reason then gives the reason on the next line). A monologue that
+goes wrong (a line that is neither a question nor the reason, a question asked twice, an empty answer, a line
+that never ends) falls back to the Observer answering the user's question directly, and says so:
+`Monologue.fallback` names why. `think` streams it all as events: `Thought`s for the lines as they are written,
+then the final answer and its reason as `Text` ("No. The star is red and the square is blue.", with `[RET]`
+retrieving as in any reply). Training writes the same transcripts (`transcript_pieces`), so what the Reasoner
+learns is exactly what it is asked to continue here.
 """
 from __future__ import annotations
 
@@ -39,8 +43,10 @@ SYSTEM = "Ask the Observer, who sees the image, then answer."
 """Short: every token of it is in every training row."""
 FINAL = "Final answer:"
 REASON = "Reason:"
-OBSERVER_TOKENS = 24
-"""Where an Observer's answer is cut (IMMO's Observer: at most 25 tokens)."""
+OBSERVER_TOKENS = 40
+"""Where an Observer's answer is cut. IMMO's Observer stops at 25 tokens; at 24, 19 of 60 of the demo's answers
+in its evaluation lost their end (a three-object scene described whole runs past it), and with it the third
+object."""
 LINE_TOKENS = 40
 """A Reasoner's line that has not ended by then never will: the monologue has gone wrong."""
 CONTEXT_TURNS = 4
@@ -82,18 +88,18 @@ def answer_line(n: int, answer: str) -> str:
     return f"A{n}: {answer}\n"
 
 
-def final_lines(answer: str, reason: str) -> str:
-    return f"{FINAL} {answer}\n{REASON} {reason}"
+def reason_line(reason: str) -> str:
+    return f"{REASON} {reason}\n"
 
 
 def transcript_pieces(steps: list[tuple[str, str]], answer: str, reason: str, end: str) -> list[tuple[str, bool]]:
     """A whole monologue as (text, written by the Reasoner) pieces, tokenised one by one in training as `think`
-    feeds them: the Reasoner's questions and final lines (closed by `end`, the LM's end of turn), the Observer's
-    answers between them (not learnt)."""
+    feeds them: the Reasoner's questions, its reason and its answer (closed by `end`, the LM's end of turn), the
+    Observer's answers between them and the `Final answer:` cue the loop writes (not learnt)."""
     pieces = []
     for n, (question, observed) in enumerate(steps, 1):
         pieces += [(question_line(n, question), True), (answer_line(n, heard(observed)), False)]
-    return pieces + [(final_lines(answer, reason) + end, True)]
+    return pieces + [(reason_line(reason), True), (FINAL, False), (f" {answer}{end}", True)]
 
 
 def observe(model: GroundedLM, images: list[Image.Image], question: str, settings: GenerationSettings,
@@ -256,15 +262,15 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
     start = time.perf_counter()
     reasoner = Reasoner(model, reasoner_prompt(model, turns[-1].text, turns[:-1]), settings, engine)
     asked: set[str] = set()
-    answering = None  # the deltas of the final answer's line, once the Reasoner starts it
+    answering = None  # the deltas of the final answer's line, once it starts
+    reason: str | None = None  # the Reasoner's reason, once written
     while answering is None and record.fallback is None:
-        if record.rounds == max_rounds:  # enough questions: the loop cues the answer
-            reasoner.feed(FINAL)
-            answering = reasoner.line(cancel)
-            break
         line = len(record.lines)
-        pieces = reasoner.line(cancel)
         head = ""
+        if record.rounds == max_rounds:  # enough questions: the loop cues the reason
+            reasoner.feed(REASON)
+            head = REASON
+        pieces = reasoner.line(cancel)
         for piece in pieces:  # a line opening "F" is the final answer, which the user sees as the reply
             head += piece
             if head.strip():
@@ -284,9 +290,13 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
             return
         match = _QUESTION.match(said)
         if reasoner.ended != "newline":
-            record.fallback = "a question of the monologue did not end"
+            record.fallback = "a line of the monologue did not end"
+        elif said.startswith(REASON):
+            reason = said[len(REASON):].strip()
+            reasoner.feed(FINAL)
+            answering = reasoner.line(cancel)
         elif match is None or int(match.group(1)) != record.rounds + 1:
-            record.fallback = f"expected Q{record.rounds + 1}: or {FINAL} and the Reasoner wrote {said[:60]!r}"
+            record.fallback = f"expected Q{record.rounds + 1}: or {REASON} and the Reasoner wrote {said[:60]!r}"
         elif match.group(2).strip().lower() in asked:
             record.fallback = f"the Reasoner asked {match.group(2).strip()!r} twice"
         else:
@@ -307,7 +317,7 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
     stats: dict = {}
     if answering is not None:
         reasoner.search = search
-        yield from _final_answer(reasoner, answering, record, cancel)
+        yield from _final_answer(reasoner, answering, record, cancel, reason)
     if reasoner.ended == "cancelled":
         return
     if record.fallback is not None:
@@ -325,9 +335,10 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
 
 
 def _final_answer(reasoner: Reasoner, answering: Iterator[str | Retrieved], record: Monologue,
-                  cancel: Cancel | None) -> Iterator[Event]:
-    """The final answer and its reason, streamed to the user as one `Text` without labels ("No. The star is red
-    and the square is blue."); `[RET]` may retrieve here, as in any reply."""
+                  cancel: Cancel | None, reason: str | None) -> Iterator[Event]:
+    """The final answer and its `reason` (written before it; or, from a Reasoner that answers first, on the line
+    after it), streamed to the user as one `Text` without labels ("No. The star is red and the square is blue.");
+    `[RET]` may retrieve here, as in any reply."""
     for piece in _after_label(answering, FINAL):
         if isinstance(piece, str):
             record.answer += piece
@@ -338,6 +349,11 @@ def _final_answer(reasoner: Reasoner, answering: Iterator[str | Retrieved], reco
     record.lines.append(("Reasoner", f"{FINAL} {record.answer}"))
     if not record.answer:
         record.fallback = "the final answer was empty"
+        return
+    if reason is not None:
+        if reason:
+            yield Text(" " + reason)
+            record.answer += " " + reason
         return
     if reasoner.ended != "newline":
         return  # the answer alone, without a reason

@@ -106,9 +106,10 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 def tiny_config(lm_dir: Path, clip_dir: Path, **overrides):
-    """FROMAGe's layout (CLS tokens, linear mappings) at tiny sizes, unless `overrides` say otherwise."""
+    """FROMAGe's layout (CLS tokens, linear mappings) at tiny sizes, unless `overrides` say otherwise; fp32 compute
+    on every CPU, bf16-native or not, so that equalities checked on it hold the same everywhere."""
     from model.config import GroundedConfig
-    layout = {"n_visual_tokens": 2, "region_grid": 0, "projector": "linear", "emb_dim": 8}
+    layout = {"n_visual_tokens": 2, "region_grid": 0, "projector": "linear", "emb_dim": 8, "compute_dtype": "float32"}
     return GroundedConfig(lm=str(lm_dir), visual=f"local-dir:{clip_dir}", visual_pretrained=None, **layout | overrides)
 
 

@@ -225,7 +225,8 @@ def test_thinking_first_shows_the_monologue_above_the_answer_and_only_about_an_i
                                 max_new_tokens=16, max_images=0, monologue=True))
     monologue = [m for m in final_chat(outputs) if m.get("metadata", {}).get("title") == "Inner monologue"]
     assert len(monologue) == 1 and monologue[0]["metadata"]["status"] == "done"
-    assert monologue[0]["content"] == f"**Reasoner:** Q1: What colour is it?\n\n**Observer:** A1: {heard}"
+    assert monologue[0]["content"] == (f"**Reasoner:** Q1: What colour is it?\n\n**Observer:** A1: {heard}\n\n"
+                                       f"**Reasoner:** Reason: The Observer said so.")
     assert any(m.get("metadata", {}).get("status") == "pending" for chat, _ in outputs[1:-1] for m in chat), \
         "the monologue shows while it is written"
     assert final_chat(outputs).index(monologue[0]) == len(final_chat(outputs)) - 2, "right above the answer"

@@ -176,7 +176,7 @@ def test_thinking_first_shows_the_inner_monologue_in_a_collapsible_message_above
     if "expanded" not in (header.get_attribute("class") or "").split():
         header.click()  # collapsed once the answer started
     expect(header).to_have_class(re.compile(r"\bexpanded\b"))
-    expect(monologue.get_by_text("Reasoner:")).to_be_visible()
+    expect(monologue.get_by_text("Reasoner:").first).to_be_visible()
     expect(monologue).to_contain_text(f"Q1: {COMPOUND}")
     expect(monologue).to_contain_text("Observer: A1:")
     page.wait_for_timeout(500)  # the opening slides

@@ -44,6 +44,8 @@ def test_a_checkpoint_loads_as_it_was_trained(tiny_lm_dir, tiny_clip_dir, tmp_pa
     assert four_bit.config.quantize == "4bit", "an explicit choice overrides the checkpoint's"
 
 
+@pytest.mark.skipif(native_bf16(torch.device("cpu")), reason="bitsandbytes' 4-bit matmul on an AVX512-BF16 CPU "
+                    "reshapes by blocks of 64 inputs and fails on the tiny LM's 16")
 def test_dequantised_once_computes_what_the_4bit_lm_computes_on_a_batch(tiny_lm_dir):
     model, tokenizer = load_lm(str(tiny_lm_dir), "4bit", "cpu", compute_dtype="float32")
     ids = tokenizer(["a small red circle", "the quick brown fox"], return_tensors="pt", padding=True).input_ids

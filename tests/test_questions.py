@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 
 from model.world import shapes
-from model.world.questions import (COMPOUND_KINDS, KINDS, SIMPLE_KINDS, Question, answer_on, ask, is_right,
-                                   question, reference, relation_holds, reply_answer)
+from model.world.questions import (COMPOUND_KINDS, KINDS, SIMPLE_KINDS, Question, answer_on, ask,
+                                   implied_answer, is_right, question, reference, relation_holds, reply_answer)
 from model.world.shapes import Scene, SceneObject
 
 RED_CIRCLE = SceneObject("circle", "red", "small", "left")
@@ -98,3 +98,12 @@ def test_with_holdout_no_question_names_a_held_out_pair():
         assert not any(pair in q.text for pair in held), q.text
     texts = [question("holdout", i, image_size=32, holdout=True, kinds=("existence",))[1].text for i in range(100)]
     assert any(pair in t for t in texts for pair in held), "the hold-out split asks about its own pairs"
+
+
+def test_a_count_or_existence_reason_names_the_things_counted_one_by_one():
+    stars = Scene((SceneObject("star", "blue", "large", "top"), RED_CIRCLE, SceneObject("star", "blue", "small", "bottom")))
+    q = next(q for i in range(400) if "star" in (q := ask(stars, random.Random(i), ("count",))).text
+             and not {"blue", "large", "small"} & set(q.text.lower().split()))  # "How many stars ...?"
+    described = "A large blue star at the top, a small red circle on the left and a small blue star at the bottom."
+    assert implied_answer(q, [described]) == ("2", "The Observer named a large blue star and a small blue star.")
+    assert implied_answer(q, ["A large yellow circle."]) == ("0", "The Observer named no star.")

@@ -7,7 +7,7 @@ Rows, on the same questions (`questions.question(split, QUESTION_OFFSET + i)` of
 the hold-out pairs and the hold-out split, compound and simple kinds):
     observer   the grounded LM answers the question about the image directly (adapter off), as the app does
     hybrid     the Reasoner reads the Observer's description of the image instead of questioning it: one round
-               ("Describe the image." and its answer), then the final answer
+               ("Describe the image." and its answer), then its reason and final answer
     immo       `model.monologue.think`, as the app runs it: questions, answers, final answer, with fallbacks;
                labelled (d) where the checkpoint's Reasoner was trained further by reinforcement
     supervised with `--supervised`, the same monologue with that checkpoint's Reasoner (the supervised one the
@@ -34,7 +34,7 @@ from model.checkpoint import resolve
 from model.generate import GenerationSettings
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES
-from model.monologue import FINAL, Monologue, Reasoner, answer_line, heard, question_line, \
+from model.monologue import FINAL, REASON, Monologue, Reasoner, answer_line, heard, question_line, \
     reasoner_prompt, think
 from model.prompt import Turn
 from model.reasoner import FOLDER, adapter_weights, reasoner_weights
@@ -61,10 +61,14 @@ def at_once(engine: DecodeEngine, work: Callable[[T], R], items: list[T], desc: 
 
 
 def hybrid_answer(model: GroundedLM, question: str, caption: str, engine: DecodeEngine) -> str:
-    """The Reasoner's final answer after one round whose answer is the Observer's caption."""
+    """The Reasoner's final answer after one round whose answer is the Observer's caption (and its reason, which
+    comes first)."""
     reasoner = Reasoner(model, reasoner_prompt(model, question), GenerationSettings(max_new_tokens=ANSWER_TOKENS),
                         engine)
-    reasoner.feed(question_line(1, DESCRIBE) + answer_line(1, heard(caption)) + FINAL)
+    reasoner.feed(question_line(1, DESCRIBE) + answer_line(1, heard(caption)) + REASON)
+    for _ in reasoner.line(None):
+        pass
+    reasoner.feed(FINAL)
     return "".join(piece for piece in reasoner.line(None) if isinstance(piece, str))
 
 

@@ -187,9 +187,23 @@ def _read_simple(question: Question, reply: str) -> tuple[str, str] | None:
         return None if answer is None else (answer, "The Observer said so.")
     answer = answer_on(question.text, question.kind, question.answer_type, scene)
     if question.kind in ("count", "existence"):
-        n = len(_matching(scene, _targets(question.text)))
-        return answer, f"The Observer saw {n} such thing{'s' if n != 1 else ''}."
+        return answer, _things_named(scene, _targets(question.text))
     return None if answer is None else (answer, "The Observer said so.")
+
+
+def _things_named(scene: Scene, targets: dict[str, str]) -> str:
+    """The reason of a count or an existence answer: the things a description names that are what was asked, one
+    by one ("The Observer named a large blue star and a small blue star."), or that it named none ("The Observer
+    named no orange diamond."). A Reasoner then answers by counting what it has just written, not by counting
+    mentions in a description it read (which a 135M LM does badly: "The Observer saw 0 such things" of a scene
+    it had heard described with the diamond in it)."""
+    matches = _matching(scene, targets)
+    if not matches:
+        asked = [targets[f] for f in ("size", "colour") if f in targets] + [targets.get("shape", "thing")]
+        return f"The Observer named no {' '.join(asked)}."
+    phrases = ["a " + " ".join(v for v in (o.size, o.colour, o.shape) if v) for o in matches]
+    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return f"The Observer named {listed}."
 
 
 def answer_on(text: str, kind: str, answer_type: str, scene: Scene) -> str | None:
