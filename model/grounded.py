@@ -405,8 +405,10 @@ class GroundedLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., lm_dim) -> (..., V') float32 logits, with `[RET]`'s logit at `ret_id` (V' = max(V, ret_id + 1));
-        -inf there for a model that does not retrieve (`config.retrieves`)."""
-        logits = self.lm.get_output_embeddings()(hidden).float()
+        -inf there for a model that does not retrieve (`config.retrieves`). `hidden` may be in another float dtype
+        than the LM computes in (states kept in fp32 by evaluation, an LM in bf16)."""
+        head = self.lm.get_output_embeddings()
+        logits = head(hidden.to(head.weight.dtype)).float()
         ret_row = self.ret_embedding if self.ret_output is None else self.ret_output
         ret_logit = hidden.float() @ ret_row.float()
         if not self.config.retrieves:

@@ -108,6 +108,8 @@ def test_ret_token_has_its_own_input_row_and_output_logit(tiny_model):
     assert logits.shape == (3, tiny_model.ret_id + 1)
     assert torch.allclose(logits[:, tiny_model.ret_id], hidden @ tiny_model.ret_embedding)
     assert torch.allclose(logits[:, :tiny_model.vocab_size], tiny_model.lm.lm_head(hidden))
+    assert torch.allclose(tiny_model.logits(hidden.bfloat16()), logits, atol=0.05), \
+        "states in another dtype than the LM's (bf16 beside an fp32 LM, fp32 beside a bf16 one) are read all the same"
 
 
 def test_untied_head_gets_a_separate_ret_output_row(tiny_untied_lm_dir, tiny_clip_dir):
