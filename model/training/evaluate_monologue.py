@@ -14,8 +14,8 @@ the hold-out pairs and the hold-out split, compound and simple kinds):
                reinforcement started from, swapped into the same LM): (c) beside (d) on the same questions
 Each reply is read back with `questions.reply_answer`. A monologue row adds its fallback rate (a malformed
 monologue answered by the Observer directly) and the rounds it used. Monologues and captions' readings decode
-`--batch-size` at a time through the app's batched decoder (greedy: the replies decoded one by one). Writes a
-JSON, a bar plot beside it, and prints a table.
+`--batch-size` at a time through the app's batched decoder (greedy; a batch may break a near tie otherwise than
+decoding alone would). Writes a JSON, a bar plot beside it, and prints a table.
 """
 from __future__ import annotations
 
