@@ -330,13 +330,33 @@ def test_the_evaluation_sets_a_reinforced_reasoner_beside_the_supervised_one_on_
         evaluated("supervised", "--supervised", str(tmp_path / "supervised"))
     both = evaluated("reinforced", "--supervised", str(tmp_path / "supervised"))
     assert list(both["labels"].values()) == ["(a) Observer alone", "(b) Reasoner reads a caption",
-                                             "(c) IMMO monologue (supervised)", "(d) IMMO monologue (supervised + RL)"]
+                                             "(c) IMMO monologue (supervised)", "(d) IMMO monologue (supervised + RL)",
+                                             "(e) the Observer's answers to the known steps, read exactly, no guess"]
     alone = evaluated("supervised")
-    assert list(alone["labels"].values())[-1] == "(c) IMMO monologue (supervised)"
+    assert alone["labels"]["immo"] == "(c) IMMO monologue (supervised)"
     for split, rows in both["splits"].items():
         for kind in questions.KINDS:
             assert rows["supervised"][kind]["monologues"] == alone["splits"][split]["immo"][kind]["monologues"]
             assert rows["observer"][kind] == alone["splits"][split]["observer"][kind]
+            assert rows["exact"][kind] == alone["splits"][split]["exact"][kind], "no Reasoner in the exact reading"
+            assert 0 <= rows["immo"][kind]["misread_rate"] <= 1 - rows["immo"][kind]["accuracy"]
     assert any(rows["immo"][k]["monologues"] != rows["supervised"][k]["monologues"]
                for rows in both["splits"].values() for k in questions.KINDS), "two Reasoners, two monologues"
     assert (tmp_path / "reinforced.json").is_file() and (tmp_path / "reinforced.png").is_file()
+
+
+def test_a_misread_is_a_conclusion_against_what_the_known_steps_answers_imply():
+    from model.training.evaluate_monologue import misread
+    same = questions.Question("Are the star and the square the same colour?", "no", "compare",
+                              (("What colour is the star?", "red"), ("What colour is the square?", "blue")), "same")
+
+    def concluded(asked: list[str], heard: list[str], answer: str) -> Monologue:
+        lines = [line for n, (q, a) in enumerate(zip(asked, heard), 1)
+                 for line in (("Reasoner", f"Q{n}: {q}"), ("Observer", f"A{n}: {a}"))]
+        return Monologue(lines + [("Reasoner", f"Final answer: {answer}")], len(asked), answer)
+
+    known = ["What colour is the star?", "What colour is the square?"]
+    assert misread(concluded(known, ["Red.", "Red."], "No. The star is red and the square is red."), same)
+    assert not misread(concluded(known, ["Red.", "Red."], "Yes."), same), "the Observer was wrong, not the Reasoner"
+    assert not misread(concluded(known, ["Red.", "A large square."], "No."), same), "the Observer did not say"
+    assert not misread(concluded(known[:1], ["Red."], "No."), same), "it asked something else"

@@ -12,8 +12,12 @@ the hold-out pairs and the hold-out split, compound and simple kinds):
                labelled (d) where the checkpoint's Reasoner was trained further by reinforcement
     supervised with `--supervised`, the same monologue with that checkpoint's Reasoner (the supervised one the
                reinforcement started from, swapped into the same LM): (c) beside (d) on the same questions
+    exact      no Reasoner: the Observer asked the question's known steps (a simple question itself), its answers
+               read exactly (`questions.implied_answer`); where they do not say, no answer (no guess). What a
+               Reasoner that asks the right questions, never misreads and never guesses would score
 Each reply is read back with `questions.reply_answer`. A monologue row adds its fallback rate (a malformed
-monologue answered by the Observer directly) and the rounds it used. Monologues and captions' readings decode
+monologue answered by the Observer directly), the rounds it used, and how often it misread the Observer (it asked
+the known steps, the answers implied an answer, and it concluded another): the Reasoner's own errors. Monologues and captions' readings decode
 `--batch-size` at a time through the app's batched decoder (greedy; a batch may break a near tie otherwise than
 decoding alone would). Writes a JSON, a bar plot beside it, and prints a table.
 """
@@ -34,19 +38,21 @@ from model.checkpoint import resolve
 from model.generate import GenerationSettings
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES
-from model.monologue import FINAL, REASON, Monologue, Reasoner, answer_line, heard, question_line, \
-    reasoner_prompt, think
+from model.monologue import FINAL, OBSERVER_TOKENS, REASON, Monologue, Reasoner, answer_line, heard, \
+    question_line, reasoner_prompt, think
 from model.prompt import Turn
 from model.reasoner import FOLDER, adapter_weights, reasoner_weights
 from model.serving import DecodeEngine
 from model.training.evaluate import greedy_replies, load, report
 from model.training.evaluate_questions import QUESTION_OFFSET, SPLITS
+from model.training.monologue import steps_of
 from model.training.plots import plt, save_figure
 from model.training.train import SUMMARY_NAME
 from model.world import questions
 
 LABELS = {"observer": "(a) Observer alone", "hybrid": "(b) Reasoner reads a caption",
-          "supervised": "(c) IMMO monologue (supervised)"}
+          "supervised": "(c) IMMO monologue (supervised)",
+          "exact": "(e) the Observer's answers to the known steps, read exactly, no guess"}
 RL_LABEL = "(d) IMMO monologue (supervised + RL)"
 DESCRIBE = "Describe the image."
 ANSWER_TOKENS = 48
@@ -80,6 +86,30 @@ def monologue(model: GroundedLM, image: Image.Image, question: str, max_rounds: 
                    max_rounds=max_rounds, record=record, engine=engine):
         pass
     return record
+
+
+def misread(record: Monologue, question: questions.Question) -> bool:
+    """Whether a monologue asked the question's known steps, heard answers that imply an answer, and concluded
+    another: an error of the Reasoner's, not of the Observer's."""
+    asked = [text.split(": ", 1)[1] for role, text in record.lines if role == "Reasoner" and text.startswith("Q")]
+    if record.fallback or [q.lower() for q in asked] != [q.lower() for q in steps_of(question)]:
+        return False
+    implied = questions.implied_answer(question, [text.split(": ", 1)[1] for role, text in record.lines
+                                                  if role == "Observer"])
+    return implied is not None and questions.reply_answer(record.answer, question.answer_type) != implied[0]
+
+
+def read_exactly(model: GroundedLM, asked: list[tuple], batch_size: int, split: str) -> list[str]:
+    """The exact row's replies: what the Observer's greedy answers to each question's known steps imply, said as
+    the model says an answer ("" where they do not say)."""
+    convos = [[Turn("user", [sample.image, step])] for _, sample, q in asked for step in steps_of(q)]
+    answers = iter(r.text for r in greedy_replies(model, convos, max_new_tokens=OBSERVER_TOKENS,
+                                                   batch_size=batch_size, desc=f"the known steps ({split})"))
+    replies = []
+    for _, _, q in asked:
+        implied = questions.implied_answer(q, [next(answers) for _ in steps_of(q)])
+        replies.append("" if implied is None else questions.reply_text(implied[0]))
+    return replies
 
 
 def of_kind(split: str, kind: str, n: int, image_size: int) -> list[tuple]:
@@ -119,6 +149,7 @@ def score(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: int, 
             with adapter_weights(model.lm, supervised):
                 records["supervised"] = monologues("supervised")
     replies.update({row: [r.answer for r in rows] for row, rows in records.items()})
+    replies["exact"] = read_exactly(model, asked, batch_size, split)
     result: dict[str, dict] = {row: {} for row in replies}
     for kind in kinds:
         picked = [i for i, (k, _, _) in enumerate(asked) if k == kind]
@@ -131,6 +162,7 @@ def score(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: int, 
             result[row][kind].update({
                 "fallback_rate": sum(rows[i].fallback is not None for i in picked) / len(picked),
                 "mean_rounds": sum(rows[i].rounds for i in picked) / len(picked),
+                "misread_rate": sum(misread(rows[i], asked[i][2]) for i in picked) / len(picked),
                 "monologues": [rows[i].lines for i in picked[:3]],
                 "fallbacks": [rows[i].fallback for i in picked if rows[i].fallback][:5]})
     return result
@@ -149,7 +181,8 @@ def table(result: dict) -> str:
         cells = [f"{100 * mean_over(result['splits'][s], row, kinds):.1f}" for s in splits for kinds in groups]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for row in (row for row in labels if row in ("supervised", "immo")):
-        for key, name, scale in (("fallback_rate", "fallbacks (%)", 100), ("mean_rounds", "rounds used", 1)):
+        for key, name, scale in (("fallback_rate", "fallbacks (%)", 100), ("mean_rounds", "rounds used", 1),
+                                 ("misread_rate", "misread the Observer (%)", 100)):
             cells = [f"{scale * mean_over(result['splits'][s], row, kinds, key):.2f}" for s in splits
                      for kinds in groups]
             lines.append(f"| {labels[row][:3]} {name} | " + " | ".join(cells) + " |")
@@ -158,7 +191,7 @@ def table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     splits, labels = list(result["splits"]), result["labels"]
-    fig, axes = plt.subplots(1, len(splits), figsize=(7 * len(splits), 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(splits), figsize=(7 * len(splits) + 3, 3.8), sharey=True)
     kinds = list(questions.COMPOUND_KINDS + questions.SIMPLE_KINDS)
     width = 0.8 / len(labels)
     for ax, split in zip(axes, splits):
@@ -168,7 +201,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(kinds))], kinds, fontsize=8)
         ax.axvline(len(questions.COMPOUND_KINDS) - 0.5 + 0.4 - width / 2, color="grey", lw=0.8, ls="--")
         ax.set(ylim=(0, 1.05), title=f"question accuracy, {split} split (compound | simple)")
-    axes[0].legend(fontsize=7, loc="upper right")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not on them
     save_figure(fig, path)
 
 
@@ -197,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"of {args.checkpoint} was not (python -m model.training.monologue_rl)")
     supervised = reasoner_weights(model.lm, resolve(args.supervised) / FOLDER) if args.supervised else None
     labels = {**{row: LABELS[row] for row in ("observer", "hybrid") + (("supervised",) if supervised else ())},
-              "immo": RL_LABEL if reinforced else LABELS["supervised"]}
+              "immo": RL_LABEL if reinforced else LABELS["supervised"], "exact": LABELS["exact"]}
     t0 = time.time()
     result = {"checkpoint": args.checkpoint, "supervised": args.supervised, "per_kind": args.per_kind,
               "max_rounds": args.max_rounds, "labels": labels,
