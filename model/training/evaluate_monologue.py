@@ -17,9 +17,9 @@ the hold-out pairs and the hold-out split, compound and simple kinds):
                Reasoner that asks the right questions, never misreads and never guesses would score
 Each reply is read back with `questions.reply_answer`. A monologue row adds its fallback rate (a malformed
 monologue answered by the Observer directly), the rounds it used, and how often it misread the Observer (it asked
-the known steps, the answers implied an answer, and it concluded another): the Reasoner's own errors. Monologues and captions' readings decode
-`--batch-size` at a time through the app's batched decoder (greedy; a batch may break a near tie otherwise than
-decoding alone would). Writes a JSON, a bar plot beside it, and prints a table.
+the known steps, the answers implied an answer, and it concluded another): the Reasoner's own errors. Monologues
+and captions' readings decode `--batch-size` at a time through the app's batched decoder (greedy; a batch may
+break a near tie otherwise than decoding alone would). Writes a JSON, a bar plot beside it, and prints a table.
 """
 from __future__ import annotations
 
