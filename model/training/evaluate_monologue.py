@@ -38,14 +38,14 @@ from model.checkpoint import resolve
 from model.generate import GenerationSettings
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES
-from model.monologue import FINAL, OBSERVER_TOKENS, REASON, Monologue, Reasoner, answer_line, heard, \
-    question_line, reasoner_prompt, think
+from model.monologue import FINAL, REASON, Monologue, Reasoner, answer_line, heard, question_line, \
+    reasoner_prompt, think
 from model.prompt import Turn
 from model.reasoner import FOLDER, adapter_weights, reasoner_weights
 from model.serving import DecodeEngine
 from model.training.evaluate import greedy_replies, load, report
 from model.training.evaluate_questions import QUESTION_OFFSET, SPLITS
-from model.training.monologue import steps_of
+from model.training.monologue import observer_answers, steps_of
 from model.training.plots import plt, save_figure
 from model.training.train import SUMMARY_NAME
 from model.world import questions
@@ -102,14 +102,10 @@ def misread(record: Monologue, question: questions.Question) -> bool:
 def read_exactly(model: GroundedLM, asked: list[tuple], batch_size: int, split: str) -> list[str]:
     """The exact row's replies: what the Observer's greedy answers to each question's known steps imply, said as
     the model says an answer ("" where they do not say)."""
-    convos = [[Turn("user", [sample.image, step])] for _, sample, q in asked for step in steps_of(q)]
-    answers = iter(r.text for r in greedy_replies(model, convos, max_new_tokens=OBSERVER_TOKENS,
-                                                   batch_size=batch_size, desc=f"the known steps ({split})"))
-    replies = []
-    for _, _, q in asked:
-        implied = questions.implied_answer(q, [next(answers) for _ in steps_of(q)])
-        replies.append("" if implied is None else questions.reply_text(implied[0]))
-    return replies
+    heard_steps = observer_answers(model, [(sample.image, q) for _, sample, q in asked], batch_size,
+                                   f"the known steps ({split})")
+    implied = [questions.implied_answer(q, answers) for (_, _, q), answers in zip(asked, heard_steps)]
+    return ["" if i is None else questions.reply_text(i[0]) for i in implied]
 
 
 def of_kind(split: str, kind: str, n: int, image_size: int) -> list[tuple]:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm import tqdm
 
@@ -66,18 +67,24 @@ def steps_of(question: questions.Question) -> list[str]:
 
 def observe_all(model: GroundedLM, split: str, items: list[tuple[int, questions.Question]], batch_size: int
                 ) -> list[list[str]]:
-    """The Observer's greedy answers to every step of every item, batched (as `think` asks: the image and the
-    step's question alone, at most OBSERVER_TOKENS tokens)."""
+    """The Observer's answers to every step of every (index, question) item of `split`, on the scene
+    `questions.question` asked about."""
     image_size = model.visual.image_size[0]
+    asked = [(shapes.sample(split, index, image_size, True).image, question) for index, question in items]
+    return observer_answers(model, asked, batch_size, f"the Observer answers ({split})")
+
+
+def observer_answers(model: GroundedLM, asked: list[tuple[Image.Image, questions.Question]], batch_size: int,
+                     desc: str) -> list[list[str]]:
+    """The Observer's greedy answers to every step of every (image, question), batched (as `think` asks: the image
+    and the step's question alone, at most OBSERVER_TOKENS tokens)."""
     convos, owners = [], []
-    for n, (index, question) in enumerate(items):
-        image = shapes.sample(split, index, image_size, True).image  # the scene `questions.question` asked about
+    for n, (image, question) in enumerate(asked):
         for step in steps_of(question):
             convos.append([Turn("user", [image, step])])
             owners.append(n)
-    replies = greedy_replies(model, convos, max_new_tokens=OBSERVER_TOKENS, batch_size=batch_size,
-                             desc=f"the Observer answers ({split})")
-    answers: list[list[str]] = [[] for _ in items]
+    replies = greedy_replies(model, convos, max_new_tokens=OBSERVER_TOKENS, batch_size=batch_size, desc=desc)
+    answers: list[list[str]] = [[] for _ in asked]
     for n, reply in zip(owners, replies):
         answers[n].append(reply.text)
     return answers
