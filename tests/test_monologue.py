@@ -268,6 +268,18 @@ def test_a_described_scene_is_read_object_by_object():
     assert questions.read_step("Where are the blue things?", "I do not know.", "position") is None
 
 
+def test_a_step_the_observer_did_not_answer_is_read_from_a_description_heard_for_another():
+    steps = ("Is the cross small or large?", "Is the star small or large?")
+    described = "A small red cross on the left and a large blue star on the right."
+    assert questions.read_heard(steps[1], [described, "Is the star small or large?"], 1, "size") == ["large"]
+    assert questions.read_heard(steps[0], [described, "Large."], 0, "size") == ["small"], "its own reply first"
+    assert questions.read_heard(steps[1], ["Small.", "I cannot tell."], 1, "size") is None, \
+        "a direct answer belongs to its own step"
+    same = questions.Question("Are the cross and the star the same size?", "no", "compare",
+                              ((steps[0], "small"), (steps[1], "large")), "same")
+    assert questions.implied_answer(same, [described, "Is the star small or large?"]) == (
+        "no", "the cross is small and the star is large.")
+
 def test_reinforcement_scores_sampled_monologues_and_puts_the_adapter_back_with_its_record(model, tmp_path):
     from model.training import monologue_rl
     perturbed(model)

@@ -107,3 +107,21 @@ def test_a_count_or_existence_reason_names_the_things_counted_one_by_one():
     described = "A large blue star at the top, a small red circle on the left and a small blue star at the bottom."
     assert implied_answer(q, [described]) == ("2", "The Observer named a large blue star and a small blue star.")
     assert implied_answer(q, ["A large yellow circle."]) == ("0", "The Observer named no star.")
+
+
+def test_an_attribute_or_location_reason_says_the_answer_it_read():
+    star = SceneObject("star", "blue", "large", "top")
+    scene = Scene((star, RED_CIRCLE))
+    described = "A large blue star at the top and a small red circle on the left."
+    said = {}
+    for i in range(400):
+        q = ask(scene, random.Random(i), ("attribute", "location"))
+        said[q.text] = implied_answer(q, [described])
+    assert said["What colour is the shape at the top?"] == ("blue", "The Observer said the shape at the top is blue.")
+    assert said["Which shape do you see on the left?"] == ("circle",
+                                                           "The Observer said the shape on the left is a circle.")
+    assert said["How big is the object at the top?"] == ("large", "The Observer said the shape at the top is large.")
+    assert said["In which part of the image is the star?"] == ("top", "The Observer said the star is at the top.")
+    asked = next(q for i in range(400) if (q := ask(scene, random.Random(i), ("location",))).text == "Where is the circle?")
+    assert implied_answer(asked, ["On the left."]) == ("left", "The Observer said the circle is on the left."), \
+        "a direct answer is read the same way"

@@ -106,9 +106,10 @@ def reply_positions(reply: str) -> list[str]:
 
 
 def _named(step: str) -> str:
-    """The thing a step asks about: "What colour is the star?" -> "the star", "Where are the red things?" ->
-    "the red things"."""
-    return re.search(r"(the [a-z ]+?)(?: small or large)?\?$", step).group(1)
+    """The thing a step or a location question asks about, its last "the ...": "What colour is the star?" -> "the
+    star", "Where are the red things?" -> "the red things", "In which part of the image is the red star?" -> "the
+    red star"."""
+    return re.search(r".*\b(the [a-z ]+?)(?: small or large)?\?$", step).group(1)
 
 
 def _targets(text: str) -> dict[str, str]:
@@ -145,9 +146,20 @@ def read_step(step: str, reply: str, answer_type: str) -> list[str] | None:
     return None if value is None else [value]
 
 
+def read_heard(step: str, replies: list[str], n: int, answer_type: str) -> list[str] | None:
+    """`read_step` of step `n`'s own reply, or, where it does not say, of a description heard in answer to another
+    step: asked "Is the star small or large?" the Observer may echo the question, having described the scene,
+    star and all, when asked about the cross. A direct answer ("Small.") belongs to its own step only."""
+    own = read_step(step, replies[n], answer_type)
+    if own is not None:
+        return own
+    descriptions = [reply for other, reply in enumerate(replies) if other != n and shapes.parse_caption(reply)]
+    return next((found for reply in descriptions if (found := read_step(step, reply, answer_type)) is not None), None)
+
+
 def implied_answer(question: Question, replies: list[str]) -> tuple[str, str] | None:
-    """What free replies imply, with a one-line reason from them, or None where a reply does not say what it was
-    asked: for a compound question, the replies to its steps, in order; for a simple one, the reply to the
+    """What free replies imply, with a one-line reason from them, or None where they do not say what was asked:
+    for a compound question, the replies to its steps, in order (`read_heard`); for a simple one, the reply to the
     question itself (a description of the scene is read for it: the things it names counted, found, or their
     attribute told). True replies imply the true answer; an Observer's imply what a Reasoner that trusts it
     should conclude."""
@@ -159,20 +171,20 @@ def implied_answer(question: Question, replies: list[str]) -> tuple[str, str] | 
     name_a, name_b = _named(step_a), _named(step_b)
     if question.combine == "same":
         field = "colour" if "colour" in step_a else "size"
-        a, b = read_step(step_a, replies[0], field), read_step(step_b, replies[1], field)
+        a, b = read_heard(step_a, replies, 0, field), read_heard(step_b, replies, 1, field)
         if a is None or b is None:
             return None
         return "yes" if a == b else "no", f"{name_a} is {a[0]} and {name_b} is {b[0]}."
     if question.combine.startswith("count:"):
         relation = question.combine.removeprefix("count:")
-        anchor, others = read_step(step_a, replies[0], "position"), read_step(step_b, replies[1], "position")
+        anchor, others = read_heard(step_a, replies, 0, "position"), read_heard(step_b, replies, 1, "position")
         if anchor is None or others is None:
             return None
         n = sum(positions_relate(relation, p, anchor[0]) for p in others)
         where = " and ".join(_POSITION_PHRASES[p] for p in others) or "nowhere"
         return str(n), f"{name_a} is {_POSITION_PHRASES[anchor[0]]}; {name_b} are {where}."
     if question.combine in _RELATIONS:
-        a, b = read_step(step_a, replies[0], "position"), read_step(step_b, replies[1], "position")
+        a, b = read_heard(step_a, replies, 0, "position"), read_heard(step_b, replies, 1, "position")
         if a is None or b is None:
             return None
         return ("yes" if positions_relate(question.combine, a[0], b[0]) else "no",
@@ -184,11 +196,24 @@ def _read_simple(question: Question, reply: str) -> tuple[str, str] | None:
     scene = shapes.parse_caption(reply)
     if scene is None or question.answer_type == "yes/no" and reply_answer(reply, "yes/no") is not None:
         answer = reply_answer(reply, question.answer_type)  # a direct answer ("Yes.", "2.", "Red.")
-        return None if answer is None else (answer, "The Observer said so.")
+        return None if answer is None else (answer, _said(question, answer))
     answer = answer_on(question.text, question.kind, question.answer_type, scene)
     if question.kind in ("count", "existence"):
         return answer, _things_named(scene, _targets(question.text))
-    return None if answer is None else (answer, "The Observer said so.")
+    return None if answer is None else (answer, _said(question, answer))
+
+
+def _said(question: Question, answer: str) -> str:
+    """The reason of an attribute or a location answer, the answer in it ("The Observer said the shape on the left
+    is red.", "... the green triangle is at the top."): a Reasoner then answers by copying the word it has just
+    written, where "The Observer said so." left it to find that word again in a description it read (the
+    simple questions the demo's Reasoner got wrong with a right reason). Other kinds: "The Observer said so."."""
+    if question.kind == "location":
+        return f"The Observer said {_named(question.text)} is {_POSITION_PHRASES[answer]}."
+    if question.kind == "attribute":
+        where = _POSITION_PHRASES[_targets(question.text)["position"]]
+        return f"The Observer said the shape {where} is {'a ' + answer if question.answer_type == 'shape' else answer}."
+    return "The Observer said so."
 
 
 def _things_named(scene: Scene, targets: dict[str, str]) -> str:
