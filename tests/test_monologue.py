@@ -280,6 +280,7 @@ def test_a_step_the_observer_did_not_answer_is_read_from_a_description_heard_for
     assert questions.implied_answer(same, [described, "Is the star small or large?"]) == (
         "no", "the cross is small and the star is large.")
 
+
 def test_reinforcement_scores_sampled_monologues_and_puts_the_adapter_back_with_its_record(model, tmp_path):
     from model.training import monologue_rl
     perturbed(model)

@@ -207,7 +207,8 @@ def _said(question: Question, answer: str) -> str:
     """The reason of an attribute or a location answer, the answer in it ("The Observer said the shape on the left
     is red.", "... the green triangle is at the top."): a Reasoner then answers by copying the word it has just
     written, where "The Observer said so." left it to find that word again in a description it read (the
-    simple questions the demo's Reasoner got wrong with a right reason). Other kinds: "The Observer said so."."""
+    simple questions the demo's Reasoner got wrong with a right reason). A count or an existence question answered
+    directly ("2.", "Yes.") keeps "The Observer said so."."""
     if question.kind == "location":
         return f"The Observer said {_named(question.text)} is {_POSITION_PHRASES[answer]}."
     if question.kind == "attribute":
