@@ -62,6 +62,16 @@ class Monologue:
     answer: str = ""
     fallback: str | None = None
 
+    @property
+    def asked(self) -> list[str]:
+        """The Reasoner's questions to the Observer, in order, without their "Q1: " marks."""
+        return [text.split(": ", 1)[1] for role, text in self.lines if role == "Reasoner" and _QUESTION.match(text)]
+
+    @property
+    def answers(self) -> list[str]:
+        """The Observer's answers, in order, without their "A1: " marks."""
+        return [text.split(": ", 1)[1] for role, text in self.lines if role == "Observer"]
+
 
 def reasoner_prompt(model: GroundedLM, question: str, earlier: list[Turn] = ()) -> list[int]:
     """The Reasoner's prompt as token ids: the instruction, the text of up to CONTEXT_TURNS earlier turns (an image

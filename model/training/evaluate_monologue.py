@@ -91,11 +91,9 @@ def monologue(model: GroundedLM, image: Image.Image, question: str, max_rounds: 
 def misread(record: Monologue, question: questions.Question) -> bool:
     """Whether a monologue asked the question's known steps, heard answers that imply an answer, and concluded
     another: an error of the Reasoner's, not of the Observer's."""
-    asked = [text.split(": ", 1)[1] for role, text in record.lines if role == "Reasoner" and text.startswith("Q")]
-    if record.fallback or [q.lower() for q in asked] != [q.lower() for q in steps_of(question)]:
+    if record.fallback or [q.lower() for q in record.asked] != [q.lower() for q in steps_of(question)]:
         return False
-    implied = questions.implied_answer(question, [text.split(": ", 1)[1] for role, text in record.lines
-                                                  if role == "Observer"])
+    implied = questions.implied_answer(question, record.answers)
     return implied is not None and questions.reply_answer(record.answer, question.answer_type) != implied[0]
 
 
