@@ -71,6 +71,10 @@ class GroundedConfig:
     alone, first), so decoding offers it nowhere else: inside a description it would retrieve at random (the demo
     did, in long descriptions of photographs). False: anywhere (FROMAGe writes a caption, then `[RET]`; every
     older checkpoint)."""
+    ret_context: bool = False
+    """A `[RET]` request after images is read for which of them it names (`model/ret_context.py`): "another picture
+    like the second one" is answered by that picture's index vector, a new scene by a query fitted on such requests.
+    False: every query is `ret_mapping`'s (every older checkpoint)."""
     retrieves: bool = True
     """False: `[RET]` and the image mapping were never trained (a checkpoint aligned by ESPER, which sees no
     caption): the model never emits `[RET]` and the app offers no retrieval."""

@@ -20,7 +20,7 @@ from transformers import (DynamicCache, LogitsProcessorList, TemperatureLogitsWa
                           TopPLogitsWarper)
 
 from model.grounded import GroundedLM, Looked
-from model.prompt import Turn, fit_context, render, count_tokens
+from model.prompt import Turn, count_tokens, fit_context, images_in, render
 
 SearchFn = Callable[[torch.Tensor, set], list]
 """(query (emb_dim,), ids to exclude) -> hits, best first; each hit has an `id`."""
@@ -176,6 +176,10 @@ class Reply:
                                            f"({model.familiarity.trained_on}): what it says about it will not be "
                                            f"reliable."))
         self.segments = render(turns, tokenizer, fmt, look)
+        self.images = images_in(turns)
+        """The images the LM reads, in order: a query may point at one."""
+        self.state: torch.Tensor | None = None
+        """The last hidden state read (lm_dim,): where the next token is predicted."""
         self.prompt_tokens = count_tokens(self.segments, model.config.tokens_per_image, tokens_per_look)
         self.generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
         self.warpers = logits_warpers(settings)
@@ -187,6 +191,7 @@ class Reply:
     def prefill(self) -> tuple[torch.Tensor, DynamicCache, list[Event]]:
         """Read the prompt -> the last hidden state (lm_dim,), the cache and where the model looked."""
         last, cache, looked = self.model.prefill(self.segments)
+        self.state = last
         return last, cache, list(looked)
 
     def next_token(self, logits: torch.Tensor) -> int | None:
@@ -216,8 +221,9 @@ class Reply:
 
     def fed(self, token: int, hidden: torch.Tensor) -> list[Event]:
         """The LM has read `token`; hidden (lm_dim,) is its last-layer state there. Returns the events."""
+        before, self.state = self.state, hidden
         if token == self.model.ret_id:
-            query = self.model.ret_query(hidden)                                         # (emb_dim,)
+            query = self.model.ret_query(hidden, before, self.model.earlier(self.images))   # (emb_dim,)
             hits = self.search(query, self.shown)[:self.settings.images_per_ret]
             self.shown.update(hit.id for hit in hits)
             self.n_images += 1

@@ -34,7 +34,9 @@ from model.lm import dequantized, load_lm
 from model.perception import Perception
 from model.prefix_cache import PrefixCache
 from model.reasoner import FOLDER as REASONER_FOLDER, add_reasoner, load_reasoner, reasoning, save_reasoner
-from model.prompt import Look, Segment, Turn, count_tokens, render, render_with_target, retrieval_request
+from model.prompt import (Look, Segment, Turn, count_tokens, images_in, render, render_with_target,
+                          retrieval_request)
+from model.ret_context import RetContext, padded_earlier
 from model.visual import VisualEncoder
 
 FEATURE_CACHE_BYTES = 256 * 2 ** 20
@@ -125,10 +127,14 @@ class GroundedLM(nn.Module):
         self.ret_output = None if self.tied and not config.ret_output_row else nn.Parameter(
             self.lm.get_output_embeddings().weight.detach().float().mean(0).clone())
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.ret_context = RetContext(lm_dim, config.emb_dim) if config.ret_context else None
+        if self.ret_context is not None:  # it starts as the query it refines
+            self.ret_context.query.load_state_dict(self.ret_mapping.state_dict())
         self.perception = (Perception(config.request_tokens, lm_dim, visual_dim, self.visual.n_patches,
                                       embeddings.weight.detach().float().mean(0))
                            if config.request_tokens else None)
-        for module in (self.input_mapping, self.region_mapping, self.ret_mapping, self.image_mapping, self.perception):
+        for module in (self.input_mapping, self.region_mapping, self.ret_mapping, self.image_mapping, self.perception,
+                       self.ret_context):
             if module is not None:
                 module.to(self.device)
         self.ret_embedding.data = self.ret_embedding.data.to(self.device)
@@ -155,14 +161,16 @@ class GroundedLM(nn.Module):
                         device: torch.device | str | None = None, region_grid: int | None = None,
                         compute_dtype: str | None = None, request_tokens: int | None = None,
                         dequantize: bool = False, tokens_per_cell: int | None = None,
-                        cell_patches: int | None = None, ret_output_row: bool = False) -> "GroundedLM":
+                        cell_patches: int | None = None, ret_output_row: bool = False,
+                        ret_context: bool = False) -> "GroundedLM":
         """A checkpoint folder or preset, loaded as it was trained unless `quantize` / `compute_dtype` say
         otherwise; `dequantize` dequantises a 4-bit LM once (`lm.dequantized`: for batches), before the Reasoner's
         adapter goes on it. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
         without region tokens then gets a new, untrained region mapping (the shared per-cell mapping fits
         any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module, and a
         new `tokens_per_cell` or `cell_patches` a new, untrained region mapping. `ret_output_row` gives `[RET]` an
-        output row of its own, a copy of its row (so nothing is emitted differently until it is fitted)."""
+        output row of its own, a copy of its row (so nothing is emitted differently until it is fitted), and
+        `ret_context` a new module through which queries point at earlier images (none does until it is trained)."""
         folder = resolve(folder_or_preset)
         config, weights = read_checkpoint(folder)
         recut = tokens_per_cell is not None and tokens_per_cell != config.tokens_per_cell
@@ -171,7 +179,8 @@ class GroundedLM(nn.Module):
                                                   config.region_grid == 0 and region_grid or recut or reread),
                                                  ("region_positions", recut),
                                                  ("perception.", config.request_tokens == 0 and request_tokens),
-                                                 ("ret_output", ret_output_row and not config.ret_output_row))
+                                                 ("ret_output", ret_output_row and not config.ret_output_row),
+                                                 ("ret_context.", ret_context and not config.ret_context))
                       if new)  # modules the checkpoint lacks (or has in another shape) and gets, untrained
         if recut or reread:
             weights = {k: v for k, v in weights.items() if not k.startswith(grown)}
@@ -184,6 +193,7 @@ class GroundedLM(nn.Module):
                              f"not {request_tokens}")
         config.request_tokens = request_tokens or config.request_tokens
         config.ret_output_row = ret_output_row or config.ret_output_row
+        config.ret_context = ret_context or config.ret_context
         model = cls(config, quantize, device, compute_dtype)
         expected = model.trainable_state_dict()
         problems = [f"missing {k}" for k in expected if k not in weights and not k.startswith(grown)]
@@ -196,6 +206,8 @@ class GroundedLM(nn.Module):
         model.load_state_dict(weights, strict=False)
         if "ret_output" in grown and "ret_output" not in weights:
             model.ret_output.data.copy_(model.ret_embedding.data)
+        if "ret_context." in grown:
+            model.ret_context.query.load_state_dict(model.ret_mapping.state_dict())
         model.familiarity = Familiarity.load(folder, model.device)
         if dequantize and model.config.quantize == "4bit":
             model.lm = dequantized(model.lm)
@@ -218,8 +230,10 @@ class GroundedLM(nn.Module):
             self.familiarity.save(folder)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint stores: the mappings, the [RET] rows, the logit scale and the request module."""
-        return {name: p.detach() for name, p in self.named_parameters() if not name.startswith(("lm.", "visual."))}
+        """The weights a checkpoint stores: the mappings, the [RET] rows, the logit scale, the request module and
+        the `[RET]` context module (with the statistics it standardises by)."""
+        return {name: p.detach() for name, p in [*self.named_parameters(), *self.named_buffers()]
+                if not name.startswith(("lm.", "visual."))}
 
     @property
     def fingerprint(self) -> str:
@@ -418,9 +432,30 @@ class GroundedLM(nn.Module):
             logits = F.pad(logits, (0, width - self.vocab_size), value=float("-inf"))
         return torch.cat([logits[..., :self.ret_id], ret_logit.unsqueeze(-1), logits[..., self.ret_id + 1:]], -1)
 
-    def ret_query(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden state where `[RET]` is the input (..., lm_dim) -> query (..., emb_dim), L2-normalised."""
-        return F.normalize(self.ret_mapping(hidden.float()), dim=-1)
+    def ret_query(self, hidden: torch.Tensor, before: torch.Tensor | None = None, earlier: torch.Tensor | None = None,
+                  present: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden state where `[RET]` is the input (B, lm_dim) -> query (B, emb_dim), L2-normalised. A model with
+        `ret_context` also reads, for rows whose conversation has images before the request, the state where
+        `[RET]` is predicted, before (B, lm_dim), and those images' index vectors, earlier (B, N, emb_dim), in
+        order, where present (B, N) says (`ret_context.padded_earlier`). One query: hidden and before (lm_dim,),
+        earlier (N, emb_dim)."""
+        if hidden.dim() == 1:
+            if earlier is None:
+                return self.ret_query(hidden.unsqueeze(0))[0]
+            return self.ret_query(hidden.unsqueeze(0), before.unsqueeze(0), earlier.unsqueeze(0),
+                                  torch.ones(1, len(earlier), dtype=torch.bool, device=earlier.device))[0]
+        query = F.normalize(self.ret_mapping(hidden.float()), dim=-1)                      # (B, emb_dim)
+        if self.ret_context is None or earlier is None or not earlier.shape[1]:
+            return query
+        after_images = present.any(1, keepdim=True)                                         # (B, 1)
+        return torch.where(after_images, self.ret_context(hidden, before, earlier.float(), present), query)
+
+    def earlier(self, images: list[Image.Image]) -> torch.Tensor | None:
+        """The index vectors (N, emb_dim) of a conversation's images, for `ret_query`; None for a model whose
+        queries do not read them."""
+        if self.ret_context is None:
+            return None
+        return self.image_keys(self.encoded(images)[:, 0])
 
     def image_keys(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled CLS features (N, visual_dim) -> what queries are matched against (N, emb_dim), L2-normalised."""
@@ -559,7 +594,7 @@ class GroundedLM(nn.Module):
             rest_labels = torch.cat([torch.full((len(rest_embeds) - len(target_labels),), -100, device=self.device),
                                      target_labels])
             rows.append((context, rest_embeds, rest_labels, looked))
-        predictors, label_ids, ret_hidden = [], [], {}
+        predictors, label_ids, ret_hidden, ret_before = [], [], {}, {}
         looking = [i for i, row in enumerate(rows) if row[3]]
         groups = ([list(range(len(examples)))] if context_grad and not looking else
                   [[i for i in looking if len(examples[i].turns) == 2],
@@ -570,10 +605,12 @@ class GroundedLM(nn.Module):
             if group:
                 hidden, before, labels = self._run_rows([rows[i] for i in group], prefix)  # (G, R, lm_dim) ...
                 predicts = labels != -100                                                   # (G, R)
-                predictors.append(torch.cat([before.unsqueeze(1), hidden[:, :-1]], 1)[predicts])
+                predicting = torch.cat([before.unsqueeze(1), hidden[:, :-1]], 1)            # (G, R, lm_dim)
+                predictors.append(predicting[predicts])
                 label_ids.append(labels[predicts])
                 for g, position in (labels == self.ret_id).nonzero().tolist():
                     ret_hidden[group[g], position] = hidden[g, position]
+                    ret_before[group[g], position] = predicting[g, position]
         # Logits only where a target token is predicted: the vocabulary head is the LM's widest layer.
         logits = self.logits(torch.cat(predictors))                                         # (targets, V')
         caption_loss = F.cross_entropy(logits, torch.cat(label_ids))
@@ -584,7 +621,12 @@ class GroundedLM(nn.Module):
         if not ret_images:
             zero = caption_loss.new_zeros(())
             return LossOutput(caption_loss, caption_loss.detach(), zero, 0.0)
-        queries = self.ret_query(torch.stack([ret_hidden[k] for k in sorted(ret_hidden)]))  # (R, emb_dim), in order
+        asked = sorted(ret_hidden)  # (example, position): in order
+        context = (() if self.ret_context is None else
+                   (torch.stack([ret_before[k] for k in asked]),
+                    *padded_earlier([self.earlier(images_in(examples[i].turns)) for i, _ in asked],
+                                    self.config.emb_dim, self.device)))
+        queries = self.ret_query(torch.stack([ret_hidden[k] for k in asked]), *context)   # (R, emb_dim)
         keys = self.image_keys(self.visual_features(ret_images)[:, 0])                     # (R, emb_dim)
         scores = self.logit_scale.exp().clamp(max=100) * queries @ keys.T                                # (R, R)
         target = torch.arange(len(keys), device=self.device)

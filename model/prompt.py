@@ -51,6 +51,11 @@ class Turn:
         return "".join(p for p in self.parts if isinstance(p, str))
 
 
+def images_in(turns: list[Turn]) -> list[Image.Image]:
+    """Every image of a conversation, in order."""
+    return [im for t in turns for im in t.images]
+
+
 def looked_at(turns: list[Turn]) -> list[Image.Image]:
     """The images the last user turn asks about: its own, else the conversation's latest (none without one)."""
     if not turns or turns[-1].role != "user":
@@ -102,7 +107,7 @@ def render(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format:
     (`looked_at`) ends the user's turn."""
     looked = looked_at(turns) if look else []
     text = _render_text(turns, tokenizer, prompt_format, generation_prompt=True, looks=len(looked))
-    return _segments(text, [im for t in turns for im in t.images], tokenizer, looked)
+    return _segments(text, images_in(turns), tokenizer, looked)
 
 
 def render_with_target(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format: str,

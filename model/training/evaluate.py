@@ -42,7 +42,8 @@ from model.world.data import ShapesDataset
 from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES
 from model.prefix_cache import common_length
-from model.prompt import REQUESTS, Turn, render, render_with_target, retrieval_request
+from model.prompt import REQUESTS, Turn, images_in, render, render_with_target, retrieval_request
+from model.ret_context import padded_earlier
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns
 from model.training.degeneracy import is_degenerate
@@ -69,7 +70,7 @@ class Reply:
 
 def _warm_features(model: GroundedLM, conversations: list[list[Turn]]) -> None:
     """One CLIP pass for a batch's images; embedding the conversations then finds them cached."""
-    images = [im for turns in conversations for t in turns for im in t.images]
+    images = [im for turns in conversations for im in images_in(turns)]
     if images:
         model.visual_features(images)
 
@@ -142,6 +143,7 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
     ret = [False] * batch
     query: list[torch.Tensor | None] = [None] * batch
     state = ["running"] * batch  # running -> (awaiting [RET]'s hidden state ->) done
+    previous = None  # the last step's states (B, lm_dim), where this step's input was predicted
     step = 0
     while True:
         out = model.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
@@ -153,7 +155,8 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
         tokens = logits.argmax(-1).tolist()                                                 # (B,)
         for i in range(batch):
             if state[i] == "awaiting":
-                query[i], state[i] = model.ret_query(hidden[i]), "done"
+                query[i] = model.ret_query(hidden[i], previous[i], model.earlier(images_in(conversations[i])))
+                state[i] = "done"
             elif state[i] == "running":
                 if step < max_new_tokens and tokens[i] not in model.eos_ids and tokens[i] != model.ret_id:
                     ids[i].append(tokens[i])
@@ -163,6 +166,7 @@ def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_to
                 tokens[i] = model.ret_id  # the next input: emitted, or forced where the reply ended
         if all(s == "done" for s in state):
             break
+        previous = hidden
         step += 1
         inputs = model.embed_ids(torch.tensor(tokens, device=model.device)).unsqueeze(1)    # (B, 1, lm_dim)
         mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
@@ -251,7 +255,10 @@ def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
     before, hidden, _ = reply_states(model, conversations, batch_size, token=model.ret_id)
     with torch.no_grad():
         emitted = (model.logits(before).argmax(-1) == model.ret_id).cpu()
-    return model.ret_query(hidden), emitted
+        context = (() if model.ret_context is None else
+                   (before, *padded_earlier([model.earlier(images_in(turns)) for turns in conversations],
+                                            model.config.emb_dim, model.device)))
+        return model.ret_query(hidden, *context), emitted
 
 
 # --- metrics --------------------------------------------------------------------------------------
