@@ -6,8 +6,8 @@
 
 It sends the chat's messages in one conversation, with the app's default settings, and captures the
 whole page once every reply is complete: a picture requested and shown inline, an uploaded scene
-described, and a photograph (scikit-image's sample cat) answered with the note that the demo was trained on
-another kind of image. With `--monologue`: "Think before answering" on, a compound question about an uploaded
+described, a photograph (scikit-image's sample cat) answered with the note that the demo was trained on
+another kind of image, and another picture asked for like the second of them (the upload). With `--monologue`: "Think before answering" on, a compound question about an uploaded
 scene, and the inner monologue opened above the answer.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ def cat_photograph() -> Path:
 
 MESSAGES = (("Find an image of a large blue circle in the centre.", None),
             ("Describe this picture.", ROOT / "assets" / "examples" / "two-shapes.png"),
-            ("And what is in this one?", cat_photograph()))
+            ("And what is in this one?", cat_photograph()),
+            ("Show me another picture like the second one.", None))
 MONOLOGUE = (("Are the cross and the star the same size?", ROOT / "assets" / "examples" / "two-shapes.png"),)
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1360, "height": 1500})  # the chat (66% of it) shows all three
+        page = browser.new_page(viewport={"width": 1360, "height": 2300})  # the chat (66% of it) shows all four
         page.goto(args.url)
         page.wait_for_selector("#message textarea")
         if args.monologue:
