@@ -624,8 +624,7 @@ class GroundedLM(nn.Module):
         asked = sorted(ret_hidden)  # (example, position): in order
         context = (() if self.ret_context is None else
                    (torch.stack([ret_before[k] for k in asked]),
-                    *padded_earlier([self.earlier(images_in(examples[i].turns)) for i, _ in asked],
-                                    self.config.emb_dim, self.device)))
+                    *padded_earlier([self.earlier(images_in(examples[i].turns)) for i, _ in asked], self.device)))
         queries = self.ret_query(torch.stack([ret_hidden[k] for k in asked]), *context)   # (R, emb_dim)
         keys = self.image_keys(self.visual_features(ret_images)[:, 0])                     # (R, emb_dim)
         scores = self.logit_scale.exp().clamp(max=100) * queries @ keys.T                                # (R, R)

@@ -74,13 +74,9 @@ class RetContext(nn.Module):
                            F.normalize(self.query(hidden.float()), dim=-1))
 
 
-def padded_earlier(vectors: list[torch.Tensor], dim: int, device: torch.device | str
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_earlier(vectors: list[torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's earlier images' vectors (N_b, dim) -> (B, N, dim) padded with zeros, and (B, N) bool:
-    where a row has an image."""
-    if not any(len(v) for v in vectors):
-        return torch.zeros(len(vectors), 0, dim, device=device), torch.zeros(len(vectors), 0, dtype=torch.bool,
-                                                                               device=device)
+    where a row has an image (N is 0 when no row has one)."""
     present = [torch.ones(len(v), dtype=torch.bool, device=device) for v in vectors]
     return (pad_sequence([v.to(device) for v in vectors], batch_first=True),
             pad_sequence(present, batch_first=True))

@@ -32,7 +32,7 @@ def points_at_the_first(model: GroundedLM) -> None:
 def test_a_new_module_leaves_every_query_as_it_was(tiny_lm_dir, tiny_clip_dir, tmp_path):
     start, grown = saved_and_grown(tiny_lm_dir, tiny_clip_dir, tmp_path)
     hidden, before = torch.randn(4, start.config.lm_dim), torch.randn(4, start.config.lm_dim)
-    earlier, present = padded_earlier([F.normalize(torch.randn(n, 8), dim=-1) for n in (0, 1, 2, 3)], 8, "cpu")
+    earlier, present = padded_earlier([F.normalize(torch.randn(n, 8), dim=-1) for n in (0, 1, 2, 3)], "cpu")
     with torch.no_grad():
         assert torch.allclose(grown.ret_query(hidden, before, earlier, present), start.ret_query(hidden), atol=1e-6)
 
@@ -55,7 +55,7 @@ def test_the_choice_learns_which_earlier_image_a_request_names_and_the_query_is_
         before = torch.randn(n, dim, generator=generator) + 2 * says[named + 1]
         before[:, 0] = 100 * torch.randn(n, generator=generator)
         images = [F.normalize(torch.randn(int(c), 8, generator=generator), dim=-1) for c in counts]
-        return before, *padded_earlier(images, 8, "cpu"), named
+        return before, *padded_earlier(images, "cpu"), named
 
     def accuracy(before, earlier, present, named) -> float:
         with torch.no_grad():
@@ -86,7 +86,7 @@ def test_a_request_with_no_image_before_it_keeps_its_query_and_one_at_a_time_agr
     points_at_the_first(model)
     hidden, before = torch.randn(2, model.config.lm_dim), torch.randn(2, model.config.lm_dim)
     images = [torch.zeros(0, 8), F.normalize(torch.randn(2, 8), dim=-1)]
-    earlier, present = padded_earlier(images, 8, "cpu")
+    earlier, present = padded_earlier(images, "cpu")
     with torch.no_grad():
         batched = model.ret_query(hidden, before, earlier, present)
         assert torch.allclose(batched[0], start.ret_query(hidden[0]))

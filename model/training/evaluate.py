@@ -257,7 +257,7 @@ def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
         emitted = (model.logits(before).argmax(-1) == model.ret_id).cpu()
         context = (() if model.ret_context is None else
                    (before, *padded_earlier([model.earlier(images_in(turns)) for turns in conversations],
-                                            model.config.emb_dim, model.device)))
+                                            model.device)))
         return model.ret_query(hidden, *context), emitted
 
 

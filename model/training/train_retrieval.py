@@ -192,7 +192,7 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, args: argparse.N
     pooled = torch.cat([model.encoded(images[i:i + 256])[:, 0] for i in range(0, n, 256)])
     ids = {scene: i for i, scene in enumerate(dict.fromkeys(scenes))}
     earlier = [model.encoded(images_in(turns))[:, 0].cpu() for turns in conversations]   # each (H_i, visual_dim)
-    earlier, present = padded_earlier(earlier, pooled.shape[1], "cpu")
+    earlier, present = padded_earlier(earlier, "cpu")
     cache = {"hidden": hidden, "before": before, "pooled": pooled.cpu(),
              "scene": torch.tensor([ids[s] for s in scenes]), "kind": torch.tensor(kinds),
              "earlier": earlier, "present": present, "named": torch.tensor(named)}
