@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import cast_adapter_dtype
 from safetensors.torch import load_file, save_file
 
 ADAPTER = "reasoner"
@@ -58,6 +59,7 @@ def add_reasoner(lm: torch.nn.Module, rank: int = 16, alpha: int = 32, dropout: 
                                   bias="none")
     training = lm.training
     inject_adapter_in_model(config, lm, adapter_name=ADAPTER)
+    cast_adapter_dtype(lm, ADAPTER)  # fp32 on a bf16 LM, as get_peft_model keeps it: trained and saved unrounded
     lm.train(training)  # the new layers start in training mode: their dropout would be on in an eval-mode LM
     for module in lm.modules():
         if isinstance(module, LoraLayer):

@@ -12,6 +12,7 @@ from torch.utils.data import Subset
 from conftest import make_sensitive_lm, tiny_config
 from model.config import CONFIG_NAME, WEIGHTS_NAME, GroundedConfig
 from model.grounded import GroundedLM
+from model.lm import compute_dtype_for
 from model.prompt import REQUESTS, render_with_target, request_phrase
 from model.training.conversations import CONTEXT_EVERY, INSTRUCTIONS, Conversations, QuestionConversations, sentence
 from model.training.train import (LATER_OPTIONS, STATE_FORMAT, STATE_NAME, TRAINABLE, holdout_kept_out, load_state,
@@ -201,6 +202,19 @@ def test_fine_tuning_starts_from_a_checkpoint_and_keeps_its_shape(tiny_lm_dir, t
     assert all(torch.equal(value, after[name]) for name, value in first.trainable_state_dict().items())
     assert tuned.config.region_grid == 2 and tuned.config.projector == first.config.projector == "mlp"
     assert "region_mapping.0.weight" in after, "the new region mapping is an MLP, as the checkpoint's CLS mapping"
+
+
+def test_fine_tuning_computes_in_the_devices_dtype_whatever_the_checkpoint_was_trained_in(tiny_lm_dir, tiny_clip_dir,
+                                                                                         tmp_path):
+    GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu").save_pretrained(tmp_path / "start")
+    assert GroundedConfig.load(tmp_path / "start").compute_dtype == "float32"
+    device_dtype = str(compute_dtype_for(torch.device("cpu"))).removeprefix("torch.")  # bf16 where native
+    for told, expected in ((None, device_dtype), ("float32", "float32")):
+        extra = ("--compute-dtype", told) if told else ()
+        summary = main(args_for(tiny_lm_dir, tiny_clip_dir, tmp_path / f"{told}", "--init", str(tmp_path / "start"),
+                                "--steps", "1", "--val-every", "1", *extra))
+        assert summary["compute_dtype"] == expected
+        assert GroundedConfig.load(tmp_path / f"{told}" / "out").compute_dtype == expected, "the app loads it so"
 
 
 def test_fine_tuning_a_checkpoint_keeps_the_reasoner_it_carries(tiny_lm_dir, tiny_clip_dir, tmp_path):
