@@ -15,7 +15,7 @@ from model.generate import Done, GenerationSettings, Text, Thought, stream_reply
 from model.grounded import GroundedLM
 from model.monologue import FINAL, Monologue, _after_label, think
 from model.prompt import Turn
-from model.reasoner import FOLDER, WEIGHTS
+from model.reasoner import FOLDER, WEIGHTS, reasoning
 from model.serving import DecodeEngine
 from model.training import monologue as trainer
 from model.world import questions, shapes
@@ -210,6 +210,18 @@ def test_a_training_row_learns_the_reasoners_lines_and_only_reads_the_observers(
                       " No." + model.tokenizer.eos_token), "the reason first, then the answer after the loop's cue"
     assert "A1: A red star.\nA2: Blue.\n" in read and read.endswith("Final answer:")
     assert "Question: Are the star" in read
+
+
+def test_the_training_loss_is_the_lms_own_loss_on_the_reasoners_tokens_of_a_padded_batch(model):
+    perturbed(model)
+    rows = [trainer.monologue_row(model, "Is there a star?", [("Is there a star?", "Yes, a red star.")], "Yes.",
+                                  "The Observer named a red star."),
+            trainer.monologue_row(model, "How many?", [("How many objects are there?", "Two.")], "2", "Two.")]
+    ids, labels, mask = trainer.padded_rows(model, rows)
+    with torch.no_grad(), reasoning():
+        expected = model.lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with torch.no_grad():
+        assert torch.allclose(trainer.batch_loss(model, rows), expected, atol=1e-5)
 
 
 def test_the_trainer_gives_a_checkpoint_a_reasoner_from_the_observers_answers_and_resumes(model, tmp_path):

@@ -33,6 +33,7 @@ from model.checkpoint import resolve
 from model.config import GroundedConfig
 from model.files import replace_folder, write_atomically
 from model.grounded import GroundedLM
+from model.lm import COMPUTE_DTYPES, compute_dtype_for
 from model.monologue import OBSERVER_TOKENS, reasoner_prompt, transcript_pieces
 from model.prompt import Turn
 from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning, save_reasoner
@@ -44,7 +45,8 @@ from model.training.train_clip import resolve_device
 from model.world import questions, shapes
 
 OBSERVED_NAME = "observed.json"
-RESUME_KEYS = ("observer", "train_questions", "simple_share", "rank", "batch_size", "lr", "warmup", "seed")
+RESUME_KEYS = ("observer", "train_questions", "simple_share", "rank", "batch_size", "lr", "warmup", "seed",
+               "compute_dtype")
 VAL_OFFSET = 900_000
 
 
@@ -138,10 +140,15 @@ def padded_rows(model: GroundedLM, rows: list[tuple[list[int], list[int]]]
 
 
 def batch_loss(model: GroundedLM, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Mean cross-entropy of the Reasoner's tokens (adapter on)."""
+    """Mean cross-entropy of the Reasoner's tokens (adapter on), the vocabulary's logits taken at those tokens only:
+    a fifth of a monologue's, and all the logits of a batch cost more than the LM's forward on this CPU."""
     ids, labels, mask = padded_rows(model, rows)
     with reasoning():
-        return model.lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        hidden = model.lm.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, D)
+    targets = labels[:, 1:]
+    learnt = targets != -100
+    logits = model.lm.lm_head(hidden[:, :-1][learnt])  # (learnt tokens, V)
+    return torch.nn.functional.cross_entropy(logits.float(), targets[learnt])
 
 
 def plot_curves(history: dict, path: Path) -> None:
@@ -181,7 +188,10 @@ def train(args: argparse.Namespace) -> dict:
     run_dir = Path(args.run_dir or Path("runs") / f"monologue-{out_dir.name}")
     state_path = state_file(run_dir, args.resume)
     torch.manual_seed(args.seed)
-    model = GroundedLM.from_pretrained(resolve(args.observer), device=device, dequantize=True)
+    # the device's dtype unless told, as `train.py` trains: the Observer's answers and the adapter's steps in it
+    args.compute_dtype = str(compute_dtype_for(device, args.compute_dtype)).removeprefix("torch.")
+    model = GroundedLM.from_pretrained(resolve(args.observer), device=device, dequantize=True,
+                                       compute_dtype=args.compute_dtype)
     if model.reasoner is not None:
         raise SystemExit(f"{args.observer} has a Reasoner already; give the checkpoint it observes with")
     rows = prepared(model, run_dir, args)
@@ -294,6 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=None, help="minutes; save and stop after")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
+                   help="the LM's compute dtype (default: bf16 where native, else fp32, whatever the Observer's is)")
     args = p.parse_args(argv)
     if min(args.train_questions, args.val_size, args.steps, args.batch_size, args.val_every, args.rank) < 1:
         raise SystemExit("--train-questions, --val-size, --steps, --batch-size, --val-every and --rank must be positive")
