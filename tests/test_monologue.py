@@ -212,16 +212,22 @@ def test_a_training_row_learns_the_reasoners_lines_and_only_reads_the_observers(
     assert "Question: Are the star" in read
 
 
-def test_the_training_loss_is_the_lms_own_loss_on_the_reasoners_tokens_of_a_padded_batch(model):
+def test_the_training_losses_are_the_lms_own_on_the_reasoners_tokens_of_a_padded_batch(model):
+    from model.training.monologue_rl import token_logprobs
     perturbed(model)
     rows = [trainer.monologue_row(model, "Is there a star?", [("Is there a star?", "Yes, a red star.")], "Yes.",
                                   "The Observer named a red star."),
             trainer.monologue_row(model, "How many?", [("How many objects are there?", "Two.")], "2", "Two.")]
     ids, labels, mask = trainer.padded_rows(model, rows)
     with torch.no_grad(), reasoning():
-        expected = model.lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        out = model.lm(input_ids=ids, attention_mask=mask, labels=labels)
+    targets, learnt = labels[:, 1:], labels[:, 1:] != -100
+    expected = out.logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        assert torch.allclose(trainer.batch_loss(model, rows), expected, atol=1e-5)
+        assert torch.allclose(trainer.batch_loss(model, rows), out.loss, atol=1e-5), "supervised"
+        logprobs, own = token_logprobs(model, rows)
+    assert torch.equal(own.bool(), learnt) and not logprobs[~learnt].any()
+    assert torch.allclose(logprobs[learnt], expected[learnt], atol=1e-5), "reinforcement"
 
 
 def test_the_trainer_gives_a_checkpoint_a_reasoner_from_the_observers_answers_and_resumes(model, tmp_path):

@@ -39,9 +39,9 @@ from model.generate import GenerationSettings
 from model.grounded import GroundedLM
 from model.monologue import Monologue, think
 from model.prompt import Turn
-from model.reasoner import ADAPTER, FOLDER, adapter_weights, reasoner_parameters, reasoning
+from model.reasoner import ADAPTER, FOLDER, adapter_weights, reasoner_parameters
 from model.serving import DecodeEngine
-from model.training.monologue import asked, conclude, padded_rows, pieces_row
+from model.training.monologue import asked, conclude, learnt_logits, pieces_row
 from model.training.optimization import schedule_step
 from model.training.plots import plot_batches, plt, save_figure
 from model.training.train import CURVE_NAME, SUMMARY_NAME, load_state, mean_tail, save_state, state_file
@@ -61,13 +61,11 @@ def row_of(model: GroundedLM, question: str, record: Monologue) -> tuple[list[in
 
 
 def token_logprobs(model: GroundedLM, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (N, T-1) of each row's next tokens under the adapter, and the mask of the Reasoner's own."""
-    ids, labels, mask = padded_rows(model, rows)
-    with reasoning():
-        logits = model.lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()      # (N, T-1, V)
-    targets = labels[:, 1:]
-    logprobs = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logprobs, (targets != -100).float()
+    """Log-probabilities (N, T-1) of each row's next tokens under the adapter, 0 but at the Reasoner's own, and
+    the mask of those."""
+    logits, targets, learnt = learnt_logits(model, rows)
+    own = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)                  # (K,)
+    return torch.zeros(learnt.shape, device=own.device).masked_scatter(learnt, own), learnt.float()
 
 
 def rollouts(model: GroundedLM, batch: list[tuple[str, int, questions.Question]], group: int, temperature: float,
