@@ -450,6 +450,16 @@ class GroundedLM(nn.Module):
         after_images = present.any(1, keepdim=True)                                         # (B, 1)
         return torch.where(after_images, self.ret_context(hidden, before, earlier.float(), present), query)
 
+    def conversation_queries(self, hidden: torch.Tensor, before: torch.Tensor, conversations: list[list[Turn]]
+                             ) -> torch.Tensor:
+        """The queries (B, emb_dim) of B requests, one in each conversation: `ret_query` of hidden (B, lm_dim) where
+        `[RET]` is the input and, for a model with `ret_context`, before (B, lm_dim) where it is predicted and the
+        images each conversation shows before its request."""
+        if self.ret_context is None:
+            return self.ret_query(hidden)
+        earlier = padded_earlier([self.earlier(images_in(turns)) for turns in conversations], self.device)
+        return self.ret_query(hidden, before, *earlier)
+
     def earlier(self, images: list[Image.Image]) -> torch.Tensor | None:
         """The index vectors (N, emb_dim) of a conversation's images, for `ret_query`; None for a model whose
         queries do not read them."""
@@ -622,10 +632,9 @@ class GroundedLM(nn.Module):
             zero = caption_loss.new_zeros(())
             return LossOutput(caption_loss, caption_loss.detach(), zero, 0.0)
         asked = sorted(ret_hidden)  # (example, position): in order
-        context = (() if self.ret_context is None else
-                   (torch.stack([ret_before[k] for k in asked]),
-                    *padded_earlier([self.earlier(images_in(examples[i].turns)) for i, _ in asked], self.device)))
-        queries = self.ret_query(torch.stack([ret_hidden[k] for k in asked]), *context)   # (R, emb_dim)
+        queries = self.conversation_queries(torch.stack([ret_hidden[k] for k in asked]),    # (R, emb_dim)
+                                            torch.stack([ret_before[k] for k in asked]),
+                                            [examples[i].turns for i, _ in asked])
         keys = self.image_keys(self.visual_features(ret_images)[:, 0])                     # (R, emb_dim)
         scores = self.logit_scale.exp().clamp(max=100) * queries @ keys.T                                # (R, R)
         target = torch.arange(len(keys), device=self.device)

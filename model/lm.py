@@ -80,6 +80,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def compute_dtype_name(device: torch.device, requested: str | None = None) -> str:
+    """`compute_dtype_for`'s answer as a config names it ("bfloat16" / "float32")."""
+    return str(compute_dtype_for(device, requested)).removeprefix("torch.")
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matrix maths runs natively: CUDA, or a CPU with AMX or AVX512-BF16 (elsewhere a CPU
     emulates bf16 and is slower than fp32)."""

@@ -54,7 +54,7 @@ from transformers import NoRepeatNGramLogitsProcessor
 from model.checkpoint import read_checkpoint, resolve
 from model.config import PROJECTORS, GroundedConfig
 from model.grounded import GroundedLM
-from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_for, dequantized
+from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_name, dequantized
 from model.prompt import Segment, Turn, render
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import INSTRUCTIONS
@@ -356,8 +356,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Grounde
                                                                   named.projector)
         summary = json.loads((folder / SUMMARY_NAME).read_text()) if (folder / SUMMARY_NAME).is_file() else {}
         if not named.retrieves and summary.get("captions_seen") == 0:
-            compute_dtype = str(compute_dtype_for(device, args.compute_dtype)).removeprefix("torch.")  # the device's
-            model = GroundedLM.from_pretrained(folder, quantize=args.quantize, device=device, compute_dtype=compute_dtype)
+            model = GroundedLM.from_pretrained(folder, quantize=args.quantize, device=device,
+                                               compute_dtype=compute_dtype_name(device, args.compute_dtype))
             return model, summary.get("baseline")
     config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
                             n_visual_tokens=args.n_visual_tokens, region_grid=args.region_grid,

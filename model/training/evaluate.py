@@ -43,7 +43,6 @@ from model.grounded import GroundedLM
 from model.lm import QUANTIZE_CHOICES
 from model.prefix_cache import common_length
 from model.prompt import REQUESTS, Turn, images_in, render, render_with_target, retrieval_request
-from model.ret_context import padded_earlier
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import CONTEXT_REQUESTS, INSTRUCTIONS, ORDINALS, caption_turns
 from model.training.degeneracy import is_degenerate
@@ -255,10 +254,7 @@ def ret_queries(model: GroundedLM, conversations: list[list[Turn]],
     before, hidden, _ = reply_states(model, conversations, batch_size, token=model.ret_id)
     with torch.no_grad():
         emitted = (model.logits(before).argmax(-1) == model.ret_id).cpu()
-        context = (() if model.ret_context is None else
-                   (before, *padded_earlier([model.earlier(images_in(turns)) for turns in conversations],
-                                            model.device)))
-        return model.ret_query(hidden, *context), emitted
+        return model.conversation_queries(hidden, before, conversations), emitted
 
 
 # --- metrics --------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from model.checkpoint import resolve
 from model.config import GroundedConfig
 from model.files import replace_folder, write_atomically
 from model.grounded import GroundedLM
-from model.lm import COMPUTE_DTYPES, compute_dtype_for
+from model.lm import COMPUTE_DTYPES, compute_dtype_name
 from model.monologue import OBSERVER_TOKENS, reasoner_prompt, transcript_pieces
 from model.prompt import Turn
 from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning, save_reasoner
@@ -196,7 +196,7 @@ def train(args: argparse.Namespace) -> dict:
     state_path = state_file(run_dir, args.resume)
     torch.manual_seed(args.seed)
     # the device's dtype unless told, as `train.py` trains: the Observer's answers and the adapter's steps in it
-    args.compute_dtype = str(compute_dtype_for(device, args.compute_dtype)).removeprefix("torch.")
+    args.compute_dtype = compute_dtype_name(device, args.compute_dtype)
     model = GroundedLM.from_pretrained(resolve(args.observer), device=device, dequantize=True,
                                        compute_dtype=args.compute_dtype)
     if model.reasoner is not None:

@@ -46,7 +46,7 @@ from model.files import write_atomically
 from model.config import CONFIG_NAME, PROJECTORS, WEIGHTS_NAME, GroundedConfig
 from model.world.data import ShapesDataset, TsvCaptionDataset
 from model.grounded import Example, GroundedLM
-from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_for, dequantized
+from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_name, dequantized
 from model.training.cell_words import cell_word_loss
 from model.training.conversations import CONTEXT_EVERY, Conversations, QuestionConversations
 from model.training.optimization import param_groups, schedule_step
@@ -290,7 +290,7 @@ def train(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     # the device's dtype unless told, also for a checkpoint trained where bf16 is emulated: the result records it
-    compute_dtype = str(compute_dtype_for(device, args.compute_dtype)).removeprefix("torch.")
+    compute_dtype = compute_dtype_name(device, args.compute_dtype)
     kept_out = args.holdout
     if args.init:  # fine-tune: the checkpoint's model, and its weights to start from
         init_dir = resolve(args.init)
