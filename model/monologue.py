@@ -47,8 +47,9 @@ OBSERVER_TOKENS = 40
 """Where an Observer's answer is cut. IMMO's Observer stops at 25 tokens; at 24, 19 of 60 of the demo's answers
 in its evaluation lost their end (a three-object scene described whole runs past it), and with it the third
 object."""
-LINE_TOKENS = 40
-"""A Reasoner's line that has not ended by then never will: the monologue has gone wrong."""
+LINE_TOKENS = 96
+"""A Reasoner's line that has not ended by then never will: the monologue has gone wrong. The longest reason of
+6,000 training monologues, a conditional count that checks three places, is 62 tokens."""
 CONTEXT_TURNS = 4
 """Earlier turns whose text the Reasoner reads (the conversation's images it never sees)."""
 _QUESTION = re.compile(r"^Q(\d+):\s*(.+)$")

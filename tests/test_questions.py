@@ -100,13 +100,38 @@ def test_with_holdout_no_question_names_a_held_out_pair():
     assert any(pair in t for t in texts for pair in held), "the hold-out split asks about its own pairs"
 
 
-def test_a_count_or_existence_reason_names_the_things_counted_one_by_one():
+def test_a_count_or_existence_reason_checks_each_thing_named_against_what_was_asked():
     stars = Scene((SceneObject("star", "blue", "large", "top"), RED_CIRCLE, SceneObject("star", "blue", "small", "bottom")))
     q = next(q for i in range(400) if "star" in (q := ask(stars, random.Random(i), ("count",))).text
              and not {"blue", "large", "small"} & set(q.text.lower().split()))  # "How many stars ...?"
     described = "A large blue star at the top, a small red circle on the left and a small blue star at the bottom."
-    assert implied_answer(q, [described]) == ("2", "The Observer named a large blue star and a small blue star.")
-    assert implied_answer(q, ["A large yellow circle."]) == ("0", "The Observer named no star.")
+    assert implied_answer(q, [described]) == (
+        "2", "The Observer named a large blue star (yes), a small red circle (not a star) and a small blue star (yes)."), \
+        "in the order the description names them"
+    assert implied_answer(q, ["A large yellow circle."]) == ("0", "The Observer named a large yellow circle (not a star).")
+    blue_circle = Question("Is there a blue circle?", "no", "existence")
+    assert implied_answer(blue_circle, [described]) == (
+        "no", "The Observer named a large blue star (not a circle), a small red circle (not blue) and a small blue star "
+              "(not a circle)."), "a thing that shares one attribute with what was asked is checked on the other"
+    everything = next(q for i in range(400) if (q := ask(stars, random.Random(i), ("count",))).answer == "3")
+    assert implied_answer(everything, [described]) == (
+        "3", "The Observer named a large blue star, a small red circle and a small blue star."), "nothing to check"
+
+
+def test_a_relation_reason_compares_the_places_columns_or_rows_and_a_conditional_count_checks_each_place():
+    relation = Question("Is the circle left of the square?", "yes", "relation",
+                        (("Where is the circle?", "left"), ("Where is the square?", "centre")), "left")
+    assert implied_answer(relation, ["On the left.", "In the centre."]) == (
+        "yes", "the circle is on the left and the square is in the centre: columns 1 and 2, so the circle is to the left "
+               "of the square.")
+    assert implied_answer(relation, ["At the top.", "In the centre."]) == (
+        "no", "the circle is at the top and the square is in the centre: columns 2 and 2, so the circle is not to the "
+              "left of the square.")
+    counted = Question("How many red things are below the square?", "1", "count_where",
+                       (("Where is the square?", "centre"), ("Where are the red things?", "left and bottom")), "count:below")
+    assert implied_answer(counted, ["In the centre.", "On the left and at the bottom."]) == (
+        "1", "the square is in the centre (row 2); the red things are on the left (row 2: not below it) and at the bottom "
+             "(row 3: below it).")
 
 
 def test_an_attribute_or_location_reason_says_the_answer_it_read():

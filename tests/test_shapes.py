@@ -163,6 +163,14 @@ def test_parse_returns_what_it_can_and_none_for_no_object():
     assert parsed.objects == (SceneObject("star", "green", None, "right"), SceneObject("triangle", None, None, None))
 
 
+def test_described_objects_come_in_the_order_the_text_names_them():
+    text = "A small red star on the right and a large blue circle on the left."
+    assert shapes.described_objects(text) == [SceneObject("star", "red", "small", "right"),
+                                              SceneObject("circle", "blue", "large", "left")]
+    assert parse_caption(text).objects == tuple(reversed(shapes.described_objects(text))), "the scene's order is canonical"
+    assert shapes.described_objects("Nothing here.") == []
+
+
 def test_wrong_captions_parse_as_wrong():
     sample = shapes.generate(42)
     truth = sample.scene

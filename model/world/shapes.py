@@ -328,6 +328,17 @@ def parse_caption(text: str) -> Scene | None:
     adjectives; a new object starts when a word would fill an attribute its object already has, or an
     adjective follows a shape. An object counts when its shape is named; unsaid attributes are None.
     """
+    objects, background = _read_description(text)
+    return Scene(objects=tuple(objects), background=background) if objects else None
+
+
+def described_objects(text: str) -> list[SceneObject]:
+    """The objects free text names, in the order it names them (`parse_caption`'s scene puts them in canonical
+    order): what a reader going through the text meets first comes first."""
+    return _read_description(text)[0]
+
+
+def _read_description(text: str) -> tuple[list[SceneObject], str | None]:
     text = text.lower().replace("gray", "grey")
     background, text = _find_background(re.sub(r"[^a-z]+", " ", text))
     objects: list[dict[str, str]] = []
@@ -343,10 +354,7 @@ def parse_caption(text: str) -> Scene | None:
             current = {}
         current[kind] = value
     objects.append(current)
-    found = [SceneObject(**{f: o.get(f) for f in _FIELDS}) for o in objects if "shape" in o]
-    if not found:
-        return None
-    return Scene(objects=tuple(found), background=background)
+    return [SceneObject(**{f: o.get(f) for f in _FIELDS}) for o in objects if "shape" in o], background
 
 
 def score_scene(truth: Scene, predicted: Scene | None) -> dict[str, float]:
