@@ -17,7 +17,8 @@ the hold-out pairs and the hold-out split, compound and simple kinds):
                Reasoner that asks the right questions, never misreads and never guesses would score
 Each reply is read back with `questions.reply_answer`. A monologue row adds its fallback rate (a malformed
 monologue answered by the Observer directly), the rounds it used, and how often it misread the Observer (it asked
-the known steps, the answers implied an answer, and it concluded another): the Reasoner's own errors. Monologues
+the known steps, the answers implied an answer, and it concluded another): the Reasoner's own errors, and every
+monologue that concluded wrong (what to read before changing what the Reasoner learns). Monologues
 and captions' readings decode `--batch-size` at a time through the app's batched decoder (greedy; a batch may
 break a near tie otherwise than decoding alone would). Writes a JSON, a bar plot beside it, and prints a table.
 """
@@ -147,9 +148,9 @@ def score(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: int, 
     result: dict[str, dict] = {row: {} for row in replies}
     for kind in kinds:
         picked = [i for i, (k, _, _) in enumerate(asked) if k == kind]
+        right = {row: [questions.is_right(replies[row][i], asked[i][2]) for i in picked] for row in replies}
         for row in replies:
-            right = [questions.is_right(replies[row][i], asked[i][2]) for i in picked]
-            result[row][kind] = {"accuracy": sum(right) / len(right), "n": len(right),
+            result[row][kind] = {"accuracy": sum(right[row]) / len(picked), "n": len(picked),
                                  "examples": [{"question": asked[i][2].text, "answer": asked[i][2].answer,
                                                "reply": replies[row][i]} for i in picked[:3]]}
         for row, rows in records.items():
@@ -158,6 +159,8 @@ def score(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: int, 
                 "mean_rounds": sum(rows[i].rounds for i in picked) / len(picked),
                 "misread_rate": sum(misread(rows[i], asked[i][2]) for i in picked) / len(picked),
                 "monologues": [rows[i].lines for i in picked[:3]],
+                "wrong": [{"question": asked[i][2].text, "answer": asked[i][2].answer, "lines": rows[i].lines}
+                          for i, ok in zip(picked, right[row]) if not ok],
                 "fallbacks": [rows[i].fallback for i in picked if rows[i].fallback][:5]})
     return result
 
