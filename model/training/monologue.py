@@ -19,11 +19,9 @@ supervised trainer's optimiser, schedule and resumable state. The adapter, its c
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -54,36 +52,13 @@ VAL_OFFSET = 900_000
 
 def asked(split: str, n: int, simple_share: float, seed: int, image_size: int, offset: int = 0
           ) -> list[tuple[int, questions.Question]]:
-    """n (index, question) pairs of `split` from `offset` on: compound kinds, and a `simple_share` of simple ones (a
-    monologue of one step, so that simple questions lose nothing by thinking first). Hold-out pairs are never named.
-
-    A compound yes/no question whose answer is ahead of the other's among those of its kind so far is passed over,
-    and that kind asked of the next scenes until the other answer comes: the kinds stay as common as the generator
-    makes them, and their answers even. The generator answers "no" twice as often as "yes" to comparisons and
-    relations, and a Reasoner trained on that concluded "not" on 4 of the 5 relations of 20 that hold, its reason's
-    columns saying they did."""
+    """n (index, question) pairs of `split`: compound kinds, and a `simple_share` of simple ones (a monologue of
+    one step, so that simple questions lose nothing by thinking first). Hold-out pairs are never named."""
     rng = random.Random(f"monologue:{split}:{seed}")
-    items: list[tuple[int, questions.Question]] = []
-    lead: Counter[str] = Counter()  # per compound yes/no kind: its "yes" answers so far less its "no"s
-    again = None  # the kind passed over, asked again until its other answer comes
-    for index in itertools.count(offset):
-        if len(items) == n:
-            break
-        if again:
-            kinds = (again,)
-        else:
-            kinds = questions.SIMPLE_KINDS if rng.random() < simple_share else questions.COMPOUND_KINDS
-        question = questions.question(split, index, image_size, True, kinds)[1]
-        if again and question.kind != again:
-            continue  # this scene cannot carry that kind (a comparison needs two objects named apart)
-        if question.kind in questions.COMPOUND_KINDS and question.answer_type == "yes/no":
-            vote = 1 if question.answer == "yes" else -1
-            if lead[question.kind] * vote > 0:
-                again = question.kind
-                continue
-            lead[question.kind] += vote
-        again = None
-        items.append((index, question))
+    items = []
+    for i in range(offset, offset + n):
+        kinds = questions.SIMPLE_KINDS if rng.random() < simple_share else questions.COMPOUND_KINDS
+        items.append((i, questions.question(split, i, image_size, True, kinds)[1]))
     return items
 
 
