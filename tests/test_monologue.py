@@ -370,8 +370,8 @@ def test_the_evaluation_sets_a_reinforced_reasoner_beside_the_supervised_one_on_
             assert rows["supervised"][kind]["monologues"] == alone["splits"][split]["immo"][kind]["monologues"]
             assert rows["observer"][kind] == alone["splits"][split]["observer"][kind]
             assert rows["exact"][kind] == alone["splits"][split]["exact"][kind], "no Reasoner in the exact reading"
-            assert 0 <= rows["immo"][kind]["misread_rate"] <= 1
             immo = rows["immo"][kind]
+            assert 0 <= immo["misread_rate"] <= 1
             assert len(immo["wrong"]) == round(immo["n"] * (1 - immo["accuracy"])), "every wrong monologue, to read"
     assert any(rows["immo"][k]["monologues"] != rows["supervised"][k]["monologues"]
                for rows in both["splits"].values() for k in questions.KINDS), "two Reasoners, two monologues"
