@@ -107,8 +107,9 @@ def _grid_index(relation: str, position: str) -> int:
     compares: ("left", "centre") -> 2, the centre's column. A reason says it before the comparison, so that a
     Reasoner compares two digits rather than recalls which of 25 pairs of places is left of which (without it, 5
     of 20 relation questions of the test split gave both places right and the comparison wrong)."""
-    x, y = shapes.centre_of(position)
-    return 1 + round(((x if _AXES[relation] == "column" else y) - 0.18) / 0.32)
+    axis = 0 if _AXES[relation] == "column" else 1
+    lines = sorted({shapes.centre_of(p)[axis] for p in shapes.POSITIONS})
+    return 1 + lines.index(shapes.centre_of(position)[axis])
 
 
 def reply_positions(reply: str) -> list[str]:
