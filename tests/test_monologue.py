@@ -244,6 +244,8 @@ def test_the_trainer_gives_a_checkpoint_a_reasoner_from_the_observers_answers_an
     (run / trainer.OBSERVED_NAME).write_text(json.dumps(observed))
     stopped = trainer.main(options + ["--steps", "3", "--time-limit", "0"])
     assert not stopped["finished"] and not (tmp_path / "ckpt" / FOLDER).exists()
+    with pytest.raises(ValueError, match="described_questions: 0 then, 2 now"):
+        trainer.main(options + ["--steps", "3", "--resume", "--described-questions", "2"])
     summary = trainer.main(options + ["--steps", "3", "--resume"])
     assert summary["finished"] and summary["step"] == 3 and summary["train_monologues"] == 6
     assert GroundedConfig.load(tmp_path / "ckpt").reasoner
@@ -265,6 +267,17 @@ def test_true_answers_and_true_descriptions_imply_the_true_answer_of_every_kind_
             assert questions.implied_answer(q, [described] * max(1, len(q.steps)))[0] == q.answer, (q, described)
             checked += 1
     assert checked > 550
+
+
+def test_described_monologues_compare_places_on_new_scenes_and_hear_the_truth():
+    items = trainer.described(40, 32, offset=6)
+    assert {q.kind for q, _ in items} == set(trainer.DESCRIBED_KINDS)
+    assert all(q.steps[-1][1] != "nowhere" for q, _ in items), "a count of a colour the scene lacks compares nothing"
+    observed_scenes = {shapes.plain_caption(questions.question("train", i, 32, True)[0].scene) for i in range(6)}
+    for q, heard in items:
+        assert len(heard) == len(q.steps) and heard[0] not in observed_scenes
+        answer, reason = trainer.conclusion(q, heard)
+        assert answer == questions.reply_text(q.answer) and ("column" in reason or "row" in reason)
 
 
 def test_where_the_observer_does_not_say_the_monologue_concludes_with_a_guess():
