@@ -234,7 +234,7 @@ def test_the_trainer_gives_a_checkpoint_a_reasoner_from_the_observers_answers_an
     model.save_pretrained(tmp_path / "ckpt")
     run = tmp_path / "run"
     options = ["--observer", str(tmp_path / "ckpt"), "--run-dir", str(run), "--train-questions", "6",
-               "--val-size", "2", "--batch-size", "2", "--val-every", "1", "--device", "cpu"]
+               "--described-questions", "2", "--val-size", "2", "--batch-size", "2", "--val-every", "1", "--device", "cpu"]
     # what the Observer answered, as the first run would keep it: here, the truth (a tiny Observer says nothing
     # readable, and every monologue would end in a guess)
     image_size = model.visual.image_size[0]
@@ -244,10 +244,10 @@ def test_the_trainer_gives_a_checkpoint_a_reasoner_from_the_observers_answers_an
     (run / trainer.OBSERVED_NAME).write_text(json.dumps(observed))
     stopped = trainer.main(options + ["--steps", "3", "--time-limit", "0"])
     assert not stopped["finished"] and not (tmp_path / "ckpt" / FOLDER).exists()
-    with pytest.raises(ValueError, match="described_questions: 0 then, 2 now"):
-        trainer.main(options + ["--steps", "3", "--resume", "--described-questions", "2"])
+    with pytest.raises(ValueError, match="described_questions: 2 then, 0 now"):
+        trainer.main(options + ["--steps", "3", "--resume", "--described-questions", "0"])
     summary = trainer.main(options + ["--steps", "3", "--resume"])
-    assert summary["finished"] and summary["step"] == 3 and summary["train_monologues"] == 6
+    assert summary["finished"] and summary["step"] == 3 and summary["train_monologues"] == 6 + 2
     assert GroundedConfig.load(tmp_path / "ckpt").reasoner
     assert json.loads((tmp_path / "ckpt" / FOLDER / "training.json").read_text())["step"] == 3
     assert GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu").reasoner is not None
