@@ -7,7 +7,7 @@ question (and the conversation's text) and writes one line at a time into its tr
     A1: Red.                              <- Observer: the grounded LM, adapter off, on the image
     Q2: What colour is the square?
     A2: Blue.
-    Reason: the star is red and the square is blue.
+    Reason: the star is red and the square is blue, so the star and the square are not the same colour.
     Final answer: No.
 
 The reason comes before the answer, so that the answer is read off what the Reasoner has just written (a small
@@ -17,8 +17,8 @@ opening "F"; one trained to answer before its reason then gives the reason on th
 goes wrong (a line that is neither a question nor the reason, a question asked twice, an empty answer, a line
 that never ends) falls back to the Observer answering the user's question directly, and says so:
 `Monologue.fallback` names why. `think` streams it all as events: `Thought`s for the lines as they are written,
-then the final answer and its reason as `Text` ("No. The star is red and the square is blue.", with `[RET]`
-retrieving as in any reply). Training writes the same transcripts (`transcript_pieces`), so what the Reasoner
+then the final answer and its reason as `Text` ("No. The star is red and the square is blue, so ...", with
+`[RET]` retrieving as in any reply). Training writes the same transcripts (`transcript_pieces`), so what the Reasoner
 learns is exactly what it is asked to continue here.
 """
 from __future__ import annotations
@@ -348,7 +348,7 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
 def _final_answer(reasoner: Reasoner, answering: Iterator[str | Retrieved], record: Monologue,
                   cancel: Cancel | None, reason: str | None) -> Iterator[Event]:
     """The final answer and its `reason` (written before it; or, from a Reasoner that answers first, on the line
-    after it), streamed to the user as one `Text` without labels ("No. The star is red and the square is blue.");
+    after it), streamed to the user as one `Text` without labels ("No. The star is red and the square is blue, so ...");
     `[RET]` may retrieve here, as in any reply."""
     for piece in _after_label(answering, FINAL):
         if isinstance(piece, str):

@@ -134,6 +134,16 @@ def test_a_relation_reason_compares_the_places_columns_or_rows_and_a_conditional
              "(row 3: below it).")
 
 
+def test_a_comparison_reason_names_both_values_and_says_whether_they_are_the_same():
+    same = Question("Are the star and the circle the same colour?", "no", "compare",
+                    (("What colour is the star?", "blue"), ("What colour is the circle?", "red")), "same")
+    assert implied_answer(same, ["Blue.", "Red."]) == (
+        "no", "the star is blue and the circle is red, so the star and the circle are not the same colour.")
+    assert implied_answer(same, ["Red.", "A small red circle on the left."]) == (
+        "yes", "the star is red and the circle is red, so the star and the circle are the same colour."), \
+        "the conclusion is in the reason, which the answer is read off"
+
+
 def test_an_attribute_or_location_reason_says_the_answer_it_read():
     star = SceneObject("star", "blue", "large", "top")
     scene = Scene((star, RED_CIRCLE))

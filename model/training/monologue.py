@@ -9,9 +9,9 @@ step), the Observer's *real* answers go into the transcript (what the frozen gro
 asks it), and the final answer is what those answers imply (`questions.implied_answer`), with a reason made of
 them: the Reasoner learns to trust and combine what it hears, the way it must in the app. Where the Observer's
 answers do not say (its description leaves out the thing asked about), the monologue ends with the true answer
-as a guess, and says so (counted). With `--described-questions`, more monologues that compare places hear the
-scenes' true descriptions instead (`described`): a comparison of columns or rows needs more examples than the
-Observer's pass can afford. The loss is the Reasoner's tokens only: its questions and final lines; the prompt and
+as a guess, and says so (counted). With `--described-questions`, more monologues that compare what they heard
+hear the scenes' true descriptions instead (`described`): a comparison of columns, rows or values needs more
+examples than the Observer's pass can afford. The loss is the Reasoner's tokens only: its questions and final lines; the prompt and
 the Observer's answers are context, masked out.
 
 The Observer's answers are computed once and kept in `<run-dir>/observed.json`; the adapter trains with the
@@ -64,15 +64,16 @@ def asked(split: str, n: int, simple_share: float, seed: int, image_size: int, o
     return items
 
 
-DESCRIBED_KINDS = ("count_where", "relation")
-"""The kinds whose conclusion compares places, a column or a row against another: what a Reasoner learns only from
-many examples (a LoRA of its make, taught relations' reasons alone, chose the right one for 37% of test relations
-before, 80% after 800 and 100% after 1,600; the observed monologues hold about 780)."""
+DESCRIBED_KINDS = ("compare", "count_where", "relation")
+"""The kinds whose conclusion compares what two steps heard: two places, a column or a row against another, or two
+values. What a Reasoner learns only from many examples (a LoRA of its make, taught relations' reasons alone, chose
+the right one for 37% of test relations before, 80% after 800 and 100% after 1,600; the observed monologues hold
+about 780); and a Reasoner given 3,000 described relations and counts still answered "no" to two equal values."""
 
 
 def described(n: int, image_size: int, offset: int) -> list[tuple[questions.Question, list[str]]]:
-    """n training questions that compare places, of DESCRIBED_KINDS, about the scenes from index `offset` on, each
-    step answered with the scene's plain description (`shapes.plain_caption`: what the Observer says of a scene it
+    """n training questions that compare, of DESCRIBED_KINDS, about the scenes from index `offset` on, each step
+    answered with the scene's plain description (`shapes.plain_caption`: what the Observer says of a scene it
     sees right). More comparisons to learn from, at no cost of the Observer's: its own answers stay in the observed
     monologues, which teach the Reasoner to trust and combine what it really hears. Scenes that support none of
     these kinds, and counts of a colour the scene does not have (nothing to compare), are passed over."""

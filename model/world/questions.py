@@ -187,7 +187,9 @@ def implied_answer(question: Question, replies: list[str]) -> tuple[str, str] | 
         a, b = read_heard(step_a, replies, 0, field), read_heard(step_b, replies, 1, field)
         if a is None or b is None:
             return None
-        return "yes" if a == b else "no", f"{name_a} is {a[0]} and {name_b} is {b[0]}."
+        same = a == b
+        return ("yes" if same else "no", f"{name_a} is {a[0]} and {name_b} is {b[0]}, so {name_a} and {name_b} are "
+                f"{'' if same else 'not '}the same {field}.")
     if question.combine.startswith("count:"):
         relation = question.combine.removeprefix("count:")
         anchor, others = read_heard(step_a, replies, 0, "position"), read_heard(step_b, replies, 1, "position")
