@@ -11,8 +11,8 @@ them: the Reasoner learns to trust and combine what it hears, the way it must in
 answers do not say (its description leaves out the thing asked about), the monologue ends with the true answer
 as a guess, and says so (counted). With `--described-questions`, more monologues that compare what they heard
 hear the scenes' true descriptions instead (`described`): a comparison of columns, rows or values needs more
-examples than the Observer's pass can afford. The loss is the Reasoner's tokens only: its questions and final lines; the prompt and
-the Observer's answers are context, masked out.
+examples than the Observer's pass can afford. The loss is the Reasoner's tokens only: its questions and final
+lines; the prompt and the Observer's answers are context, masked out.
 
 The Observer's answers are computed once and kept in `<run-dir>/observed.json`; the adapter trains with the
 supervised trainer's optimiser, schedule and resumable state. The adapter, its curve and summary go into
