@@ -269,16 +269,24 @@ def test_true_answers_and_true_descriptions_imply_the_true_answer_of_every_kind_
     assert checked > 550
 
 
-def test_described_monologues_compare_on_new_scenes_and_hear_the_truth():
-    items = trainer.described(40, 32, offset=6)
-    assert {q.kind for q, _ in items} == set(trainer.DESCRIBED_KINDS)
-    assert all(q.steps[-1][1] != "nowhere" for q, _ in items), "a count of a colour the scene lacks compares nothing"
+def test_described_monologues_look_up_and_compare_on_new_scenes_and_hear_the_truth():
+    items = trainer.described(60, 32, offset=6)
+    kinds = [q.kind for q, _ in items]
+    assert set(kinds) == set(trainer.DESCRIBED_KINDS)
+    assert sum(k in trainer.LOOKUP_KINDS for k in kinds) == 20, "a third are lookups"
+    compared = [q for q, _ in items if q.steps]
+    assert all(q.steps[-1][1] != "nowhere" for q in compared), "a count of a colour the scene lacks compares nothing"
     observed_scenes = {shapes.plain_caption(questions.question("train", i, 32, True)[0].scene) for i in range(6)}
     for q, heard in items:
-        assert len(heard) == len(q.steps) and heard[0] not in observed_scenes
+        assert len(heard) == max(1, len(q.steps)) and heard[0] not in observed_scenes
         answer, reason = trainer.conclusion(q, heard)
         assert answer == questions.reply_text(q.answer)
-        assert ("column" in reason or "row" in reason) if q.kind != "compare" else "the same" in reason
+        if q.kind in trainer.LOOKUP_KINDS:
+            assert reason.startswith("The Observer said") and answer.rstrip(".").lower() in reason
+        elif q.kind == "compare":
+            assert "the same" in reason
+        else:
+            assert "column" in reason or "row" in reason
 
 
 def test_where_the_observer_does_not_say_the_monologue_concludes_with_a_guess():
