@@ -53,10 +53,15 @@ def esper_args(lm_dir, clip_dir, tmp_path, *extra):
 
 
 @torch.no_grad()
-def expected_first_letter_score(model: GroundedLM, image: Image.Image) -> float:
-    """The judge's expected score of a one-token reply to `image`, exactly: over the whole vocabulary."""
+def expected_letter_score(model: GroundedLM, image: Image.Image, position: int = 0) -> float:
+    """The judge's expected score of the reply's token at `position` to `image`, after the greedy tokens before
+    it, exactly: over the whole vocabulary."""
     banned = torch.tensor(sorted(model.eos_ids | {model.ret_id}))
     prompt = model.embed_segments(render([Turn("user", [image, "Describe the image."])], model.tokenizer, "chat"))
+    for _ in range(position):
+        hidden, _ = model.hidden_states(prompt.unsqueeze(0))
+        token = esper.masked(model.logits(hidden[0, -1]), banned).argmax(-1, keepdim=True)
+        prompt = torch.cat([prompt, model.embed_ids(token)])
     hidden, _ = model.hidden_states(prompt.unsqueeze(0))
     probs = (esper.masked(model.logits(hidden[0, -1]), banned) / 0.7).softmax(-1)
     scores = torch.tensor([letter_score(model.tokenizer.decode([i])) if i < len(model.tokenizer) else 0.0
@@ -77,9 +82,28 @@ def test_esper_steps_teach_the_mapping_what_each_image_should_make_the_lm_say(se
     after = GroundedLM.from_pretrained(tmp_path / "out")
     red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
     # red wants 'e' (the score up), blue wants 'o' (the score down): only a mapping that tells them apart does both
-    assert expected_first_letter_score(after, red) > expected_first_letter_score(before, red) + 0.05
-    assert expected_first_letter_score(after, blue) < expected_first_letter_score(before, blue)
+    assert expected_letter_score(after, red) > expected_letter_score(before, red) + 0.05
+    assert expected_letter_score(after, blue) < expected_letter_score(before, blue)
     assert summary["captions_seen"] == 0 and summary["finished"]
+
+
+def test_candidates_at_two_positions_teach_the_second_token_too(sensitive_lm_dir, tiny_clip_dir, red_and_blue,
+                                                                 tmp_path):
+    """The judge scores two-token replies; summing over the candidates at both positions trains the token after
+    the policy's greedy first one, which summing at the first position alone leaves to chance."""
+    second = {}
+    for positions in (1, 2):
+        args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path / str(positions), "--images", str(red_and_blue),
+                          "--steps", "40", "--warmup-steps", "2", "--batch-size", "4", "--candidates", "16",
+                          "--candidate-positions", str(positions), "--length", "2", "--lr", "0.05", "--kl", "0",
+                          "--quiet", "1", "--unlikely-nll", "100", "--opening", "", "--val-every", "40")
+        torch.manual_seed(args.seed)
+        before, _ = esper.build_model(args, torch.device("cpu"))
+        esper.train(args, judge=LetterJudge())
+        after = GroundedLM.from_pretrained(tmp_path / str(positions) / "out")
+        red = Image.new("RGB", (32, 32), "red")
+        second[positions] = expected_letter_score(after, red, 1) - expected_letter_score(before, red, 1)
+    assert second[2] > second[1] + 0.07, second  # measured: +0.28 against +0.15
 
 
 def test_the_checkpoint_esper_writes_does_not_retrieve(tiny_lm_dir, tiny_clip_dir, red_and_blue, tmp_path):

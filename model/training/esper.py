@@ -24,7 +24,9 @@ With `--candidates K` the reply's first token is summed over rather than sampled
 policy's K likeliest first tokens, each continued greedily, are all scored, and the loss is the exact expected
 reward over them. For openings that end where the image's words go ("I see a bright"), it finds the colour the
 judge rewards every step, where a few samples mostly miss it: the first stage of a curriculum that a sampled
-run (`--init` its checkpoint) continues towards free descriptions.
+run (`--init` its checkpoint) continues towards free descriptions. With `--candidate-positions P` the same sum
+is taken at each of the reply's first P positions, after the policy's greedy tokens before it: the word after
+the colour (the shape) learns too.
 
 The mapping starts quiet (`quiet_start`): every image token is the LM's newline token plus a small image-dependent
 part, so the first prefix barely disturbs the LM (ESPER scaled its mapper's input down likewise).
@@ -77,7 +79,8 @@ UNTRAINED_NAME = "untrained"
 SAMPLES_FIGURE = "samples.png"
 RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_grid", "projector", "images",
                "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
-               "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates")
+               "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates",
+               "candidate_positions")
 
 
 def quiet_start(model: GroundedLM, scale: float) -> None:
@@ -135,11 +138,11 @@ def make_prompts(model: GroundedLM, images: list[Image.Image], rng: random.Rando
 @torch.no_grad()
 def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int], repeats: int, length: int,
                    temperature: float, banned: torch.Tensor, generator: torch.Generator | None,
-                   first: torch.Tensor | None = None) -> torch.Tensor:
+                   forced: torch.Tensor | None = None) -> torch.Tensor:
     """Prompts as the token ids they all open with and embeddings of the rest (T_i, lm_dim) -> `repeats` replies
     per prompt of exactly `length` tokens (N * repeats, length): each prompt read once (the opening once for
     all), its KV cache repeated, then one forward per token for every reply. Sampled at `temperature`, greedy at
-    0; `first` (N, repeats): the replies' first tokens, given rather than chosen."""
+    0; `forced` (N * repeats, F): the replies' first F tokens, given where >= 0 rather than chosen."""
     n = len(rows)
     inputs, mask = padded(rows, "left")                                                     # (N, T, lm_dim), (N, T)
     cache = model.run_prefix(prefix, n)[1] if prefix else None
@@ -154,12 +157,11 @@ def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int
     no_repeat = NoRepeatNGramLogitsProcessor(3)
     ids = torch.zeros(n * repeats, 0, dtype=torch.long, device=model.device)
     for step in range(length):
-        if step == 0 and first is not None:
-            token = first.reshape(-1, 1)
-        else:
-            logits = no_repeat(ids, masked(model.logits(hidden), banned))                  # (N * repeats, V')
-            token = (logits.argmax(-1, keepdim=True) if temperature == 0 else
-                     torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+        logits = no_repeat(ids, masked(model.logits(hidden), banned))                      # (N * repeats, V')
+        token = (logits.argmax(-1, keepdim=True) if temperature == 0 else
+                 torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+        if forced is not None and step < forced.shape[1]:
+            token = torch.where(forced[:, step:step + 1] >= 0, forced[:, step:step + 1], token)
         ids = torch.cat([ids, token], 1)
         if step == length - 1:
             break
@@ -269,36 +271,43 @@ def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: 
 def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: random.Random,
                     generator: torch.Generator, args: argparse.Namespace, baseline: tuple[float, float] | None
                     ) -> StepResult:
-    """ESPER's objective with the reply's first token summed over instead of sampled: the policy's K most likely
-    first tokens each continue greedily to `length` tokens and are all scored, and the loss is minus the expected
-    reward over them, sum_k p_k (r_k - b) with b their probability-weighted mean reward. Exact where sampling
-    is noisy: when the LM rarely says the words the judge rewards (a colour after "I see a bright"), G samples
-    mostly miss them, while the top K hold them every step. Only the first token is trained; the KL term is
-    exact at that position."""
-    k = args.candidates
+    """ESPER's objective with a reply's tokens summed over instead of sampled, at each of its first P positions
+    (`--candidate-positions`): at position j, after the policy's greedy tokens before it, the policy's K most
+    likely tokens each continue greedily to `length` tokens and are all scored, and the loss is minus the
+    expected reward over them, sum_k p_k (r_k - b) with b their probability-weighted mean reward, averaged over
+    the P positions. Exact where sampling is noisy: when the LM rarely says the words the judge rewards (a colour
+    after "I see a bright"), G samples mostly miss them, while the top K hold them every step; a later position
+    learns the word after the one the policy now says (the shape after the colour). Only these P tokens train;
+    the KL term is exact at them."""
+    k, positions = args.candidates, args.candidate_positions
     batch = prepare(model, images, rng, args)
-    first_only = [batch.banned[:1]] * len(images)  # any one token: the logits before it predict the first
-    logp = masked(torch.stack(reply_logits(model, batch.policy, first_only, batch.prefix)),
-                  batch.banned)[:, 0].log_softmax(-1)                                       # (B, V')
+    greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1, positions, 0.0,
+                            batch.banned, None)                                              # (B, P)
+    logp = masked(torch.stack(reply_logits(model, batch.policy, list(greedy), batch.prefix)),
+                  batch.banned).log_softmax(-1)                                             # (B, P, V')
     with torch.no_grad():
-        ref_logp = masked(torch.stack(reply_logits(model, batch.text_only, first_only, batch.prefix)),
-                          batch.banned)[:, 0].log_softmax(-1)
+        ref_logp = masked(torch.stack(reply_logits(model, batch.text_only, list(greedy), batch.prefix)),
+                          batch.banned).log_softmax(-1)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
-    top = logp.detach().topk(k, -1).indices                                                 # (B, K)
-    ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, k, args.length, 0.0,
-                         batch.banned, None, first=top)                                     # (B * K, L)
+    top = logp.detach().topk(k, -1).indices                                                 # (B, P, K)
+    forced = torch.full((len(images), positions, k, positions), -1, device=model.device)   # (B, P, K, P)
+    for j in range(positions):
+        forced[:, j, :, :j] = greedy[:, None, :j]
+        forced[:, j, :, j] = top[:, j]
+    ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, positions * k, args.length,
+                         0.0, batch.banned, None, forced=forced.flatten(0, 2))             # (B * P * K, L)
     texts = texts_of(model, batch.prompts.openings, ids)
     with torch.no_grad():
-        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(k, 0), texts)  # (B * K,)
-        nll = -ref_logp.gather(-1, top).flatten()
-    p = logp.gather(-1, top).exp()                                                          # (B, K)
-    weights = p.detach() / p.detach().sum(1, keepdim=True)
+        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(positions * k, 0), texts)
+        nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P * K,)
+    p = logp.gather(-1, top).exp()                                                          # (B, P, K)
+    weights = p.detach() / p.detach().sum(-1, keepdim=True)
     loss = args.kl * kl
     reward = torch.zeros_like(clip)
     if baseline is not None:
         reward = shaped_reward(clip, texts, nll, baseline, args.unlikely_nll)
-        grouped = reward.view(-1, k)                                                        # (B, K)
-        loss = loss - (p * (grouped - (weights * grouped).sum(1, keepdim=True))).sum(1).mean()
+        grouped = reward.view(-1, positions, k)                                             # (B, P, K)
+        loss = loss - (p * (grouped - (weights * grouped).sum(-1, keepdim=True))).sum(-1).mean()
     return StepResult(loss, clip, weights.flatten(), reward, kl.item(), nll, texts)
 
 
@@ -525,6 +534,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, default=0,
                    help="K > 0: sum over the policy's K most likely first tokens of a reply (each continued greedily) "
                         "instead of sampling --group replies; for openings that end where the image's words go")
+    p.add_argument("--candidate-positions", type=int, default=1,
+                   help="with --candidates: sum over the K likeliest tokens at each of the reply's first P positions, "
+                        "after the policy's greedy tokens before it (the shape after the colour)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--kl", type=float, default=0.15, help="weight of the per-token KL to the text-only LM")
@@ -546,6 +558,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warmup_steps >= args.steps:
         p.error("--warmup-steps must be fewer than --steps")
+    if not 1 <= args.candidate_positions <= args.length:
+        p.error("--candidate-positions must be between 1 and --length")
     return args
 
 
