@@ -9,9 +9,9 @@ step), the Observer's *real* answers go into the transcript (what the frozen gro
 asks it), and the final answer is what those answers imply (`questions.implied_answer`), with a reason made of
 them: the Reasoner learns to trust and combine what it hears, the way it must in the app. Where the Observer's
 answers do not say (its description leaves out the thing asked about), the monologue ends with the true answer
-as a guess, and says so (counted). With `--described-questions`, more monologues that look one thing up or compare
-what they heard hear the scenes' true descriptions instead (`described`): finding the thing at a place, or
-comparing columns, rows or values, needs more examples than the Observer's pass can afford. The loss is the
+as a guess, and says so (counted). With `--described-questions`, more monologues, simple ones and ones that compare
+what they heard, hear the scenes' true descriptions instead (`described`): finding the thing at a place, checking
+things off, or comparing columns, rows or values, needs more examples than the Observer's pass can afford. The loss is the
 Reasoner's tokens only: its questions and final lines; the prompt and the Observer's answers are context, masked
 out.
 
@@ -65,28 +65,28 @@ def asked(split: str, n: int, simple_share: float, seed: int, image_size: int, o
     return items
 
 
-LOOKUP_KINDS = ("attribute", "location")
-"""Simple kinds a Reasoner answers by finding one thing in a description, by its place or by its name. A Reasoner
-given described comparisons alone lost attribute questions (90 -> 70% on test): it named the description's first
-object, not the one at the place asked."""
 COMPARING_KINDS = ("compare", "count_where", "relation")
 """The kinds whose conclusion compares what two steps heard: two places, a column or a row against another, or two
 values. What a Reasoner learns only from many examples (a LoRA of its make, taught relations' reasons alone, chose
 the right one for 37% of test relations before, 80% after 800 and 100% after 1,600; the observed monologues hold
 about 780); and a Reasoner given 3,000 described relations and counts still answered "no" to two equal values."""
-DESCRIBED_KINDS = LOOKUP_KINDS + COMPARING_KINDS
+DESCRIBED_KINDS = questions.SIMPLE_KINDS + COMPARING_KINDS
+"""Described monologues are a third simple questions, all four kinds: a Reasoner given described comparisons alone
+lost attribute questions (90 -> 70% on test: it named the description's first object, not the one at the place
+asked), and one given described comparisons, attribute and location questions lost counting (100 -> 70%: it
+checked the one matching thing off as "(not a square)" and answered 0)."""
 
 
 def described(n: int, image_size: int, offset: int) -> list[tuple[questions.Question, list[str]]]:
-    """n training questions about the scenes from index `offset` on, a third of LOOKUP_KINDS and the rest of
-    COMPARING_KINDS, each step (a simple question is its own one step) answered with the scene's plain description
-    (`shapes.plain_caption`: what the Observer says of a scene it sees right). More lookups and comparisons to learn
+    """n training questions about the scenes from index `offset` on, a third simple and the rest of COMPARING_KINDS,
+    each step (a simple question is its own one step) answered with the scene's plain description
+    (`shapes.plain_caption`: what the Observer says of a scene it sees right). More questions and comparisons to learn
     from, at no cost of the Observer's: its own answers stay in the observed monologues, which teach the Reasoner
     to trust and combine what it really hears. Scenes that support none of the kinds asked, and counts of a colour
     the scene does not have (nothing to compare), are passed over."""
     items, index = [], offset
     while len(items) < n:
-        kinds = LOOKUP_KINDS if len(items) % 3 == 0 else COMPARING_KINDS
+        kinds = questions.SIMPLE_KINDS if len(items) % 3 == 0 else COMPARING_KINDS
         sample, question = questions.question("train", index, image_size, True, kinds)
         index += 1
         if question.kind in kinds and (not question.steps or question.steps[-1][1] != "nowhere"):
