@@ -9,11 +9,11 @@ step), the Observer's *real* answers go into the transcript (what the frozen gro
 asks it), and the final answer is what those answers imply (`questions.implied_answer`), with a reason made of
 them: the Reasoner learns to trust and combine what it hears, the way it must in the app. Where the Observer's
 answers do not say (its description leaves out the thing asked about), the monologue ends with the true answer
-as a guess, and says so (counted). With `--described-questions`, more monologues, simple ones and ones that compare
-what they heard, hear the scenes' true descriptions instead (`described`): finding the thing at a place, checking
-things off, or comparing columns, rows or values, needs more examples than the Observer's pass can afford. The loss is the
-Reasoner's tokens only: its questions and final lines; the prompt and the Observer's answers are context, masked
-out.
+as a guess, and says so (counted). With `--described-questions`, more monologues, simple ones and ones that
+compare what they heard, hear the scenes' true descriptions instead (`described`): finding the thing at a place,
+checking things off, or comparing columns, rows or values, needs more examples than the Observer's pass can
+afford. The loss is the Reasoner's tokens only: its questions and final lines; the prompt and the Observer's
+answers are context, masked out.
 
 The Observer's answers are computed once and kept in `<run-dir>/observed.json`; the adapter trains with the
 supervised trainer's optimiser, schedule and resumable state. The adapter, its curve and summary go into
@@ -80,9 +80,9 @@ checked the one matching thing off as "(not a square)" and answered 0)."""
 def described(n: int, image_size: int, offset: int) -> list[tuple[questions.Question, list[str]]]:
     """n training questions about the scenes from index `offset` on, a third simple and the rest of COMPARING_KINDS,
     each step (a simple question is its own one step) answered with the scene's plain description
-    (`shapes.plain_caption`: what the Observer says of a scene it sees right). More questions and comparisons to learn
-    from, at no cost of the Observer's: its own answers stay in the observed monologues, which teach the Reasoner
-    to trust and combine what it really hears. Scenes that support none of the kinds asked, and counts of a colour
+    (`shapes.plain_caption`: what the Observer says of a scene it sees right). More questions and comparisons to
+    learn from, at no cost of the Observer's: its own answers stay in the observed monologues, which teach the
+    Reasoner to trust and combine what it really hears. Scenes that support none of the kinds asked, and counts of a colour
     the scene does not have (nothing to compare), are passed over."""
     items, index = [], offset
     while len(items) < n:
