@@ -269,11 +269,12 @@ def test_true_answers_and_true_descriptions_imply_the_true_answer_of_every_kind_
     assert checked > 550
 
 
-def test_described_monologues_ask_simple_questions_and_compare_on_new_scenes_and_hear_the_truth():
+def test_described_monologues_ask_simple_questions_relations_and_comparisons_of_new_scenes_and_hear_the_truth():
     items = trainer.described(90, 32, offset=6)
     kinds = [q.kind for q, _ in items]
     assert set(kinds) == set(trainer.DESCRIBED_KINDS)
     assert sum(k in questions.SIMPLE_KINDS for k in kinds) == 30, "a third are simple"
+    assert kinds.count("relation") == 30, "a third are relations"
     compared = [q for q, _ in items if q.steps]
     assert all(q.steps[-1][1] != "nowhere" for q in compared), "a count of a colour the scene lacks compares nothing"
     observed_scenes = {shapes.plain_caption(questions.question("train", i, 32, True)[0].scene) for i in range(6)}

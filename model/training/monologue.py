@@ -65,28 +65,29 @@ def asked(split: str, n: int, simple_share: float, seed: int, image_size: int, o
     return items
 
 
-COMPARING_KINDS = ("compare", "count_where", "relation")
-"""The kinds whose conclusion compares what two steps heard: two places, a column or a row against another, or two
-values. What a Reasoner learns only from many examples (a LoRA of its make, taught relations' reasons alone, chose
-the right one for 37% of test relations before, 80% after 800 and 100% after 1,600; the observed monologues hold
-about 780); and a Reasoner given 3,000 described relations and counts still answered "no" to two equal values."""
-DESCRIBED_KINDS = questions.SIMPLE_KINDS + COMPARING_KINDS
-"""Described monologues are a third simple questions, all four kinds: a Reasoner given described comparisons alone
-lost attribute questions (90 -> 70% on test: it named the description's first object, not the one at the place
-asked), and one given described comparisons, attribute and location questions lost counting (100 -> 70%: it
-checked the one matching thing off as "(not a square)" and answered 0)."""
+DESCRIBED_MIX = (questions.SIMPLE_KINDS, ("relation",), ("compare", "count_where"))
+"""Described monologues take these kinds in turn: simple questions, relations, comparisons and conditional counts.
+The comparing kinds' conclusions compare what two steps heard (two places, a column or a row against another, or
+two values), what a Reasoner learns only from many examples: a LoRA of its make, taught relations' reasons alone,
+chose the right one for 37% of test relations before, 80% after 800 and 100% after 1,600; the observed monologues
+hold about 780. Simple questions of all four kinds keep what the comparisons would take: a Reasoner given described
+comparisons alone lost attribute questions (90 -> 70% on test: it named the description's first object, not the
+one at the place asked), one given no described counts lost counting (100 -> 70%: it checked the one matching thing
+off as "(not a square)" and answered 0). Relations have a third of their own: beside every simple kind and two
+other comparing kinds, at a ninth of the described questions, they fell from 80 to 65%."""
+DESCRIBED_KINDS = tuple(kind for kinds in DESCRIBED_MIX for kind in kinds)
 
 
 def described(n: int, image_size: int, offset: int) -> list[tuple[questions.Question, list[str]]]:
-    """n training questions about the scenes from index `offset` on, a third simple and the rest of COMPARING_KINDS,
-    each step (a simple question is its own one step) answered with the scene's plain description
-    (`shapes.plain_caption`: what the Observer says of a scene it sees right). More questions and comparisons to
-    learn from, at no cost of the Observer's: its own answers stay in the observed monologues, which teach the
-    Reasoner to trust and combine what it really hears. Scenes that support none of the kinds asked, and counts of
+    """n training questions about the scenes from index `offset` on, of DESCRIBED_MIX's kinds in turn, each step (a
+    simple question is its own one step) answered with the scene's plain description (`shapes.plain_caption`: what
+    the Observer says of a scene it sees right). More questions and comparisons to learn from, at no cost of the
+    Observer's: its own answers stay in the observed monologues, which teach the Reasoner to trust and combine what
+    it really hears. Scenes that support none of the kinds asked, and counts of
     a colour the scene does not have (nothing to compare), are passed over."""
     items, index = [], offset
     while len(items) < n:
-        kinds = questions.SIMPLE_KINDS if len(items) % 3 == 0 else COMPARING_KINDS
+        kinds = DESCRIBED_MIX[len(items) % len(DESCRIBED_MIX)]
         sample, question = questions.question("train", index, image_size, True, kinds)
         index += 1
         if question.kind in kinds and (not question.steps or question.steps[-1][1] != "nowhere"):
