@@ -5,7 +5,8 @@ B rows share a prompt of P random tokens; then each step feeds one token per row
 (`hidden_states` with an attention mask and position ids). Medians of the steps after the first four, measured
 in two alternating rounds after compiling, each against the eager `DynamicCache` of the same round.
 
-    python -m bench.decode_step [--checkpoint demo] [--rows 8] [--prompt 100] [--steps 24]
+    python -m bench.decode_step [--checkpoint demo] [--rows 8] [--prompt 100] [--steps 24] [--device cuda]
+                                [--quantize none]
 """
 from __future__ import annotations
 
@@ -24,18 +25,27 @@ from model.grounded import GroundedLM
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host clock times it (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def step_ms(model: GroundedLM, forward: Callable, cache, rows: int, prompt: int, steps: int) -> tuple[float, float]:
     """(median ms of a step after the first four, ms of the first step) for one prefill and `steps` steps."""
-    ids = torch.randint(100, 5000, (rows, prompt), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(rows, prompt, dtype=torch.long)
+    device = model.device
+    ids = torch.randint(100, 5000, (rows, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones(rows, prompt, dtype=torch.long, device=device)
     times = []
     with torch.no_grad():
-        forward(model.embed_ids(ids), mask, cache, torch.arange(prompt).expand(rows, -1))
+        forward(model.embed_ids(ids), mask, cache, torch.arange(prompt, device=device).expand(rows, -1))
         for step in range(steps):
             mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
-            token = torch.randint(100, 5000, (rows, 1))
+            token = torch.randint(100, 5000, (rows, 1), device=device)
+            synchronize(device)
             start = time.perf_counter()
-            forward(model.embed_ids(token), mask, cache, torch.full((rows, 1), prompt + step))
+            forward(model.embed_ids(token), mask, cache, torch.full((rows, 1), prompt + step, device=device))
+            synchronize(device)
             times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times[4:]), times[0]
 
@@ -46,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=100)
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantize", help="override the checkpoint's (4bit, 8bit, none)")
     args = parser.parse_args(argv)
-    model = GroundedLM.from_pretrained(args.checkpoint, device="cpu")
+    model = GroundedLM.from_pretrained(args.checkpoint, device=args.device, quantize=args.quantize)
 
     def eager(embeds, mask, cache, positions):
         return model.lm.base_model(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=True,
@@ -71,10 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         rounds.append(measured)
         print(f"round {round_ + 1}: " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in measured.items()))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decode_step.json").write_text(json.dumps(
-        {**vars(args), "quantize": model.config.quantize, "compile_s": compile_s, "step_ms": rounds,
+    (RESULTS / f"decode_step-{args.device}-{model.config.quantize}.json").write_text(json.dumps(
+        {**vars(args), "quantize": model.config.quantize, "compute_dtype": model.config.compute_dtype, "compile_s": compile_s, "step_ms": rounds,
          "ratios": ratios}, indent=2))
-    print(f"\n{model.config.quantize}, {args.rows} rows, prompt {args.prompt}; a step vs the engine's, per round")
+    print(f"\n{args.device}, {model.config.quantize} (compute {model.config.compute_dtype}), {args.rows} rows, prompt {args.prompt}; a step vs the engine's, per round")
     print("| decode step | vs the engine's |\n|---|---|")
     for name, values in ratios.items():
         print(f"| {name} | {' / '.join(f'{v:.2f}x' for v in values)} |")
