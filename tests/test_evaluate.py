@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from model.training.evaluate import (caption_scores, greedy_replies, main, recall_at_k, reply_logits, reply_positions,
-                                     ret_queries, same_scene, text_only_nll)
+from model.training.evaluate import (caption_scores, greedy_replies, main, names, recall_at_k, reply_logits,
+                                     reply_positions, ret_queries, same_scene, text_only_nll)
 from model.generate import GenerationSettings, Retrieved, Text, stream_reply
 from model.grounded import GroundedLM
 from model.prompt import Turn, render, render_with_target
-from model.world.shapes import Scene, SceneObject
+from model.world.shapes import SHAPES, Scene, SceneObject
 
 
 def test_recall_at_k_on_hand_made_scores():
@@ -267,10 +267,20 @@ def test_compare_describes_the_same_images_with_each_checkpoint_under_one_judge(
     for model in (first, second):
         assert -1 <= model["clip_score"] <= 1 and model["all"]["n"] == 4
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for model in (first, second):
+        assert set(model["slots"]) == {"shape", "colour"}
+        assert all(v is None or 0 <= v <= 1 for v in model["slots"].values())
     printed = capsys.readouterr().out
     assert "| one object: shape and colour both right |" in printed and "| degenerate descriptions |" in printed
+    assert '| one object: says the shape after "The shape is a" |' in printed
     with pytest.raises(SystemExit, match="NAME=CHECKPOINT"):
         main(["--compare", str(tmp_path / "a")])
+
+
+def test_a_slot_is_filled_by_a_token_that_begins_the_right_word_and_no_other():
+    assert names(" hex", "hexagon", SHAPES) and names("Star", "star", SHAPES)
+    assert not names(" s", "star", SHAPES), "begins square too"
+    assert not names(" circle", "star", SHAPES) and not names(" ", "star", SHAPES)
 
 
 def test_a_checkpoint_that_does_not_retrieve_is_evaluated_on_describing_alone(tiny_lm_dir, tiny_clip_dir, tmp_path,

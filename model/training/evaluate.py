@@ -506,6 +506,41 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+SLOTS = (("shape", "The shape is a", shapes.SHAPES), ("colour", "I see a bright", tuple(shapes.COLOURS)))
+"""Reply openings whose next word names a one-object scene's shape or colour, if the model says it: ESPER's
+candidates stages train such slots (`--opening`), so the next word there is what they can teach first."""
+
+
+def names(piece: str, truth: str, words: tuple[str, ...]) -> bool:
+    """Whether a decoded token names `truth` among `words`: it begins it (" hex" for "hexagon") and no other."""
+    piece = piece.strip().lower()
+    return bool(piece) and truth.startswith(piece) and not any(w.startswith(piece) for w in words if w != truth)
+
+
+@torch.no_grad()
+def slot_accuracy(model: GroundedLM, items: list[shapes.Sample], batch_size: int) -> dict[str, float | None]:
+    """For each of SLOTS, the share of the one-object scenes in `items` whose greedy next token (over the whole
+    vocabulary) after [image, "Describe the image."] and the reply's opening names the object's shape or colour."""
+    ones = [s for s in items if len(s.scene.objects) == 1]
+    tokenizer, fmt, look = model.tokenizer, model.config.prompt_format, model.perception is not None
+    result = {}
+    for field, opening, words in SLOTS:
+        opened = tokenizer.encode(opening, add_special_tokens=False)
+        right = 0
+        for start in range(0, len(ones), batch_size):
+            batch = ones[start:start + batch_size]
+            turns = [[Turn("user", [s.image, INSTRUCTIONS[0]])] for s in batch]
+            _warm_features(model, turns)
+            rows = [model.embed_prompt(render(t, tokenizer, fmt, look) + [opened])[0] for t in turns]
+            inputs, mask = padded(rows, "left")                                      # (B, T, lm_dim), (B, T)
+            hidden, _ = model.hidden_states(inputs, mask, None, (mask.cumsum(1) - 1).clamp(min=0))
+            said = model.logits(hidden[:, -1]).argmax(-1).tolist()                               # (B,)
+            right += sum(names(tokenizer.decode([token]), getattr(s.scene.objects[0], field), words)
+                         for s, token in zip(batch, said))
+        result[field] = right / len(ones) if ones else None
+    return result
+
+
 COMPARED = (("1", "shape_colour", "one object: shape and colour both right"), ("1", "exact", "one object: exact scene"),
             ("2", "shape_colour", "two objects: shape and colour named"), ("all", "colour", "colour, placed right"),
             ("all", "shape", "shape, placed right"))
@@ -515,8 +550,8 @@ def compare(checkpoints: dict[str, str], split: str, limit: int, batch_size: int
             judge_source: str | None, log=print) -> dict:
     """Describing only, the same images for every checkpoint (the split's scenes without the hold-out pairs),
     scored by one judge (default: the first checkpoint's encoder with its text tower): how ESPER compares with the
-    untrained mapping and the supervised demo. A checkpoint's training.json adds its CPU time and the captions
-    it saw."""
+    untrained mapping and the supervised demo; and whether each says a one-object scene's shape and colour
+    after the openings of SLOTS. A checkpoint's training.json adds its CPU time and the captions it saw."""
     result: dict = {"split": split, "images": limit, "models": {}}
     judge = None
     for name, checkpoint in checkpoints.items():
@@ -528,7 +563,9 @@ def compare(checkpoints: dict[str, str], split: str, limit: int, batch_size: int
                               device=model.device)
             result["judge"] = judge.source
         data = ShapesDataset(split, limit, model.visual.image_size[0], holdout=True)  # the same for every model
-        section = captioning(model, [data.sample(i) for i in range(limit)], batch_size, max_new_tokens, judge)
+        items = [data.sample(i) for i in range(limit)]
+        section = captioning(model, items, batch_size, max_new_tokens, judge)
+        section["slots"] = slot_accuracy(model, items, batch_size)
         summary_path = resolve(checkpoint) / SUMMARY_NAME
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         section.update(checkpoint=checkpoint, training_seconds=summary.get("seconds"),
@@ -545,6 +582,9 @@ def compare_table(result: dict) -> str:
     for group, field, label in COMPARED:
         lines.append(f"| {label} | " + " | ".join(_pct(m[group][field]) if group in m else "    -"
                                                  for m in result["models"].values()) + " |")
+    for field, opening, _ in SLOTS:
+        lines.append(f"| one object: says the {field} after \"{opening}\" | "
+                     + " | ".join(_pct(m["slots"][field]) for m in result["models"].values()) + " |")
     lines.append(f"| CLIP score ({result['judge']}) | " + " | ".join(f"{m['clip_score']:.3f}"
                                                                    for m in result["models"].values()) + " |")
     lines.append("| degenerate descriptions | " + " | ".join(_pct(m["degenerate"]) for m in result["models"].values())
@@ -559,6 +599,8 @@ def plot_compare(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4))
     bars = [(label, [m[group][field] if group in m else 0 for m in result["models"].values()])
             for group, field, label in COMPARED]
+    bars += [(f"says the {field} next", [m["slots"][field] or 0 for m in result["models"].values()])
+             for field, _, _ in SLOTS]
     bars += [("CLIP score", [m["clip_score"] for m in result["models"].values()]),
              ("degenerate", [m["degenerate"] for m in result["models"].values()])]
     width = 0.8 / len(result["models"])
