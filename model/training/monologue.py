@@ -73,8 +73,9 @@ chose the right one for 37% of test relations before, 80% after 800 and 100% aft
 hold about 780. Simple questions of all four kinds keep what the comparisons would take: a Reasoner given described
 comparisons alone lost attribute questions (90 -> 70% on test: it named the description's first object, not the
 one at the place asked), one given no described counts lost counting (100 -> 70%: it checked the one matching thing
-off as "(not a square)" and answered 0). Relations have a third of their own: beside every simple kind and two
-other comparing kinds, at a ninth of the described questions, they fell from 80 to 65%."""
+off as "(not a square)" and answered 0). Relations have a third of their own (2,000 of 6,000 described, against
+1,750 when the three comparing kinds shared two thirds): with 1,750 they were right on 65% of test relations, with
+2,000 on 70%, and the shipped Reasoner, trained on about 2,300 of 3,000, on 80%."""
 DESCRIBED_KINDS = tuple(kind for kinds in DESCRIBED_MIX for kind in kinds)
 
 
