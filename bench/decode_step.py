@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"round {round_ + 1}: " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in measured.items()))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"decode_step-{args.device}-{model.config.quantize}.json").write_text(json.dumps(
-        {**vars(args), "quantize": model.config.quantize, "compute_dtype": model.config.compute_dtype, "compile_s": compile_s, "step_ms": rounds,
-         "ratios": ratios}, indent=2))
-    print(f"\n{args.device}, {model.config.quantize} (compute {model.config.compute_dtype}), {args.rows} rows, prompt {args.prompt}; a step vs the engine's, per round")
+        {**vars(args), "quantize": model.config.quantize, "compute_dtype": model.config.compute_dtype,
+         "compile_s": compile_s, "step_ms": rounds, "ratios": ratios}, indent=2))
+    print(f"\n{args.device}, {model.config.quantize} (compute {model.config.compute_dtype}), {args.rows} rows, "
+          f"prompt {args.prompt}; a step vs the engine's, per round")
     print("| decode step | vs the engine's |\n|---|---|")
     for name, values in ratios.items():
         print(f"| {name} | {' / '.join(f'{v:.2f}x' for v in values)} |")

@@ -151,7 +151,8 @@ def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int
     out = model.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
                               past_key_values=cache, use_cache=True)
     cache = out.past_key_values
-    cache.batch_repeat_interleave(repeats)
+    if length > 1:  # the cache serves the second token on: a reply of one token needs no copies of it
+        cache.batch_repeat_interleave(repeats)
     mask, positions = mask.repeat_interleave(repeats, 0), positions[:, -1:].repeat_interleave(repeats, 0)
     hidden = out.last_hidden_state[:, -1].repeat_interleave(repeats, 0)                     # (N * repeats, lm_dim)
     no_repeat = NoRepeatNGramLogitsProcessor(3)

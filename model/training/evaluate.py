@@ -596,7 +596,7 @@ def compare_table(result: dict) -> str:
 
 
 def plot_compare(result: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(11, 4))
+    fig, ax = plt.subplots(figsize=(13, 4))
     bars = [(label, [m[group][field] if group in m else 0 for m in result["models"].values()])
             for group, field, label in COMPARED]
     bars += [(f"says the {field} next", [m["slots"][field] or 0 for m in result["models"].values()])
@@ -609,7 +609,7 @@ def plot_compare(result: dict, path: Path) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bars))], [label for label, _ in bars], fontsize=7,
                   rotation=12)
     ax.set(ylim=(0, 1.05), title=f"describing the {result['split']} split's images ({result['images']})")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars, never over them
     save_figure(fig, path)
 
 

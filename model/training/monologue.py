@@ -84,8 +84,8 @@ def described(n: int, image_size: int, offset: int) -> list[tuple[questions.Ques
     simple question is its own one step) answered with the scene's plain description (`shapes.plain_caption`: what
     the Observer says of a scene it sees right). More questions and comparisons to learn from, at no cost of the
     Observer's: its own answers stay in the observed monologues, which teach the Reasoner to trust and combine what
-    it really hears. Scenes that support none of the kinds asked, and counts of
-    a colour the scene does not have (nothing to compare), are passed over."""
+    it really hears. Scenes that support none of the kinds asked, and counts of a colour the scene does not have
+    (nothing to compare), are passed over."""
     items, index = [], offset
     while len(items) < n:
         kinds = DESCRIBED_MIX[len(items) % len(DESCRIBED_MIX)]
