@@ -20,15 +20,10 @@ from typing import Callable
 import torch
 from transformers import DynamicCache, StaticCache
 
+from bench import synchronize
 from model.grounded import GroundedLM
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a host clock times it (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_ms(model: GroundedLM, forward: Callable, cache, rows: int, prompt: int, steps: int) -> tuple[float, float]:

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
+from bench import synchronize
 from model.config import GroundedConfig
 from model.generate import GenerationSettings, Text, stream_reply
 from model.grounded import GroundedLM
@@ -82,8 +83,7 @@ def baseline(model: GroundedLM, ids: torch.Tensor, new_tokens: int) -> tuple[flo
     clock = TokenClock(start)
     model.lm.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=clock,
                       pad_token_id=model.tokenizer.pad_token_id)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(model.device)
     times = clock.times
     rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
     return times[0] - start, rate, len(times)

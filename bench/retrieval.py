@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bench import synchronize
 from retrieval_index.index import ImageIndex, ImageInfo, choose_factory, ivf_nlist
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,11 +59,6 @@ def torch_topk(emb: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor
     return torch.topk(queries @ emb.T, k, dim=-1).indices  # (B, n) -> (B, k)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def add_all(index: ImageIndex, x: np.ndarray) -> np.ndarray:
     """Add `x` with placeholder metadata through the public API; returns the ids (n,)."""
     ids = []
@@ -83,13 +79,13 @@ def time_in_turns(fns: dict, args_for, max_reps: int, budget_s: float, device: s
     times = {name: [] for name in fns}
     for name, fn in fns.items():  # warm-up (first GPU replica, caches)
         fn(args_for(0))
-        sync(device)
+        synchronize(device)
     start = time.perf_counter()
     for rep in range(max_reps):
         for name, fn in fns.items():
             t = time.perf_counter()
             fn(args_for(rep))
-            sync(device)
+            synchronize(device)
             times[name].append((time.perf_counter() - t) * 1e3)
         if rep >= 4 and time.perf_counter() - start > budget_s:
             break
@@ -108,7 +104,7 @@ def run_size(n: int, dim: int, device: str, factory: str | None, work: Path) -> 
     t = time.perf_counter()
     emb = torch.from_numpy(x).to(device)
     q_torch = torch.from_numpy(queries).to(device)
-    sync(device)
+    synchronize(device)
     rows["torch matmul+topk"].update(build_s=time.perf_counter() - t, bytes_per_vector=4 * dim)
     truth = torch.cat([torch_topk(emb, q_torch[i:i + BATCH], K) for i in range(0, N_QUERIES, BATCH)]).cpu().numpy()
 
@@ -175,7 +171,10 @@ def nprobe_sweep(index: ImageIndex, queries: np.ndarray, truth_ids: np.ndarray) 
     """Recall@5 and single-query p50 for a range of nprobe: the knob's trade-off on this data."""
     default, out = index.nprobe, []
     for nprobe in (1, 2, 4, 8, 16, 32, 64):
-        index.nprobe = nprobe
+        try:
+            index.nprobe = nprobe
+        except ValueError:  # more lists probed than a small index has
+            break
         found = np.array([[h.id for h in hits] for hits in index.search(queries, K)])
         times = []
         for q in queries[:50]:
