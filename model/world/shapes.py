@@ -121,8 +121,8 @@ def make_scene(rng: random.Random, mode: str = "all") -> Scene:
 
 # --- captions -------------------------------------------------------------------------------------
 
-_SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
-_POSITION_PHRASES = {
+SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+POSITION_PHRASES = {
     "left": ("on the left", "to the left"),
     "right": ("on the right", "to the right"),
     "top": ("at the top", "near the top"),
@@ -141,8 +141,8 @@ _TEMPLATES = (
 
 
 def _object_phrase(obj: SceneObject, rng: random.Random) -> str:
-    size = rng.choice(_SIZE_WORDS[obj.size])
-    return f"a {size} {obj.colour} {obj.shape} {rng.choice(_POSITION_PHRASES[obj.position])}"
+    size = rng.choice(SIZE_WORDS[obj.size])
+    return f"a {size} {obj.colour} {obj.shape} {rng.choice(POSITION_PHRASES[obj.position])}"
 
 
 def describe(scene: Scene, rng: random.Random) -> str:
@@ -168,7 +168,7 @@ def plain_caption(scene: Scene) -> str:
     orders and wordings comes next (requests for a picture keep the grammar's variety), and it meets the objects
     in the order its region tokens list them."""
     ordered = sorted(scene.objects, key=lambda o: READING_ORDER.index(o.position))
-    phrases = [f"a {o.size} {o.colour} {o.shape} {_POSITION_PHRASES[o.position][0]}" for o in ordered]
+    phrases = [f"a {o.size} {o.colour} {o.shape} {POSITION_PHRASES[o.position][0]}" for o in ordered]
     listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{listed[0].upper()}{listed[1:]}."
 

@@ -1,0 +1,49 @@
+"""ESPER's judge: the demo's CLIP taught that words outside its captions' grammar name nothing."""
+import json
+import random
+
+import open_clip
+import torch
+
+from model.training import train_judge
+from model.training.clip_judge import ClipJudge
+from model.world import shapes
+
+STAR = shapes.SceneObject("star", "red", "small", "left")
+
+
+def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_names_nothing():
+    rng = random.Random(0)
+    scene = shapes.Scene((STAR, shapes.SceneObject("square", "blue", "large", "right")))
+    for _ in range(50):
+        text, named = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False)
+        assert named and all(getattr(STAR, f) == v for f, v in named.items())
+        assert train_judge.names_object(scene, named)
+        said = {"shape": "star" in text, "colour": "red" in text, "size": "small" in text or "little" in text,
+                "position": "left" in text}
+        assert {f for f, there in said.items() if there} == set(named)  # what it says is what it names
+        text, named = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True)
+        assert named is None and not train_judge.names_object(scene, named)
+    assert not train_judge.names_object(scene, {"shape": "star", "colour": "blue"})  # one object must hold both
+    assert train_judge.names_object(scene, {"shape": "square", "colour": "blue"})
+
+
+def test_outside_words_leave_the_grammar_out_and_keep_a_tenth_apart_for_evaluation():
+    tokenizer = train_judge.tokenizer_for(32)
+    grammar = {"star", "red", "small", "picture", "shows"}
+    negatives, held = train_judge.outside_words(tokenizer, grammar)
+    assert not grammar & (set(negatives) | set(held)) and not set(negatives) & set(held)
+    assert 0.07 < len(held) / (len(held) + len(negatives)) < 0.13 and "dog" in set(negatives) | set(held)
+
+
+def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(tiny_clip_dir, tmp_path):
+    metrics = train_judge.train(train_judge.parse_args([
+        "--clip", str(tiny_clip_dir), "--out", str(tmp_path / "judge"), "--steps", "3", "--batch-size", "16",
+        "--train-size", "64", "--eval-words", "20", "--workers", "1", "--device", "cpu"]))
+    before, _ = open_clip.create_model_from_pretrained(f"local-dir:{tiny_clip_dir}")
+    judge = ClipJudge(f"local-dir:{tmp_path / 'judge'}")
+    after = judge.model.state_dict()
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v.half(), after[k].half())}
+    assert changed and all(k.startswith(train_judge.TEXT_TOWER) for k in changed)  # the image side untouched
+    assert set(metrics["open_vocabulary"]) == {"shape", "colour"} and metrics["eval_words"] == 20
+    assert json.loads((tmp_path / "judge" / "train_metrics.json").read_text())["steps"] == 3
