@@ -6,12 +6,17 @@ its text tower, by default the checkpoint's own encoder.
 """
 from __future__ import annotations
 
+import itertools
+
 import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from model.visual import HF_HUB, LOCAL_DIR
+
+CACHED_TEXTS = 200_000
+"""Text embeddings kept (128 floats each for the demo's CLIP: 100 MB at most)."""
 
 
 class ClipJudge:
@@ -22,6 +27,7 @@ class ClipJudge:
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(name)
         self.device = torch.device(device)
+        self._cache: dict[str, torch.Tensor] = {}
         self.source = name if name.startswith((LOCAL_DIR, HF_HUB)) or pretrained is None else f"{name}@{pretrained}"
 
     @torch.no_grad()
@@ -32,8 +38,15 @@ class ClipJudge:
 
     @torch.no_grad()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
-        """Texts -> (N, embed_dim), L2-normalised (truncated to the text tower's context, as CLIP does)."""
-        return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1)
+        """Texts -> (N, embed_dim), L2-normalised (truncated to the text tower's context, as CLIP does). Texts
+        met before come from a cache: ESPER's candidates repeat ("The shape is a" + the same likely words)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if new:
+            embedded = F.normalize(self.model.encode_text(self.tokenizer(new).to(self.device)).float(), dim=-1)
+            self._cache.update(zip(new, embedded))
+            for old in list(itertools.islice(self._cache, max(len(self._cache) - CACHED_TEXTS, 0))):
+                del self._cache[old]  # the oldest first
+        return torch.stack([self._cache[t] for t in texts])
 
     def similarity(self, image_embeddings: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """(N, embed_dim) image embeddings and N texts -> (N,) cosine similarity of each pair."""

@@ -26,7 +26,13 @@ reward over them. For openings that end where the image's words go ("I see a bri
 judge rewards every step, where a few samples mostly miss it: the first stage of a curriculum that a sampled
 run (`--init` its checkpoint) continues towards free descriptions. With `--candidate-positions P` the same sum
 is taken at each of the reply's first P positions, after the policy's greedy tokens before it: the word after
-the colour (the shape) learns too.
+the colour (the shape) learns too. `--candidates-target optimum` trains towards the objective's optimum over
+the candidates rather than up its gradient (an unlikely right word learns as fast as a likely one), and
+`--whole-words` judges a one-token reply as the word it begins (" hex" as " hexagon").
+
+The judge decides what can be learnt: the demo's own CLIP read only the shapes world's grammar and scores words
+outside it at random, so for ESPER's open vocabulary `model.training.train_judge` first teaches its text tower
+that such words name nothing (`--judge local-dir:runs/judge`).
 
 The mapping starts quiet (`quiet_start`): every image token is the LM's newline token plus a small image-dependent
 part, so the first prefix barely disturbs the LM (ESPER scaled its mapper's input down likewise).
@@ -42,6 +48,7 @@ import argparse
 import json
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -69,6 +76,7 @@ from model.training.train import (CURVE_NAME, DEMO, SUMMARY_NAME, TRAIN_SCENES, 
 from model.training.train_clip import resolve_device
 from model.world.data import ImageFolder, ShapesImages
 
+CANDIDATES_TARGETS = ("expected", "optimum")
 OPENINGS = ("", "The image shows a", "I see a", "There is a", "A picture of a")
 """How a sampled reply may begin (ESPER's sentence openings): the judge scores the opening and the reply."""
 POLICY = ("input_mapping.", "region_mapping.", "region_positions")
@@ -80,7 +88,7 @@ SAMPLES_FIGURE = "samples.png"
 RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_grid", "projector", "images",
                "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
                "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates",
-               "candidate_positions")
+               "candidate_positions", "candidates_target", "whole_words")
 
 
 def quiet_start(model: GroundedLM, scale: float) -> None:
@@ -279,7 +287,15 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     the P positions. Exact where sampling is noisy: when the LM rarely says the words the judge rewards (a colour
     after "I see a bright"), G samples mostly miss them, while the top K hold them every step; a later position
     learns the word after the one the policy now says (the shape after the colour). Only these P tokens train;
-    the KL term is exact at them."""
+    the KL term is exact at them.
+
+    The expectation's gradient for a token is its probability times its advantage, so a right word the LM finds
+    unlikely (" star" at 0.1% after "The shape is a") barely moves. `--candidates-target optimum` asks instead
+    for the distribution that maximises expected reward less `kl` times the KL to the text-only LM, restricted to
+    the K candidates: q_k ~ p_ref(k) exp(r_k / kl), exact since every candidate is scored; the loss is the
+    cross-entropy from q to the policy among the K (its mass outside them, which no reward speaks for, is left
+    alone), whose gradient for a token (p_k - q_k, p renormalised over the K) does not shrink with its probability
+    (with `kl` 0, q is the best candidate alone)."""
     k, positions = args.candidates, args.candidate_positions
     batch = prepare(model, images, rng, args)
     greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1, positions, 0.0,
@@ -295,9 +311,13 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     for j in range(positions):
         forced[:, j, :, :j] = greedy[:, None, :j]
         forced[:, j, :, j] = top[:, j]
-    ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, positions * k, args.length,
-                         0.0, batch.banned, None, forced=forced.flatten(0, 2))             # (B * P * K, L)
+    ids = (top.reshape(-1, 1) if args.length == 1 else  # one-token replies are the candidates themselves
+           sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, positions * k, args.length,
+                          0.0, batch.banned, None, forced=forced.flatten(0, 2)))           # (B * P * K, L)
     texts = texts_of(model, batch.prompts.openings, ids)
+    if args.whole_words:
+        texts = [opening + word for b, opening in enumerate(batch.prompts.openings)
+                 for word in whole_words(model, opening, top[b, 0].tolist())]
     with torch.no_grad():
         clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(positions * k, 0), texts)
         nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P * K,)
@@ -308,8 +328,43 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     if baseline is not None:
         reward = shaped_reward(clip, texts, nll, baseline, args.unlikely_nll)
         grouped = reward.view(-1, positions, k)                                             # (B, P, K)
-        loss = loss - (p * (grouped - (weights * grouped).sum(-1, keepdim=True))).sum(-1).mean()
+        if args.candidates_target == "expected":
+            loss = loss - (p * (grouped - (weights * grouped).sum(-1, keepdim=True))).sum(-1).mean()
+        else:  # the optimum holds the KL already: the cross-entropy alone, among the candidates
+            target = ((ref_logp.gather(-1, top) + grouped / args.kl).softmax(-1) if args.kl > 0 else
+                      torch.nn.functional.one_hot(grouped.argmax(-1), k).to(grouped.dtype))  # (B, P, K)
+            loss = -(target * logp.gather(-1, top).log_softmax(-1)).sum(-1).mean()
     return StepResult(loss, clip, weights.flatten(), reward, kl.item(), nll, texts)
+
+
+WORD_TOKENS = 3
+"""Tokens a candidate's word may go on for when it is judged whole."""
+WORDS: weakref.WeakKeyDictionary[GroundedLM, dict[tuple[str, int], str]] = weakref.WeakKeyDictionary()
+"""Each model's whole words, by opening and candidate token."""
+
+
+@torch.no_grad()
+def whole_words(model: GroundedLM, opening: str, tokens: list[int]) -> list[str]:
+    """Each candidate token after `opening` as the whole word it begins: with the text-only LM's greedy
+    continuation of the opening and the token while that goes on with the same word (up to WORD_TOKENS more), so
+    that " hex" after "The shape is a" is judged as " hexagon", which the judge knows, and not as " hex", which it
+    does not. The policy would complete such a word alike: what follows " hex" is spelling, not the image. Cached
+    for the model by opening and token, as both always complete alike."""
+    cache, tokenizer = WORDS.setdefault(model, {}), model.tokenizer
+    new = sorted({t for t in tokens if (opening, t) not in cache})
+    if new:
+        context = tokenizer.encode(opening, add_special_tokens=False)
+        ids = torch.tensor([context + [t] for t in new], device=model.device)               # (N, C + 1)
+        more = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=WORD_TOKENS,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:]
+        for token, continuation in zip(new, more.tolist()):
+            word = tokenizer.decode([token])
+            for piece in map(tokenizer.decode, [[t] for t in continuation]):
+                if not (word[-1:].isalpha() and piece[:1].isalpha()):
+                    break
+                word += piece
+            cache[opening, token] = word
+    return [cache[opening, t] for t in tokens]
 
 
 @torch.no_grad()
@@ -538,6 +593,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidate-positions", type=int, default=1,
                    help="with --candidates: sum over the K likeliest tokens at each of the reply's first P positions, "
                         "after the policy's greedy tokens before it (the shape after the colour)")
+    p.add_argument("--candidates-target", choices=CANDIDATES_TARGETS, default="expected",
+                   help="with --candidates: what the loss asks of the K tokens: the expected reward over them (its "
+                        "gradient for a token scales with the token's probability), or a cross-entropy towards the "
+                        "KL-regularised optimum p_ref * exp(reward / kl) over them (an unlikely right word learns as "
+                        "fast as a likely one)")
+    p.add_argument("--whole-words", action="store_true",
+                   help="with --candidates and --length 1: judge each candidate as the whole word it begins (\" hex\" "
+                        "as \" hexagon\", completed by the text-only LM)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--kl", type=float, default=0.15, help="weight of the per-token KL to the text-only LM")
@@ -559,6 +622,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warmup_steps >= args.steps:
         p.error("--warmup-steps must be fewer than --steps")
+    if args.whole_words and not (args.candidates and args.length == 1):
+        p.error("--whole-words needs --candidates and --length 1")
     if not 1 <= args.candidate_positions <= args.length:
         p.error("--candidate-positions must be between 1 and --length")
     return args
