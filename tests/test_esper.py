@@ -75,7 +75,8 @@ def expected_letter_score(model: GroundedLM, image: Image.Image, position: int =
                          ids=["sampled", "candidates", "candidates-optimum"])
 def test_esper_steps_teach_the_mapping_what_each_image_should_make_the_lm_say(sensitive_lm_dir, tiny_clip_dir,
                                                                              red_and_blue, tmp_path, estimator):
-    """Sampled replies (RLOO) or the policy's 16 likeliest first tokens summed over: either way 60 steps."""
+    """Sampled replies (RLOO), or the policy's 16 likeliest first tokens summed over (up the expected reward's
+    gradient, or towards the objective's optimum over them): each way, 60 steps."""
     args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--images", str(red_and_blue), "--steps", "60",
                       "--warmup-steps", "2", "--batch-size", "4", "--length", "1", "--lr", "0.05", "--kl", "0",
                       "--quiet", "1", "--unlikely-nll", "100", "--opening", "", "--val-every", "60", *estimator)
