@@ -307,17 +307,18 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
                           batch.banned).log_softmax(-1)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
     top = logp.detach().topk(k, -1).indices                                                 # (B, P, K)
-    forced = torch.full((len(images), positions, k, positions), -1, device=model.device)   # (B, P, K, P)
-    for j in range(positions):
-        forced[:, j, :, :j] = greedy[:, None, :j]
-        forced[:, j, :, j] = top[:, j]
-    ids = (top.reshape(-1, 1) if args.length == 1 else  # one-token replies are the candidates themselves
-           sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, positions * k, args.length,
-                          0.0, batch.banned, None, forced=forced.flatten(0, 2)))           # (B * P * K, L)
-    texts = texts_of(model, batch.prompts.openings, ids)
-    if args.whole_words:
-        texts = [opening + word for b, opening in enumerate(batch.prompts.openings)
-                 for word in whole_words(model, opening, top[b, 0].tolist())]
+    if args.length == 1:  # one-token replies are the candidates themselves
+        ids = top.reshape(-1, 1)                                                            # (B * K, 1)
+    else:
+        forced = torch.full((len(images), positions, k, positions), -1, device=model.device)  # (B, P, K, P)
+        for j in range(positions):
+            forced[:, j, :, :j] = greedy[:, None, :j]
+            forced[:, j, :, j] = top[:, j]
+        ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, positions * k,
+                             args.length, 0.0, batch.banned, None, forced=forced.flatten(0, 2))  # (B * P * K, L)
+    texts = ([opening + word for b, opening in enumerate(batch.prompts.openings)
+              for word in whole_words(model, opening, top[b, 0].tolist())] if args.whole_words else
+             texts_of(model, batch.prompts.openings, ids))
     with torch.no_grad():
         clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(positions * k, 0), texts)
         nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P * K,)

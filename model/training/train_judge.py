@@ -90,14 +90,20 @@ def names_object(scene: shapes.Scene, named: dict[str, str] | None) -> bool:
 
 
 @torch.no_grad()
+def image_embeddings(model: open_clip.CLIP, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> (N, embed_dim), L2-normalised, 256 at a time."""
+    return torch.cat([model.encode_image(normalise(pixels[a:a + 256].to(device)), normalize=True)
+                      for a in range(0, len(pixels), 256)])
+
+
+@torch.no_grad()
 def open_vocabulary(model: open_clip.CLIP, tokenizer, words: list[str], device: torch.device,
                     image_size: int) -> dict[str, float]:
     """For each of ESPER's slot openings (SLOTS), the share of one-object scenes whose own word after it scores
     above every other word of its kind and every one of `words` ("The shape is a star" against "... a square",
     "... a polygon")."""
     cache = one_object_cache(tokenizer, image_size, copies=1)
-    images = torch.cat([model.encode_image(normalise(cache.pixels[a:a + 256].to(device)), normalize=True)
-                        for a in range(0, len(cache.pixels), 256)])
+    images = image_embeddings(model, cache.pixels, device)
     result = {}
     for field, opening, own in SLOTS:
         texts = [f"{opening} {w}" for w in (*own, *words)]
@@ -134,9 +140,7 @@ def train(args: argparse.Namespace) -> dict:
     eval_words = random.Random(0).sample(held_words, min(args.eval_words, len(held_words)))
     model.eval()
     before = open_vocabulary(model, tokenizer, eval_words, device, image_size)
-    with torch.no_grad():  # the frozen image tower, once
-        images = torch.cat([model.encode_image(normalise(train_cache.pixels[a:a + 256].to(device)), normalize=True)
-                            for a in range(0, args.train_size, 256)])
+    images = image_embeddings(model, train_cache.pixels, device)  # the frozen image tower, once
     print(f"judge: {args.train_size} scenes rendered and embedded in {time.time() - t0:.0f}s; "
           f"{len(outside)} outside words for frames and negatives, {len(eval_words)} others to evaluate on; before: {before}", flush=True)
 
@@ -152,14 +156,16 @@ def train(args: argparse.Namespace) -> dict:
         scenes = [train_cache.scenes[i] for i in index.tolist()]
         texts = [insert_words(train_cache.captions[i], rng.sample(outside, rng.randint(1, 2)), rng)
                  if rng.random() < args.insert else train_cache.captions[i] for i in index.tolist()]
-        named: list = list(scenes)  # a whole caption names its own scene's objects (the batch's sets are distinct)
+        named = []
         for scene in scenes:
             for swap in [False] + [True] * args.negatives:
                 text, attributes = partial_text(rng.choice(scene.objects), outside, rng, swap)
                 texts.append(text)
                 named.append(attributes)
-        match = torch.tensor([[n == scene if isinstance(n, shapes.Scene) else names_object(scene, n) for n in named]
-                              for scene in scenes], dtype=torch.float, device=device)          # (B, T)
+        # a whole caption names its own scene alone (the batch's object sets are distinct); a partial text, every
+        # scene holding such an object                                                       (B, B + B * (1 + M))
+        match = torch.cat([torch.eye(len(scenes)), torch.tensor([[names_object(scene, n) for n in named]
+                                                                 for scene in scenes], dtype=torch.float)], 1).to(device)
         model.train()
         text = model.encode_text(tokenizer(texts).to(device), normalize=True)                  # (T, D)
         logits = scale * images[index.to(device)] @ text.T                                     # (B, T)
