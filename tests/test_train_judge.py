@@ -15,15 +15,22 @@ STAR = shapes.SceneObject("star", "red", "small", "left")
 def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_names_nothing():
     rng = random.Random(0)
     scene = shapes.Scene((STAR, shapes.SceneObject("square", "blue", "large", "right")))
+
+    def said(text: str) -> set[str]:
+        there = {"shape": "star" in text, "colour": "red" in text, "size": "small" in text or "little" in text,
+                 "position": "left" in text}
+        return {f for f, yes in there.items() if yes}
     for _ in range(50):
-        text, named = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False)
+        text, named, fewer = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False)
         assert named and all(getattr(STAR, f) == v for f, v in named.items())
         assert train_judge.names_object(scene, named)
-        said = {"shape": "star" in text, "colour": "red" in text, "size": "small" in text or "little" in text,
-                "position": "left" in text}
-        assert {f for f, there in said.items() if there} == set(named)  # what it says is what it names
-        text, named = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True)
-        assert named is None and not train_judge.names_object(scene, named)
+        assert said(text) == set(named)  # what it says is what it names
+        if len(named) > 1:  # the text to rank below it says one of those attributes fewer, the rest the same
+            assert said(fewer) < said(text) and len(said(fewer)) == len(named) - 1
+        else:
+            assert fewer is None
+        text, named, fewer = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True)
+        assert named is None and fewer is None and not train_judge.names_object(scene, named)
     assert not train_judge.names_object(scene, {"shape": "star", "colour": "blue"})  # one object must hold both
     assert train_judge.names_object(scene, {"shape": "square", "colour": "blue"})
 
@@ -46,4 +53,5 @@ def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(t
     changed = {k for k, v in before.state_dict().items() if not torch.equal(v.half(), after[k].half())}
     assert changed and all(k.startswith(train_judge.TEXT_TOWER) for k in changed)  # the image side untouched
     assert set(metrics["open_vocabulary"]) == {"shape", "colour"} and metrics["eval_words"] == 20
+    assert 0 <= metrics["fuller_first"] <= 1 and metrics["fuller"] == 1.0
     assert json.loads((tmp_path / "judge" / "train_metrics.json").read_text())["steps"] == 3
