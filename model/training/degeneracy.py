@@ -33,6 +33,21 @@ def repetition(text: str, n: int = REPEAT_N) -> float:
     return repeated / len(grams)
 
 
+def each_word_once(text: str) -> str:
+    """The text without the words it already said (case and punctuation aside): what ESPER's judge reads. A CLIP
+    scores a loop above the sentence it repeats (ESPER's judge, over 40 one-object scenes: "The image is a red
+    red red red" 0.094, "The image is a red star." 0.079), so a loop must gain nothing from the judge: read once,
+    it says what it said the first time, and its repetition still costs reward."""
+    seen: set[str] = set()
+    kept = []
+    for piece in re.findall(r"\s*\S+|\s+", text):  # each word with the space before it: the rest stays as it was
+        key = re.sub(r"[^a-z0-9]", "", piece.lower())
+        if not key or key not in seen:
+            kept.append(piece)
+        seen.add(key)
+    return "".join(kept)
+
+
 def is_degenerate(text: str, nll: float | None = None, unlikely_nll: float = UNLIKELY_NLL) -> bool:
     """Repeats itself, or (when its NLL under the text-only LM is known) is text that LM finds very unlikely."""
     return repetition(text) > MAX_REPETITION or (nll is not None and nll > unlikely_nll)

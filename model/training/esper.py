@@ -28,7 +28,12 @@ run (`--init` its checkpoint) continues towards free descriptions. With `--candi
 is taken at each of the reply's first P positions, after the policy's greedy tokens before it: the word after
 the colour (the shape) learns too. `--candidates-target optimum` trains towards the objective's optimum over
 the candidates rather than up its gradient (an unlikely right word learns as fast as a likely one), and
-`--whole-words` judges a one-token reply as the word it begins (" hex" as " hexagon").
+`--whole-words` judges a one-token reply as the word it begins (" hex" as " hexagon"). With `--may-end`, EOS is a
+candidate after the first position and a reply it ends is judged as it stands: a description learns where to
+stop, where going on would add words that name nothing or name things twice.
+
+The judge reads each reply's words once (`degeneracy.each_word_once`): CLIP scores a loop above the sentence it
+repeats, so a loop must gain nothing from it.
 
 The judge decides what can be learnt: the demo's own CLIP read only the shapes world's grammar and scores words
 outside it at random, so for ESPER's open vocabulary `model.training.train_judge` first teaches its text tower
@@ -67,7 +72,7 @@ from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_name, dequa
 from model.prompt import Segment, Turn, render
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import INSTRUCTIONS
-from model.training.degeneracy import UNLIKELY_NLL, is_degenerate, repetition
+from model.training.degeneracy import UNLIKELY_NLL, each_word_once, is_degenerate, repetition
 from model.training.evaluate import greedy_replies, padded, reply_logits
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
@@ -88,7 +93,7 @@ SAMPLES_FIGURE = "samples.png"
 RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_grid", "projector", "images",
                "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
                "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates",
-               "candidate_positions", "candidates_target", "whole_words")
+               "candidate_positions", "candidates_target", "whole_words", "may_end")
 
 
 def quiet_start(model: GroundedLM, scale: float) -> None:
@@ -231,10 +236,12 @@ def prepare(model: GroundedLM, images: list[Image.Image], rng: random.Random, ar
 
 
 def texts_of(model: GroundedLM, openings: list[str], ids: torch.Tensor) -> list[str]:
-    """What the judge reads: each reply (N * R, L) after its prompt's opening (N of them, R replies each)."""
+    """What the judge reads: each reply (N * R, L) after its prompt's opening (N of them, R replies each), up to
+    its end (a candidate EOS, `--may-end`)."""
     repeats = len(ids) // len(openings)
-    return [opening + model.tokenizer.decode(reply, skip_special_tokens=True)
-            for opening, reply in zip([o for o in openings for _ in range(repeats)], ids)]
+    ended = [next((i for i, t in enumerate(reply) if t in model.eos_ids), len(reply)) for reply in ids.tolist()]
+    return [opening + model.tokenizer.decode(reply[:end], skip_special_tokens=True)
+            for opening, reply, end in zip([o for o in openings for _ in range(repeats)], ids, ended)]
 
 
 def shaped_reward(clip: torch.Tensor, texts: list[str], nll: torch.Tensor, baseline: tuple[float, float],
@@ -263,7 +270,8 @@ def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: 
         ref_logp = masked(torch.stack(reply_logits(model, each(batch.text_only), list(ids), batch.prefix)),
                           batch.banned).log_softmax(-1)
         nll = -ref_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(1)                   # (B * G,)
-        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(group, 0), texts)  # (B * G,)
+        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(group, 0),
+                                [each_word_once(t) for t in texts])                         # (B * G,)
     logp = logits.log_softmax(-1)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()                                    # per token
     loss = args.kl * kl
@@ -295,18 +303,31 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     the K candidates: q_k ~ p_ref(k) exp(r_k / kl), exact since every candidate is scored; the loss is the
     cross-entropy from q to the policy among the K (its mass outside them, which no reward speaks for, is left
     alone), whose gradient for a token (p_k - q_k, p renormalised over the K) does not shrink with its probability
-    (with `kl` 0, q is the best candidate alone)."""
+    (with `kl` 0, q is the best candidate alone).
+
+    `--may-end`: after the first position, EOS is always a candidate (in place of the K-th likeliest token where it
+    is not among the K), its reply judged as it stands; the policy's greedy tokens before a position are still the
+    ones it says when it goes on."""
     k, positions = args.candidates, args.candidate_positions
     batch = prepare(model, images, rng, args)
     greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1, positions, 0.0,
                             batch.banned, None)                                              # (B, P)
-    logp = masked(torch.stack(reply_logits(model, batch.policy, list(greedy), batch.prefix)),
-                  batch.banned).log_softmax(-1)                                             # (B, P, V')
+
+    def candidate_logp(rows: list[torch.Tensor]) -> torch.Tensor:
+        """(B, P, V') log-probabilities at the P positions; with `--may-end` EOS is a candidate after the first."""
+        logits = torch.stack(reply_logits(model, rows, list(greedy), batch.prefix))
+        if not args.may_end:
+            return masked(logits, batch.banned).log_softmax(-1)
+        return torch.cat([masked(logits[:, :1], batch.banned),
+                          masked(logits[:, 1:], batch.banned[batch.banned == model.ret_id])], 1).log_softmax(-1)
+    logp = candidate_logp(batch.policy)
     with torch.no_grad():
-        ref_logp = masked(torch.stack(reply_logits(model, batch.text_only, list(greedy), batch.prefix)),
-                          batch.banned).log_softmax(-1)
+        ref_logp = candidate_logp(batch.text_only)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
     top = logp.detach().topk(k, -1).indices                                                 # (B, P, K)
+    if args.may_end:  # the end is a candidate after the first position, in place of the K-th where it is not one
+        end, later = model.tokenizer.eos_token_id, top[:, 1:]
+        later[..., -1] = torch.where((later == end).any(-1), later[..., -1], end)
     if args.length == 1:  # one-token replies are the candidates themselves
         ids = top.reshape(-1, 1)                                                            # (B * K, 1)
     else:
@@ -320,7 +341,8 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
               for word in whole_words(model, opening, top[b, 0].tolist())] if args.whole_words else
              texts_of(model, batch.prompts.openings, ids))
     with torch.no_grad():
-        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(positions * k, 0), texts)
+        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(positions * k, 0),
+                                [each_word_once(t) for t in texts])
         nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P * K,)
     p = logp.gather(-1, top).exp()                                                          # (B, P, K)
     weights = p.detach() / p.detach().sum(-1, keepdim=True)
@@ -411,9 +433,10 @@ def plot_samples(images: list[Image.Image], texts: list[str], step: int, path: P
 
 def build_model(args: argparse.Namespace, device: torch.device) -> tuple[GroundedLM, list[float] | None]:
     """The model to train, never retrieving, and the reward scale it inherits (None: to be measured). `--init`
-    an ESPER checkpoint (no caption seen): continue from its mappings and its untrained policy's reward scale,
-    the way a later session goes further. Any other checkpoint lends only its LM, encoder and token layout:
-    its mappings saw captions. Without `--init`: fresh quiet mappings."""
+    an ESPER checkpoint (no caption seen): continue from its mappings and, under the same judge, its untrained
+    policy's reward scale, the way a later session goes further (under another judge the scale is measured
+    again). Any other checkpoint lends only its LM, encoder and token layout: its mappings saw captions. Without
+    `--init`: fresh quiet mappings."""
     if args.init:
         folder = resolve(args.init)
         named, _ = read_checkpoint(folder)
@@ -424,7 +447,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> tuple[Grounde
         if not named.retrieves and summary.get("captions_seen") == 0:
             model = GroundedLM.from_pretrained(folder, quantize=args.quantize, device=device,
                                                compute_dtype=compute_dtype_name(device, args.compute_dtype))
-            return model, summary.get("baseline")
+            same_judge = summary.get("options", {}).get("judge") == args.judge
+            return model, summary.get("baseline") if same_judge else None
     config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
                             n_visual_tokens=args.n_visual_tokens, region_grid=args.region_grid,
                             projector=args.projector, retrieves=False)
@@ -602,6 +626,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--whole-words", action="store_true",
                    help="with --candidates and --length 1: judge each candidate as the whole word it begins (\" hex\" "
                         "as \" hexagon\", completed by the text-only LM)")
+    p.add_argument("--may-end", action="store_true",
+                   help="with --candidates and --candidate-positions > 1: EOS is among the candidates after the first "
+                        "position, and a reply it ends is judged as it stands: a description learns where to stop")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--kl", type=float, default=0.15, help="weight of the per-token KL to the text-only LM")
@@ -625,6 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup-steps must be fewer than --steps")
     if args.whole_words and not (args.candidates and args.length == 1):
         p.error("--whole-words needs --candidates and --length 1")
+    if args.may_end and not (args.candidates and args.candidate_positions > 1):
+        p.error("--may-end needs --candidates and --candidate-positions of 2 or more")
     if not 1 <= args.candidate_positions <= args.length:
         p.error("--candidate-positions must be between 1 and --length")
     return args
