@@ -110,12 +110,9 @@ def test_candidates_at_two_positions_teach_the_second_token_too(sensitive_lm_dir
     assert second[2] > second[1] + 0.07, second  # measured: +0.28 against +0.15
 
 
-class LengthJudge:
+class LengthJudge(LetterJudge):
     """A toy judge that wants replies to red images short and to blue ones long."""
     source = "length"
-
-    def image_embeddings(self, images):
-        return LetterJudge.image_embeddings(self, images)
 
     def similarity(self, image_embeddings, texts):
         return -image_embeddings[:, 0] * torch.tensor([len(t) / 20 for t in texts])

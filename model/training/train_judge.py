@@ -15,8 +15,8 @@ CLIP's, with the targets spread over every text that names something in the imag
 image holding such an object; a negative names none), plus a ranking (`--fuller`): a partial text scores above
 the same text with one of its attributes left out, for its image. Without it the spread targets made a text
 naming the colour alone as right as one naming colour and shape, and ESPER's descriptions need the second to win
-(`fuller_first`: 43% of one-object scenes without the ranking, 87.5% with it). The image tower stays frozen (its embeddings are computed
-once), so the image side of the demo's CLIP is untouched:
+(`fuller_first`: 43% of one-object scenes without the ranking, 87.5% with it). The image tower stays frozen (its
+embeddings are computed once), so the image side of the demo's CLIP is untouched:
 
     python -m model.training.train_judge --clip assets/demo/clip --out runs/judge
     python -m model.training.esper --judge local-dir:runs/judge ...
@@ -180,12 +180,12 @@ def train(args: argparse.Namespace) -> dict:
         scenes = [train_cache.scenes[i] for i in index.tolist()]
         texts = [insert_words(train_cache.captions[i], rng.sample(outside, rng.randint(1, 2)), rng)
                  if rng.random() < args.insert else train_cache.captions[i] for i in index.tolist()]
-        named, fuller, fewer = [], [], []  # fuller: (image's row, index in texts) of each text with a `fewer`
+        named, ranked, fewer = [], [], []  # ranked: (image's row, index in texts) of each text with a `fewer`
         for row, scene in enumerate(scenes):
             for swap in [False] + [True] * args.negatives:
                 text, attributes, less = partial_text(rng.choice(scene.objects), outside, rng, swap)
                 if less is not None:
-                    fuller.append((row, len(texts)))
+                    ranked.append((row, len(texts)))
                     fewer.append(less)
                 texts.append(text)
                 named.append(attributes)
@@ -203,9 +203,9 @@ def train(args: argparse.Namespace) -> dict:
                 - (match[:, named_any] / match[:, named_any].sum(0) * logits[:, named_any].log_softmax(0)).sum(0).mean()
                 ) / 2
         if fewer and args.fuller:  # a text naming one more of its object's attributes ranks above the text without
-            rows, columns = map(list, zip(*fuller))  # it for that image (logistic, at CLIP's scale)
-            less = model.encode_text(tokenizer(fewer).to(device), normalize=True)              # (F, D)
-            gap = logits[rows, columns] - scale * (images[index.to(device)[rows]] * less).sum(-1)
+            rows, columns = map(list, zip(*ranked))  # it for that image (logistic, at CLIP's scale)
+            fewer_text = model.encode_text(tokenizer(fewer).to(device), normalize=True)        # (F, D)
+            gap = logits[rows, columns] - scale * (images[index.to(device)[rows]] * fewer_text).sum(-1)
             loss = loss + args.fuller * torch.nn.functional.softplus(-gap).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -238,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--negatives", type=int, default=3, help="hard negatives per partial text")
     p.add_argument("--fuller", type=float, default=1.0, help="weight of the ranking of a text above the same text "
-                   "naming one attribute fewer (0: off, as the first judge was trained)")
+                   "naming one attribute fewer (0: off, the first judge's recipe)")
     p.add_argument("--insert", type=float, default=0.5, help="share of positives with random words inserted")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-size", type=int, default=20_000, help="train scenes rendered")
