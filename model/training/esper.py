@@ -244,6 +244,13 @@ def texts_of(model: GroundedLM, openings: list[str], ids: torch.Tensor) -> list[
             for opening, reply, end in zip([o for o in openings for _ in range(repeats)], ids, ended)]
 
 
+def judged(judge: Judge, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
+    """The judge's cosine (N * R,) of each reply with its image (N images, R replies each, in order), each word
+    read once: a loop gains nothing from the judge."""
+    embeddings = judge.image_embeddings(images).repeat_interleave(len(texts) // len(images), 0)
+    return judge.similarity(embeddings, [each_word_once(t) for t in texts])
+
+
 def shaped_reward(clip: torch.Tensor, texts: list[str], nll: torch.Tensor, baseline: tuple[float, float],
                   unlikely_nll: float) -> torch.Tensor:
     """The judge's cosines (N,) standardised by the untrained policy's (mean, spread), less each reply's
@@ -270,8 +277,7 @@ def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: 
         ref_logp = masked(torch.stack(reply_logits(model, each(batch.text_only), list(ids), batch.prefix)),
                           batch.banned).log_softmax(-1)
         nll = -ref_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(1)                   # (B * G,)
-        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(group, 0),
-                                [each_word_once(t) for t in texts])                         # (B * G,)
+        clip = judged(judge, images, texts)                                                 # (B * G,)
     logp = logits.log_softmax(-1)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()                                    # per token
     loss = args.kl * kl
@@ -341,8 +347,7 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
               for word in whole_words(model, opening, top[b, 0].tolist())] if args.whole_words else
              texts_of(model, batch.prompts.openings, ids))
     with torch.no_grad():
-        clip = judge.similarity(judge.image_embeddings(images).repeat_interleave(positions * k, 0),
-                                [each_word_once(t) for t in texts])
+        clip = judged(judge, images, texts)                                                 # (B * P * K,)
         nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P * K,)
     p = logp.gather(-1, top).exp()                                                          # (B, P, K)
     weights = p.detach() / p.detach().sum(-1, keepdim=True)

@@ -104,12 +104,10 @@ def image_embeddings(model: open_clip.CLIP, pixels: torch.Tensor, device: torch.
 
 @torch.no_grad()
 def open_vocabulary(model: open_clip.CLIP, tokenizer, words: list[str], device: torch.device,
-                    image_size: int) -> dict[str, float]:
-    """For each of ESPER's slot openings (SLOTS), the share of one-object scenes whose own word after it scores
-    above every other word of its kind and every one of `words` ("The shape is a star" against "... a square",
-    "... a polygon")."""
-    cache = one_object_cache(tokenizer, image_size, copies=1)
-    images = image_embeddings(model, cache.pixels, device)
+                    scenes: list[shapes.Scene], images: torch.Tensor) -> dict[str, float]:
+    """For each of ESPER's slot openings (SLOTS), the share of one-object `scenes` (their image embeddings (N, D))
+    whose own word after it scores above every other word of its kind and every one of `words` ("The shape is a
+    star" against "... a square", "... a polygon")."""
     result = {}
     for field, opening, own in SLOTS:
         texts = [f"{opening} {w}" for w in (*own, *words)]
@@ -117,18 +115,18 @@ def open_vocabulary(model: open_clip.CLIP, tokenizer, words: list[str], device: 
                           for a in range(0, len(texts), 1024)])
         best = (images @ text.T).argmax(1).tolist()
         result[field] = sum(b < len(own) and own[b] == getattr(s.objects[0], field)
-                            for b, s in zip(best, cache.scenes)) / len(cache.scenes)
+                            for b, s in zip(best, scenes)) / len(scenes)
     return result
 
 
 @torch.no_grad()
-def fuller_first(model: open_clip.CLIP, tokenizer, device: torch.device, image_size: int) -> float:
-    """The share of one-object scenes for which "The image is a <colour> <shape>" scores above both "The image is
-    a <colour>" and "The image is a <shape>": whether naming both is worth more than naming either, which ESPER's
-    descriptions need (the demo's CLIP: 90% of scenes; the first judge, trained without the ranking: 43%)."""
-    cache = one_object_cache(tokenizer, image_size, copies=1)
-    images = image_embeddings(model, cache.pixels, device)                                  # (N, D)
-    objects = [scene.objects[0] for scene in cache.scenes]
+def fuller_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+                 images: torch.Tensor) -> float:
+    """The share of one-object `scenes` (their image embeddings (N, D)) for which "The image is a <colour> <shape>"
+    scores above both "The image is a <colour>" and "The image is a <shape>": whether naming both is worth more
+    than naming either, which ESPER's descriptions need (the demo's CLIP: 90% of scenes; the first judge, trained
+    without the ranking: 43%)."""
+    objects = [scene.objects[0] for scene in scenes]
 
     def scores(said: list[str]) -> torch.Tensor:                                            # (N,)
         text = model.encode_text(tokenizer([f"The image is a {words}" for words in said]).to(device), normalize=True)
@@ -162,11 +160,15 @@ def train(args: argparse.Namespace) -> dict:
     outside, held_words = outside_words(tokenizer, grammar)
     eval_words = random.Random(0).sample(held_words, min(args.eval_words, len(held_words)))
     model.eval()
-    before = open_vocabulary(model, tokenizer, eval_words, device, image_size)
-    fuller_before = fuller_first(model, tokenizer, device, image_size)
-    images = image_embeddings(model, train_cache.pixels, device)  # the frozen image tower, once
+    # the frozen image tower: every image is embedded once, the same before training and after
+    one = one_object_cache(tokenizer, image_size, copies=1)
+    one_scenes, one_images = one.scenes, image_embeddings(model, one.pixels, device)
+    before = open_vocabulary(model, tokenizer, eval_words, device, one_scenes, one_images)
+    fuller_before = fuller_first(model, tokenizer, device, one_scenes, one_images)
+    images = image_embeddings(model, train_cache.pixels, device)
     print(f"judge: {args.train_size} scenes rendered and embedded in {time.time() - t0:.0f}s; "
-          f"{len(outside)} outside words for frames and negatives, {len(eval_words)} others to evaluate on; before: {before}, fuller first {fuller_before:.3f}", flush=True)
+          f"{len(outside)} outside words for frames and negatives, {len(eval_words)} others to evaluate on; "
+          f"before: {before}, fuller first {fuller_before:.3f}", flush=True)
 
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TEXT_TOWER))
@@ -222,9 +224,9 @@ def train(args: argparse.Namespace) -> dict:
     metrics = {"clip": str(args.clip), "steps": args.steps, "batch_size": args.batch_size, "negatives": args.negatives,
                "seconds": round(time.time() - t0, 1), "eval_words": len(eval_words),
                "open_vocabulary_before": before,
-               "open_vocabulary": open_vocabulary(model, tokenizer, eval_words, device, image_size),
-               "fuller": args.fuller,
-               "fuller_first_before": fuller_before, "fuller_first": fuller_first(model, tokenizer, device, image_size),
+               "open_vocabulary": open_vocabulary(model, tokenizer, eval_words, device, one_scenes, one_images),
+               "fuller": args.fuller, "fuller_first_before": fuller_before,
+               "fuller_first": fuller_first(model, tokenizer, device, one_scenes, one_images),
                "one_object": one_object_separation(model, one_object_cache(tokenizer, image_size), device)}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
