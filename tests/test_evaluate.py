@@ -35,7 +35,17 @@ def test_a_wrong_colour_is_wrong_for_colour_and_scene_only():
     assert caption_scores([truth], ["A small red circle on the left."])["1"]["exact"] == 1.0
     scores = caption_scores([truth], ["There is a little BLUE circle to the left!"])["1"]
     assert scores == {"n": 1, "exact": 0.0, "count": 1.0, "shape": 1.0, "colour": 0.0, "size": 1.0, "position": 1.0,
-                      "shape_colour": 0.0}
+                      "shape_colour": 0.0, "first_named": 0.0, "objects_named": 1.0}
+
+
+def test_a_description_that_goes_on_is_still_read_for_what_it_names_first():
+    truth = Scene((SceneObject("triangle", "white", "small", "left"),), "grey")
+    looping = "The image is a white triangle with an image of a white triangle and a red star."
+    scores = caption_scores([truth], [looping])["1"]
+    assert scores["first_named"] == 1.0 and scores["objects_named"] == 3.0
+    assert scores["shape_colour"] == 0.0, "it names more objects than the scene holds"
+    wrong_first = caption_scores([truth], ["A red star next to a white triangle."])["1"]
+    assert wrong_first["first_named"] == 0.0 and wrong_first["objects_named"] == 2.0
 
 
 def test_caption_scores_are_grouped_by_number_of_objects():
@@ -273,6 +283,8 @@ def test_compare_describes_the_same_images_with_each_checkpoint_under_one_judge(
     printed = capsys.readouterr().out
     assert "| one object: shape and colour both right |" in printed and "| degenerate descriptions |" in printed
     assert '| one object: says the shape after "The shape is a" |' in printed
+    assert "| one object: the first object named has its shape and colour |" in printed
+    assert "| one object: objects named per description |" in printed
     with pytest.raises(SystemExit, match="NAME=CHECKPOINT"):
         main(["--compare", str(tmp_path / "a")])
 

@@ -51,6 +51,8 @@ from model.training.train_clip import resolve_device
 from model.training.plots import plt, save_figure
 
 FIELDS = ("exact", "count", "shape", "colour", "size", "position", "shape_colour")
+READ_FIELDS = ("first_named", "objects_named")
+"""Read from the text in its own order (`read_in_order`), besides `shapes.score_scene`'s FIELDS."""
 KS = (1, 5, 10)
 CONTEXT_OFFSET = 500_000
 """Context conversations take their scenes from this index of the split on, away from the gallery's."""
@@ -282,12 +284,22 @@ def same_scene(described: list[shapes.Scene], shown: list[shapes.Scene], caption
                          for d, named in zip(described, names_background)])
 
 
+def read_in_order(truth: shapes.Scene, text: str) -> dict[str, float]:
+    """first_named: the first object the text names is one of the scene's, in shape and colour (a description
+    that goes on too long, as ESPER's may, can still begin right); objects_named: how many objects it names."""
+    named = shapes.described_objects(text)
+    first = bool(named) and (named[0].shape, named[0].colour) in {(o.shape, o.colour) for o in truth.objects}
+    return {"first_named": float(first), "objects_named": float(len(named))}
+
+
 def caption_scores(truths: list[shapes.Scene], texts: list[str]) -> dict[str, dict[str, float]]:
-    """Mean `shapes.score_scene` fields, by number of objects ("1", "2", "3") and over all ("all")."""
-    rows = [(len(t.objects), shapes.score_scene(t, shapes.parse_caption(text))) for t, text in zip(truths, texts)]
+    """Mean `shapes.score_scene` fields and READ_FIELDS, by number of objects ("1", "2", "3") and over all
+    ("all")."""
+    rows = [(len(t.objects), {**shapes.score_scene(t, shapes.parse_caption(text)), **read_in_order(t, text)})
+            for t, text in zip(truths, texts)]
     groups = {str(n): [s for m, s in rows if m == n] for n in range(1, shapes.MAX_OBJECTS + 1)}
     groups["all"] = [s for _, s in rows]
-    return {name: {"n": len(scores), **{f: sum(s[f] for s in scores) / len(scores) for f in FIELDS}}
+    return {name: {"n": len(scores), **{f: sum(s[f] for s in scores) / len(scores) for f in FIELDS + READ_FIELDS}}
             for name, scores in groups.items() if scores}
 
 
@@ -541,7 +553,9 @@ def slot_accuracy(model: GroundedLM, items: list[shapes.Sample], batch_size: int
     return result
 
 
-COMPARED = (("1", "shape_colour", "one object: shape and colour both right"), ("1", "exact", "one object: exact scene"),
+COMPARED = (("1", "shape_colour", "one object: shape and colour both right"),
+            ("1", "first_named", "one object: the first object named has its shape and colour"),
+            ("1", "exact", "one object: exact scene"),
             ("2", "shape_colour", "two objects: shape and colour named"), ("all", "colour", "colour, placed right"),
             ("all", "shape", "shape, placed right"))
 
@@ -585,6 +599,8 @@ def compare_table(result: dict) -> str:
     for field, opening, _ in SLOTS:
         lines.append(f"| one object: says the {field} after \"{opening}\" | "
                      + " | ".join(_pct(m["slots"][field]) for m in result["models"].values()) + " |")
+    lines.append("| one object: objects named per description | " + " | ".join(
+        f"{m['1']['objects_named']:.2f}" if "1" in m else "-" for m in result["models"].values()) + " |")
     lines.append(f"| CLIP score ({result['judge']}) | " + " | ".join(f"{m['clip_score']:.3f}"
                                                                    for m in result["models"].values()) + " |")
     lines.append("| degenerate descriptions | " + " | ".join(_pct(m["degenerate"]) for m in result["models"].values())
