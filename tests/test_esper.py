@@ -13,7 +13,7 @@ from model.lm import SMOLLM2
 from model.prompt import Turn, render
 from model.training import esper
 from model.training.clip_judge import ClipJudge
-from model.training.degeneracy import each_word_once, is_degenerate, repetition
+from model.training.degeneracy import each_word_once, first_sentence, is_degenerate, repetition
 from model.training.train import STATE_NAME, read_state
 from model.world import shapes
 from model.world.data import ImageFolder
@@ -207,6 +207,24 @@ def test_the_optimum_target_moves_the_policy_further_than_the_expectation_in_the
     assert gain["optimum"] > 2 * gain["expected"] > 0, gain
 
 
+@torch.no_grad()
+def test_a_candidate_goes_on_as_the_app_would_say_it_loops_and_all(tiny_lm_dir, tiny_clip_dir, tmp_path):
+    """A candidate is judged with its greedy continuation, decoded as the app decodes (no trigram blocked, only
+    EOS and `[RET]`), so that a continuation that loops is judged, and costs, as the loop a user would read."""
+    model, _ = esper.build_model(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path), torch.device("cpu"))
+    image = Image.new("RGB", (32, 32), "red")
+    prompt = model.embed_segments(render([Turn("user", [image, "Describe the image."])], model.tokenizer, "chat"))
+    banned = torch.tensor(sorted(model.eos_ids | {model.ret_id}))
+    continued = esper.sample_replies(model, [prompt], [], 1, 24, 0.0, banned, None)[0].tolist()
+    said: list[int] = []
+    for _ in range(24):
+        hidden, _ = model.hidden_states(torch.cat([prompt, model.embed_ids(torch.tensor(said, dtype=torch.long))])[None])
+        said.append(esper.masked(model.logits(hidden[0, -1]), banned).argmax().item())
+    assert continued == said
+    trigrams = [tuple(said[i:i + 3]) for i in range(len(said) - 2)]
+    assert len(set(trigrams)) < len(trigrams), "this toy LM loops within 24 tokens, as SmolLM2 does within 48"
+
+
 def test_the_judge_embeds_a_text_once(tiny_clip_dir):
     """ESPER's candidates repeat from step to step: the judge's cache answers them, and gives what it computed."""
     judge = ClipJudge(f"local-dir:{tiny_clip_dir}")
@@ -335,3 +353,10 @@ def test_the_judge_reads_each_word_once_so_a_loop_says_no_more_than_its_first_pa
     assert each_word_once("Hexagon, hexagon hexagon. A hexagon") == "Hexagon, A"
     assert each_word_once("a red star and a blue circle") == "a red star and blue circle"
     assert each_word_once(" e\n") == " e\n"  # a text that repeats nothing is read as it is, spaces and all
+
+
+def test_with_first_sentence_the_judge_reads_up_to_the_first_sentence_end():
+    assert first_sentence("The image is a red star. It is a red star. It is") == "The image is a red star"
+    assert first_sentence("A red star\nA red star") == "A red star"
+    assert first_sentence("Wow! A star") == "Wow" and first_sentence("no end yet") == "no end yet"
+    assert first_sentence("A 1.5 cm star.") == "A 1.5 cm star", "a point inside a number ends nothing"

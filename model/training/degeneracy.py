@@ -48,6 +48,18 @@ def each_word_once(text: str) -> str:
     return "".join(kept)
 
 
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+
+
+def first_sentence(text: str) -> str:
+    """The text up to its first sentence's end, the mark left out ("The image is a red star. It is a red star." ->
+    "The image is a red star"): what ESPER's judge reads with `--first-sentence`. A small LM decoding greedily
+    goes on after a good sentence and loops; read this way, going on adds nothing the judge rewards and its loop
+    still costs its repetition, so ending there is what pays."""
+    end = SENTENCE_END.search(text)
+    return text[:end.start()] if end else text
+
+
 def is_degenerate(text: str, nll: float | None = None, unlikely_nll: float = UNLIKELY_NLL) -> bool:
     """Repeats itself, or (when its NLL under the text-only LM is known) is text that LM finds very unlikely."""
     return repetition(text) > MAX_REPETITION or (nll is not None and nll > unlikely_nll)

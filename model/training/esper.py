@@ -72,7 +72,7 @@ from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_name, dequa
 from model.prompt import Segment, Turn, render
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import INSTRUCTIONS
-from model.training.degeneracy import UNLIKELY_NLL, each_word_once, is_degenerate, repetition
+from model.training.degeneracy import UNLIKELY_NLL, each_word_once, first_sentence, is_degenerate, repetition
 from model.training.evaluate import greedy_replies, padded, reply_logits
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
@@ -93,7 +93,8 @@ SAMPLES_FIGURE = "samples.png"
 RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_grid", "projector", "images",
                "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
                "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates",
-               "candidate_positions", "candidates_target", "whole_words", "may_end", "kl_continuation")
+               "candidate_positions", "candidates_target", "whole_words", "may_end", "kl_continuation",
+               "first_sentence")
 
 
 def quiet_start(model: GroundedLM, scale: float) -> None:
@@ -159,8 +160,10 @@ def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int
                    forced: torch.Tensor | None = None) -> torch.Tensor:
     """Prompts as the token ids they all open with and embeddings of the rest (T_i, lm_dim) -> `repeats` replies
     per prompt of exactly `length` tokens (N * repeats, length): each prompt read once (the opening once for
-    all), its KV cache repeated, then one forward per token for every reply. Sampled at `temperature`, greedy at
-    0; `forced` (N * repeats, F): the replies' first F tokens, given where >= 0 rather than chosen."""
+    all), its KV cache repeated, then one forward per token for every reply. Sampled at `temperature`, with no
+    token trigram said twice (a sample should explore, not loop); greedy at 0, as the app decodes, loops included,
+    so that a candidate's continuation is judged as a user would read it. `forced` (N * repeats, F): the replies'
+    first F tokens, given where >= 0 rather than chosen."""
     n = len(rows)
     inputs, mask = padded(rows, "left")                                                     # (N, T, lm_dim), (N, T)
     cache = model.run_prefix(prefix, n)[1] if prefix else None
@@ -176,9 +179,9 @@ def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int
     no_repeat = NoRepeatNGramLogitsProcessor(3)
     ids = torch.zeros(n * repeats, 0, dtype=torch.long, device=model.device)
     for step in range(length):
-        logits = no_repeat(ids, masked(model.logits(hidden), banned))                      # (N * repeats, V')
+        logits = masked(model.logits(hidden), banned)                                      # (N * repeats, V')
         token = (logits.argmax(-1, keepdim=True) if temperature == 0 else
-                 torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
+                 torch.multinomial((no_repeat(ids, logits) / temperature).softmax(-1), 1, generator=generator))
         if forced is not None and step < forced.shape[1]:
             token = torch.where(forced[:, step:step + 1] >= 0, forced[:, step:step + 1], token)
         ids = torch.cat([ids, token], 1)
@@ -249,11 +252,12 @@ def texts_of(model: GroundedLM, openings: list[str], ids: torch.Tensor) -> list[
             for opening, reply, end in zip([o for o in openings for _ in range(repeats)], ids, ended)]
 
 
-def judged(judge: Judge, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
+def judged(judge: Judge, images: list[Image.Image], texts: list[str], first_sentence_only: bool) -> torch.Tensor:
     """The judge's cosine (N * R,) of each reply with its image (N images, R replies each, in order), each word
-    read once: a loop gains nothing from the judge."""
+    read once: a loop gains nothing from the judge; with `first_sentence_only`, up to its first sentence's end."""
     embeddings = judge.image_embeddings(images).repeat_interleave(len(texts) // len(images), 0)
-    return judge.similarity(embeddings, [each_word_once(t) for t in texts])
+    return judge.similarity(embeddings, [each_word_once(first_sentence(t) if first_sentence_only else t)
+                                         for t in texts])
 
 
 def shaped_reward(clip: torch.Tensor, texts: list[str], nll: torch.Tensor, baseline: tuple[float, float],
@@ -282,7 +286,7 @@ def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: 
         ref_logp = masked(torch.stack(reply_logits(model, each(batch.text_only), list(ids), batch.prefix)),
                           batch.banned).log_softmax(-1)
         nll = -ref_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(1)                   # (B * G,)
-        clip = judged(judge, images, texts)                                                 # (B * G,)
+        clip = judged(judge, images, texts, args.first_sentence)                                                 # (B * G,)
     logp = logits.log_softmax(-1)
     kl = kl_per_token(logp, ref_logp)
     loss = args.kl * kl
@@ -359,7 +363,7 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
               for word in whole_words(model, opening, top[b, 0].tolist())] if args.whole_words else
              texts_of(model, batch.prompts.openings, ids))
     with torch.no_grad():
-        clip = judged(judge, images, texts)                                                 # (B * P * K,)
+        clip = judged(judge, images, texts, args.first_sentence)                                                 # (B * P * K,)
         nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P * K,)
     p = logp.gather(-1, top).exp()                                                          # (B, P, K)
     weights = p.detach() / p.detach().sum(-1, keepdim=True)
@@ -648,6 +652,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--may-end", action="store_true",
                    help="with --candidates and --candidate-positions > 1: EOS is among the candidates after the first "
                         "position, and a reply it ends is judged as it stands: a description learns where to stop")
+    p.add_argument("--first-sentence", action="store_true",
+                   help="the judge reads each reply up to its first sentence's end; what follows costs only its "
+                        "repetition: a description gains by ending after one sentence (with --may-end, it can)")
     p.add_argument("--kl-continuation", type=float, default=0.0,
                    help="with --candidates: weight of the per-token KL to the text-only LM on the policy's greedy "
                         "reply after the candidate positions, up to --length (where nothing is judged)")
