@@ -170,10 +170,13 @@ def end_probability(model: GroundedLM, image: Image.Image) -> float:
 
 def test_with_may_end_a_reply_learns_where_to_stop(sensitive_lm_dir, tiny_clip_dir, red_and_blue, tmp_path):
     """EOS among the candidates after the first position, and a reply it ends judged as it stands: a judge that
-    wants red images' replies short and blue ones' long makes the end likelier there for red images, 80 steps."""
+    wants red images' replies short and blue ones' long makes the end likelier there for red images, 80 steps.
+    Replies of 4 tokens: a candidate goes on as the app decodes, and this toy LM's plain greedy continuation can
+    run into one-character byte tokens, so at 6 tokens the policy made red replies short by such first tokens
+    rather than by ending (x0.015)."""
     args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--images", str(red_and_blue), "--steps", "80",
                       "--warmup-steps", "2", "--batch-size", "4", "--candidates", "16", "--candidate-positions", "2",
-                      "--may-end", "--candidates-target", "optimum", "--length", "6", "--lr", "0.05", "--kl", "0.05",
+                      "--may-end", "--candidates-target", "optimum", "--length", "4", "--lr", "0.05", "--kl", "0.05",
                       "--quiet", "1", "--unlikely-nll", "100", "--opening", "", "--instruction", "Describe the image.",
                       "--val-every", "80")
     torch.manual_seed(args.seed)
@@ -183,7 +186,7 @@ def test_with_may_end_a_reply_learns_where_to_stop(sensitive_lm_dir, tiny_clip_d
     red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
     rise = {name: end_probability(after, image) / end_probability(before, image)
             for name, image in (("red", red), ("blue", blue))}
-    assert rise["red"] > 5 and rise["blue"] < 2, rise  # measured: x10.7 (0.003 -> 0.028) and x1.3
+    assert rise["red"] > 5 and rise["blue"] < 2, rise  # measured: x7.6 and x0.78
 
 
 def test_the_optimum_target_moves_the_policy_further_than_the_expectation_in_the_same_steps(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import random
 import time
 from collections.abc import Iterator
@@ -622,8 +623,8 @@ def plot_compare(result: dict, path: Path) -> None:
     width = 0.8 / len(result["models"])
     for j, name in enumerate(result["models"]):
         ax.bar([i + j * width for i in range(len(bars))], [values[j] for _, values in bars], width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bars))], [label for label, _ in bars], fontsize=7,
-                  rotation=12)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(bars))], [textwrap.fill(label, 15) for label, _ in bars],
+                  fontsize=7)
     ax.set(ylim=(0, 1.05), title=f"describing the {result['split']} split's images ({result['images']})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars, never over them
     save_figure(fig, path)
