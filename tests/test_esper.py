@@ -110,44 +110,6 @@ def test_candidates_at_two_positions_teach_the_second_token_too(sensitive_lm_dir
     assert second[2] > second[1] + 0.07, second  # measured: +0.28 against +0.15
 
 
-@torch.no_grad()
-def continuation_kl(model: GroundedLM, image: Image.Image, length: int) -> float:
-    """KL per token of the policy to the text-only LM along its greedy reply to `image`, after the first token."""
-    banned = torch.tensor(sorted(model.eos_ids | {model.ret_id}))
-    tokens, kls = [], []
-
-    def next_logp(turn: list) -> torch.Tensor:
-        prompt = model.embed_segments(render([Turn("user", turn)], model.tokenizer, "chat") + [tokens] * bool(tokens))
-        hidden, _ = model.hidden_states(prompt.unsqueeze(0))
-        return esper.masked(model.logits(hidden[0, -1]), banned).log_softmax(-1)
-    for _ in range(length):
-        with_image, text_only = next_logp([image, "Describe the image."]), next_logp(["Describe the image."])
-        if tokens:
-            kls.append(esper.kl_per_token(with_image, text_only).item())
-        tokens.append(with_image.argmax().item())
-    return sum(kls) / len(kls)
-
-
-def test_kl_continuation_holds_the_reply_after_the_candidates_to_the_text_only_lm(sensitive_lm_dir, tiny_clip_dir,
-                                                                                  red_and_blue, tmp_path):
-    """Candidates train the first token only; what the policy says after it drifts from the text-only LM unless
-    `--kl-continuation` holds it there, while the first token learns as before (60 steps)."""
-    drift, red = {}, Image.new("RGB", (32, 32), "red")
-    for weight in ("0", "1"):
-        args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path / weight, "--images", str(red_and_blue),
-                          "--steps", "60", "--warmup-steps", "2", "--batch-size", "4", "--candidates", "16",
-                          "--length", "4", "--lr", "0.05", "--kl", "0", "--kl-continuation", weight, "--quiet", "1",
-                          "--unlikely-nll", "100", "--opening", "", "--instruction", "Describe the image.",
-                          "--val-every", "60")
-        torch.manual_seed(args.seed)
-        before, _ = esper.build_model(args, torch.device("cpu"))
-        esper.train(args, judge=LetterJudge())
-        after = GroundedLM.from_pretrained(tmp_path / weight / "out")
-        assert expected_letter_score(after, red) > expected_letter_score(before, red) + 0.05
-        drift[weight] = sum(continuation_kl(after, Image.new("RGB", (32, 32), c), 4) for c in ("red", "blue")) / 2
-    assert drift["1"] < drift["0"] / 2, drift  # measured: 0.24 against 0.93 nats per token
-
-
 class LengthJudge(LetterJudge):
     """A toy judge that wants replies to red images short and to blue ones long."""
     source = "length"

@@ -93,8 +93,7 @@ SAMPLES_FIGURE = "samples.png"
 RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_grid", "projector", "images",
                "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
                "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates",
-               "candidate_positions", "candidates_target", "whole_words", "may_end", "kl_continuation",
-               "first_sentence")
+               "candidate_positions", "candidates_target", "whole_words", "may_end", "first_sentence")
 
 
 def quiet_start(model: GroundedLM, scale: float) -> None:
@@ -116,11 +115,6 @@ def quiet_start(model: GroundedLM, scale: float) -> None:
 def masked(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
     """Logits (..., V') with the `banned` ids (EOS, `[RET]`) and any -inf column at NEG."""
     return logits.index_fill(-1, banned, NEG).clamp(min=NEG)
-
-
-def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """KL(policy || text-only LM) from log-probabilities (..., V'), averaged over the positions."""
-    return (logp.exp() * (logp - ref_logp)).sum(-1).mean()
 
 
 class Judge(Protocol):
@@ -286,9 +280,9 @@ def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: 
         ref_logp = masked(torch.stack(reply_logits(model, each(batch.text_only), list(ids), batch.prefix)),
                           batch.banned).log_softmax(-1)
         nll = -ref_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(1)                   # (B * G,)
-        clip = judged(judge, images, texts, args.first_sentence)                                                 # (B * G,)
+        clip = judged(judge, images, texts, args.first_sentence)                           # (B * G,)
     logp = logits.log_softmax(-1)
-    kl = kl_per_token(logp, ref_logp)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()                                    # per token
     loss = args.kl * kl
     reward = torch.zeros_like(clip)
     if baseline is not None:
@@ -322,30 +316,23 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
 
     `--may-end`: after the first position, EOS is always a candidate (in place of the K-th likeliest token where it
     is not among the K), its reply judged as it stands; the policy's greedy tokens before a position are still the
-    ones it says when it goes on.
-
-    `--kl-continuation W`: the greedy reply goes on to `length` tokens, and its tokens after the P positions, which
-    no reward speaks for, are held to the text-only LM by W times their KL: what the policy says after the words
-    it learns (where the descriptions loop) stays the LM's."""
+    ones it says when it goes on."""
     k, positions = args.candidates, args.candidate_positions
     batch = prepare(model, images, rng, args)
-    greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1,
-                            args.length if args.kl_continuation else positions, 0.0, batch.banned, None)  # (B, P')
+    greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1, positions, 0.0,
+                            batch.banned, None)                                              # (B, P)
 
-    def said_logp(rows: list[torch.Tensor]) -> torch.Tensor:
-        """(B, P', V') log-probabilities along the greedy reply; with `--may-end` EOS is a candidate at the
-        candidate positions after the first (and banned after them, as in the replies)."""
-        logits = torch.stack(reply_logits(model, rows, list(greedy), batch.prefix))         # (B, P', V)
+    def candidate_logp(rows: list[torch.Tensor]) -> torch.Tensor:
+        """(B, P, V') log-probabilities at the P positions; with `--may-end` EOS is a candidate after the first."""
+        logits = torch.stack(reply_logits(model, rows, list(greedy), batch.prefix))
         if not args.may_end:
             return masked(logits, batch.banned).log_softmax(-1)
         return torch.cat([masked(logits[:, :1], batch.banned),
-                          masked(logits[:, 1:positions], batch.banned[batch.banned == model.ret_id]),
-                          masked(logits[:, positions:], batch.banned)], 1).log_softmax(-1)
-    said = said_logp(batch.policy)
+                          masked(logits[:, 1:], batch.banned[batch.banned == model.ret_id])], 1).log_softmax(-1)
+    logp = candidate_logp(batch.policy)
     with torch.no_grad():
-        ref_said = said_logp(batch.text_only)
-    logp, ref_logp = said[:, :positions], ref_said[:, :positions]                           # (B, P, V')
-    kl = kl_per_token(logp, ref_logp)
+        ref_logp = candidate_logp(batch.text_only)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
     top = logp.detach().topk(k, -1).indices                                                 # (B, P, K)
     if args.may_end:  # the end is a candidate after the first position, in place of the K-th where it is not one
         end, later = model.tokenizer.eos_token_id, top[:, 1:]
@@ -363,7 +350,7 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
               for word in whole_words(model, opening, top[b, 0].tolist())] if args.whole_words else
              texts_of(model, batch.prompts.openings, ids))
     with torch.no_grad():
-        clip = judged(judge, images, texts, args.first_sentence)                                                 # (B * P * K,)
+        clip = judged(judge, images, texts, args.first_sentence)                           # (B * P * K,)
         nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P * K,)
     p = logp.gather(-1, top).exp()                                                          # (B, P, K)
     weights = p.detach() / p.detach().sum(-1, keepdim=True)
@@ -378,8 +365,6 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
             target = ((ref_logp.gather(-1, top) + grouped / args.kl).softmax(-1) if args.kl > 0 else
                       torch.nn.functional.one_hot(grouped.argmax(-1), k).to(grouped.dtype))  # (B, P, K)
             loss = -(target * logp.gather(-1, top).log_softmax(-1)).sum(-1).mean()
-    if args.kl_continuation:
-        loss = loss + args.kl_continuation * kl_per_token(said[:, positions:], ref_said[:, positions:])
     return StepResult(loss, clip, weights.flatten(), reward, kl.item(), nll, texts)
 
 
@@ -655,9 +640,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-sentence", action="store_true",
                    help="the judge reads each reply up to its first sentence's end; what follows costs only its "
                         "repetition: a description gains by ending after one sentence (with --may-end, it can)")
-    p.add_argument("--kl-continuation", type=float, default=0.0,
-                   help="with --candidates: weight of the per-token KL to the text-only LM on the policy's greedy "
-                        "reply after the candidate positions, up to --length (where nothing is judged)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--kl", type=float, default=0.15, help="weight of the per-token KL to the text-only LM")
@@ -683,8 +665,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--whole-words needs --candidates and --length 1")
     if args.may_end and not (args.candidates and args.candidate_positions > 1):
         p.error("--may-end needs --candidates and --candidate-positions of 2 or more")
-    if args.kl_continuation and not (args.candidates and args.candidate_positions < args.length):
-        p.error("--kl-continuation needs --candidates and --candidate-positions fewer than --length")
     if not 1 <= args.candidate_positions <= args.length:
         p.error("--candidate-positions must be between 1 and --length")
     return args
