@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import textwrap
 import random
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
