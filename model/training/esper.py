@@ -33,7 +33,9 @@ candidate after the first position and a reply it ends is judged as it stands: a
 stop, where going on would add words that name nothing or name things twice.
 
 The judge reads each reply's words once (`degeneracy.each_word_once`): CLIP scores a loop above the sentence it
-repeats, so a loop must gain nothing from it.
+repeats, so a loop must gain nothing from it. With `--first-sentence` it reads only up to the reply's first
+sentence's end, and a candidate's greedy continuation is decoded as the app decodes it, loops included, so that
+going on past a good sentence costs its repetition and ending there pays.
 
 The judge decides what can be learnt: the demo's own CLIP read only the shapes world's grammar and scores words
 outside it at random, so for ESPER's open vocabulary `model.training.train_judge` first teaches its text tower
