@@ -43,7 +43,7 @@ from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning, save
 from model.training.evaluate import greedy_replies
 from model.training.optimization import schedule_step
 from model.training.plots import plot_batches, plt, save_figure
-from model.training.train import CURVE_NAME, SUMMARY_NAME, load_state, mean_tail, save_state, state_file
+from model.training.train import CURVE_NAME, SUMMARY_NAME, load_state, mean_tail, per_step, save_state, state_file
 from model.training.train_clip import resolve_device
 from model.world import questions, shapes
 
@@ -291,10 +291,11 @@ def train(args: argparse.Namespace) -> dict:
             stopped_early = True
             break
     bar.close()
+    seconds = seconds_before + time.time() - t_start
     summary = {"finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0,
                "options": options, "device": str(device), "train_monologues": len(rows["train"]),
-               "concluded_with_a_guess": rows["train_guessed"], "seconds": round(seconds_before + time.time() - t_start, 1),
-               "seconds_per_step": round((time.time() - t_start) / steps_here, 3) if steps_here else None,
+               "concluded_with_a_guess": rows["train_guessed"], "seconds": round(seconds, 1),
+               "seconds_per_step": per_step(seconds, history["step"]),
                "train_loss": mean_tail(history["loss"]),
                "val_loss": history["val_loss"][-1] if history["val_loss"] else None}
     conclude(model, run_dir, out_dir, summary, summary, args.steps)

@@ -234,6 +234,12 @@ def run_folders(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return out_dir, run_dir, state_file(run_dir, args.resume)
 
 
+def per_step(seconds: float, steps: list[int]) -> float | None:
+    """A run's seconds per step, over every session it took: a run its time limit stopped and a later call only
+    exports has one."""
+    return round(seconds / steps[-1], 3) if steps else None
+
+
 def conclude(model: GroundedLM, run_dir: Path, out_dir: Path, summary: dict, args: argparse.Namespace) -> None:
     """Export the checkpoint of a finished run, or say how to continue one its time limit stopped."""
     if summary["finished"]:
@@ -399,7 +405,7 @@ def train(args: argparse.Namespace) -> dict:
         "finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0, "options": options,
         "holdout_kept_out": kept_out, "device": str(device), "quantize": args.quantize,
         "compute_dtype": args.compute_dtype, "trained_parameters": n_trainable, "seconds": round(seconds, 1),
-        "seconds_per_step": round((time.time() - t_start) / steps_here, 3) if steps_here else None,
+        "seconds_per_step": per_step(seconds, history["step"]),
         "train_caption_loss": mean_tail(history["caption"]), "train_ret_loss": mean_tail(history["ret"]),
         "val_caption_loss": history["val_caption"][-1] if history["val_caption"] else None,
         "val_ret_loss": history["val_ret"][-1] if history["val_ret"] else None,
