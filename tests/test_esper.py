@@ -13,7 +13,7 @@ from model.lm import SMOLLM2
 from model.prompt import Turn, render
 from model.training import esper
 from model.training.clip_judge import ClipJudge
-from model.training.degeneracy import each_word_once, first_sentence, is_degenerate, repetition
+from model.training.degeneracy import each_word_once, first_sentence, is_degenerate, repeated_words, repetition
 from model.training.train import STATE_NAME, read_state
 from model.world import shapes
 from model.world.data import ImageFolder
@@ -234,6 +234,8 @@ def test_an_interrupted_run_resumes_at_its_saved_step(tiny_lm_dir, tiny_clip_dir
         esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options))
     with pytest.raises(ValueError, match="other options"):
         esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--lr", "0.1", "--resume"))
+    exported = esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--steps", "1", "--resume"))
+    assert exported["finished"] and exported["seconds_per_step"] > 0, "a call that only exports says what a step took"
     finished = esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--resume"))
     assert finished["finished"] and finished["step"] == 4
     _, meta = read_state(tmp_path / "run" / STATE_NAME)
@@ -325,3 +327,13 @@ def test_with_first_sentence_the_judge_reads_up_to_the_first_sentence_end():
     assert first_sentence("A red star\nA red star") == "A red star"
     assert first_sentence("Wow! A star") == "Wow" and first_sentence("no end yet") == "no end yet"
     assert first_sentence("A 1.5 cm star.") == "A 1.5 cm star", "a point inside a number ends nothing"
+
+
+def test_a_thing_named_again_costs_where_words_that_name_nothing_do_not(tmp_path):
+    assert repeated_words("The image is a white triangle with a dark background") == 0  # "a" names nothing
+    assert repeated_words("The image is a triangle with a white triangle") == 1
+    assert repeated_words("A triangle, a TRIANGLE and a white triangle") == 2
+    args = esper_args("lm", "clip", tmp_path, "--first-sentence", "--repeat-cost", "0.5", "--unlikely-nll", "10")
+    texts = ["The image is a white triangle. It is white.", "The image is a triangle with a white triangle."]
+    reward = esper.shaped_reward(torch.tensor([0.09, 0.09]), texts, torch.tensor([2.0, 2.0]), (0.03, 0.03), args)
+    assert reward.tolist() == pytest.approx([2.0, 1.5]), "what follows the first sentence names nothing twice"

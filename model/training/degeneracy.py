@@ -48,6 +48,21 @@ def each_word_once(text: str) -> str:
     return "".join(kept)
 
 
+FUNCTION_WORDS = frozenset(
+    "a an the this that these those it its is are was were be been has have there here of in on at to with and or "
+    "but for from by as into onto over under near next than".split())
+"""Words that name nothing: said again, they repeat no thing."""
+
+
+def repeated_words(text: str) -> int:
+    """How many of the text's words that name something (not FUNCTION_WORDS) it already said: "The image is a
+    triangle with a white triangle" names the triangle twice (1). A CLIP scores that above "The image is a white
+    triangle" (ESPER's judge over 60 one-object scenes: 0.095 against 0.087, and 0.091 each word read once), and
+    the evaluation counts two objects; a description of one thing should name it once."""
+    words = [w for w in re.findall(r"[a-z0-9']+", text.lower()) if w not in FUNCTION_WORDS]
+    return len(words) - len(set(words))
+
+
 SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 
 

@@ -35,7 +35,9 @@ stop, where going on would add words that name nothing or name things twice.
 The judge reads each reply's words once (`degeneracy.each_word_once`): CLIP scores a loop above the sentence it
 repeats, so a loop must gain nothing from it. With `--first-sentence` it reads only up to the reply's first
 sentence's end, and a candidate's greedy continuation is decoded as the app decodes it, loops included, so that
-going on past a good sentence costs its repetition and ending there pays.
+going on past a good sentence costs its repetition and ending there pays. A CLIP also scores a thing named twice
+("a triangle with a white triangle") above the same thing named once; `--repeat-cost` charges each word naming
+something that the judge reads again.
 
 The judge decides what can be learnt: the demo's own CLIP read only the shapes world's grammar and scores words
 outside it at random, so for ESPER's open vocabulary `model.training.train_judge` first teaches its text tower
@@ -74,12 +76,13 @@ from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_name, dequa
 from model.prompt import Segment, Turn, render
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import INSTRUCTIONS
-from model.training.degeneracy import UNLIKELY_NLL, each_word_once, first_sentence, is_degenerate, repetition
+from model.training.degeneracy import (UNLIKELY_NLL, each_word_once, first_sentence, is_degenerate, repeated_words,
+                                       repetition)
 from model.training.evaluate import greedy_replies, padded, reply_logits
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
-from model.training.train import (CURVE_NAME, DEMO, SUMMARY_NAME, TRAIN_SCENES, VAL_SCENES, conclude, load_state, mean_tail, run_folders,
-                                  save_state)
+from model.training.train import (CURVE_NAME, DEMO, SUMMARY_NAME, TRAIN_SCENES, VAL_SCENES, conclude, load_state,
+                                  mean_tail, per_step, run_folders, save_state)
 from model.training.train_clip import resolve_device
 from model.world.data import ImageFolder, ShapesImages
 
@@ -95,7 +98,7 @@ SAMPLES_FIGURE = "samples.png"
 RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_grid", "projector", "images",
                "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
                "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates",
-               "candidate_positions", "candidates_target", "whole_words", "may_end", "first_sentence")
+               "candidate_positions", "candidates_target", "whole_words", "may_end", "first_sentence", "repeat_cost")
 
 
 def quiet_start(model: GroundedLM, scale: float) -> None:
@@ -248,20 +251,27 @@ def texts_of(model: GroundedLM, openings: list[str], ids: torch.Tensor) -> list[
             for opening, reply, end in zip([o for o in openings for _ in range(repeats)], ids, ended)]
 
 
+def read_by_judge(text: str, first_sentence_only: bool) -> str:
+    """The part of a reply the judge reads: all of it, or with `first_sentence_only` up to its first sentence's
+    end."""
+    return first_sentence(text) if first_sentence_only else text
+
+
 def judged(judge: Judge, images: list[Image.Image], texts: list[str], first_sentence_only: bool) -> torch.Tensor:
     """The judge's cosine (N * R,) of each reply with its image (N images, R replies each, in order), each word
-    read once: a loop gains nothing from the judge; with `first_sentence_only`, up to its first sentence's end."""
+    read once: a loop gains nothing from the judge."""
     embeddings = judge.image_embeddings(images).repeat_interleave(len(texts) // len(images), 0)
-    return judge.similarity(embeddings, [each_word_once(first_sentence(t) if first_sentence_only else t)
-                                         for t in texts])
+    return judge.similarity(embeddings, [each_word_once(read_by_judge(t, first_sentence_only)) for t in texts])
 
 
 def shaped_reward(clip: torch.Tensor, texts: list[str], nll: torch.Tensor, baseline: tuple[float, float],
-                  unlikely_nll: float) -> torch.Tensor:
+                  args: argparse.Namespace) -> torch.Tensor:
     """The judge's cosines (N,) standardised by the untrained policy's (mean, spread), less each reply's
-    repeated-trigram share and how far its NLL under the text-only LM exceeds `unlikely_nll`."""
-    penalty = torch.tensor([repetition(t) for t in texts], device=clip.device) + (nll - unlikely_nll).clamp(min=0)
-    return (clip - baseline[0]) / baseline[1] - penalty
+    repeated-trigram share, how far its NLL under the text-only LM exceeds `unlikely_nll`, and `repeat_cost` for
+    each word naming something that the judge reads again (`degeneracy.repeated_words`)."""
+    penalty = torch.tensor([repetition(t) + args.repeat_cost * repeated_words(read_by_judge(t, args.first_sentence))
+                            for t in texts], device=clip.device)
+    return (clip - baseline[0]) / baseline[1] - penalty - (nll - args.unlikely_nll).clamp(min=0)
 
 
 def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: random.Random,
@@ -288,7 +298,7 @@ def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: 
     loss = args.kl * kl
     reward = torch.zeros_like(clip)
     if baseline is not None:
-        reward = shaped_reward(clip, texts, nll, baseline, args.unlikely_nll)
+        reward = shaped_reward(clip, texts, nll, baseline, args)
         grouped = reward.view(-1, group)                                                    # (B, G)
         advantage = grouped - (grouped.sum(1, keepdim=True) - grouped) / (group - 1)       # leave one out
         sampled = (logits / temperature).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B * G, L)
@@ -359,7 +369,7 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     loss = args.kl * kl
     reward = torch.zeros_like(clip)
     if baseline is not None:
-        reward = shaped_reward(clip, texts, nll, baseline, args.unlikely_nll)
+        reward = shaped_reward(clip, texts, nll, baseline, args)
         grouped = reward.view(-1, positions, k)                                             # (B, P, K)
         if args.candidates_target == "expected":
             loss = loss - (p * (grouped - (weights * grouped).sum(-1, keepdim=True))).sum(-1).mean()
@@ -576,12 +586,12 @@ def train(args: argparse.Namespace, judge: Judge | None = None) -> dict:
             stopped_early = True
             break
     bar.close()
+    seconds = seconds_before + time.time() - t_start
     summary = {
         "finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0, "options": options,
         "captions_seen": 0, "holdout_kept_out": args.images is None and args.holdout, "device": str(device),
         "quantize": args.quantize, "compute_dtype": args.compute_dtype, "trained_parameters": n_trainable,
-        "seconds": round(seconds_before + time.time() - t_start, 1),
-        "seconds_per_step": round((time.time() - t_start) / steps_here, 3) if steps_here else None,
+        "seconds": round(seconds, 1), "seconds_per_step": per_step(seconds, history["step"]),
         "baseline": history["baseline"] or None,
         "train_clip": mean_tail(history["clip"]), "train_kl": mean_tail(history["kl"]),
         "train_degenerate": mean_tail(history["degenerate"]),
@@ -642,6 +652,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-sentence", action="store_true",
                    help="the judge reads each reply up to its first sentence's end; what follows costs only its "
                         "repetition: a description gains by ending after one sentence (with --may-end, it can)")
+    p.add_argument("--repeat-cost", type=float, default=0.0,
+                   help="reward lost for each word naming something that the judge reads again (in the judge's "
+                        "standardised units): a CLIP likes a thing named twice, a description of one thing names it once")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--kl", type=float, default=0.15, help="weight of the per-token KL to the text-only LM")
