@@ -234,7 +234,9 @@ def test_an_interrupted_run_resumes_at_its_saved_step(tiny_lm_dir, tiny_clip_dir
         esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options))
     with pytest.raises(ValueError, match="other options"):
         esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--lr", "0.1", "--resume"))
-    exported = esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--steps", "1", "--resume"))
+    assert esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--resume", "--time-limit", "0")
+                       )["step"] == 2
+    exported = esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--steps", "2", "--resume"))
     assert exported["finished"] and exported["seconds_per_step"] > 0, "a call that only exports says what a step took"
     finished = esper.train(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path, *options, "--resume"))
     assert finished["finished"] and finished["step"] == 4
