@@ -19,9 +19,14 @@ LM's own descriptions sit at 1-2.2; the supervised demo's terse captions, which 
 image, at 2.4-4.8; keyword salad far above."""
 
 
+def words_of(text: str) -> list[str]:
+    """The text's words, lower-cased, punctuation left out: what the repetition measures compare."""
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
 def repetition(text: str, n: int = REPEAT_N) -> float:
     """Share of the text's word n-grams that already occurred earlier in it (0: none repeats)."""
-    words = re.findall(r"[a-z0-9']+", text.lower())
+    words = words_of(text)
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return 0.0
@@ -59,7 +64,7 @@ def repeated_words(text: str) -> int:
     triangle with a white triangle" names the triangle twice (1). A CLIP scores that above "The image is a white
     triangle" (ESPER's judge over 60 one-object scenes: 0.095 against 0.087, and 0.091 each word read once), and
     the evaluation counts two objects; a description of one thing should name it once."""
-    words = [w for w in re.findall(r"[a-z0-9']+", text.lower()) if w not in FUNCTION_WORDS]
+    words = [w for w in words_of(text) if w not in FUNCTION_WORDS]
     return len(words) - len(set(words))
 
 
