@@ -13,7 +13,8 @@ from model.lm import SMOLLM2
 from model.prompt import Turn, render
 from model.training import esper
 from model.training.clip_judge import ClipJudge
-from model.training.degeneracy import each_word_once, first_sentence, is_degenerate, repeated_words, repetition
+from model.training.degeneracy import (each_word_once, first_sentence, is_degenerate, named_after_first_sentence,
+                                       repeated_words, repetition)
 from model.training.train import STATE_NAME, read_state
 from model.world import shapes
 from model.world.data import ImageFolder
@@ -339,3 +340,13 @@ def test_a_thing_named_again_costs_where_words_that_name_nothing_do_not(tmp_path
     texts = ["The image is a white triangle. It is white.", "The image is a triangle with a white triangle."]
     reward = esper.shaped_reward(torch.tensor([0.09, 0.09]), texts, torch.tensor([2.0, 2.0]), (0.03, 0.03), args)
     assert reward.tolist() == pytest.approx([2.0, 1.5]), "what follows the first sentence names nothing twice"
+
+
+def test_after_the_first_sentence_each_word_naming_something_costs(tmp_path):
+    assert named_after_first_sentence("The image is a purple cross.") == 0
+    assert named_after_first_sentence("The image is a purple cross. It is a symbol of the Bible.") == 2
+    assert named_after_first_sentence("A purple cross with no end") == 0  # one sentence, however long
+    args = esper_args("lm", "clip", tmp_path, "--first-sentence", "--after-cost", "0.25", "--unlikely-nll", "10")
+    texts = ["The image is a purple cross.", "The image is a purple cross. It is a symbol of the Bible."]
+    reward = esper.shaped_reward(torch.tensor([0.09, 0.09]), texts, torch.tensor([2.0, 2.0]), (0.03, 0.03), args)
+    assert reward.tolist() == pytest.approx([2.0, 1.5]), "the judge reads both alike; the one that goes on pays"

@@ -20,8 +20,9 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
         there = {"shape": "star" in text, "colour": "red" in text, "size": "small" in text or "little" in text,
                  "position": "left" in text}
         return {f for f, yes in there.items() if yes}
+    reordered_seen = set()
     for _ in range(50):
-        text, named, fewer = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False)
+        text, named, fewer, reordered = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False)
         assert named and all(getattr(STAR, f) == v for f, v in named.items())
         assert train_judge.names_object(scene, named)
         assert said(text) == set(named)  # what it says is what it names
@@ -29,8 +30,18 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
             assert said(fewer) < said(text) and len(said(fewer)) == len(named) - 1
         else:
             assert fewer is None
-        text, named, fewer = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True)
-        assert named is None and fewer is None and not train_judge.names_object(scene, named)
+        if "shape" in named and {"size", "colour"} & set(named):  # the same words, the shape before its size or colour
+            assert said(reordered) == said(text) and reordered != text
+            words = reordered.split(" ")
+            assert words.index("star") < words.index("red" if "colour" in named else next(
+                w for w in ("small", "little") if w in words))
+            reordered_seen.add(reordered.split(" star ")[1].split(" ")[0])
+        else:
+            assert reordered is None
+        negative = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True)
+        assert negative.named is None and negative.fewer is None and negative.reordered is None
+        assert not train_judge.names_object(scene, negative.named)
+    assert {"of", "with"} <= reordered_seen  # joined by a small word, or not
     assert not train_judge.names_object(scene, {"shape": "star", "colour": "blue"})  # one object must hold both
     assert train_judge.names_object(scene, {"shape": "square", "colour": "blue"})
 
@@ -46,7 +57,7 @@ def test_outside_words_leave_the_grammar_out_and_keep_a_tenth_apart_for_evaluati
 def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(tiny_clip_dir, tmp_path):
     metrics = train_judge.train(train_judge.parse_args([
         "--clip", str(tiny_clip_dir), "--out", str(tmp_path / "judge"), "--steps", "3", "--batch-size", "16",
-        "--train-size", "64", "--eval-words", "20", "--workers", "1", "--device", "cpu"]))
+        "--train-size", "64", "--eval-words", "20", "--workers", "1", "--order", "0.5", "--device", "cpu"]))
     before, _ = open_clip.create_model_from_pretrained(f"local-dir:{tiny_clip_dir}")
     judge = ClipJudge(f"local-dir:{tmp_path / 'judge'}")
     after = judge.model.state_dict()
@@ -54,4 +65,5 @@ def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(t
     assert changed and all(k.startswith(train_judge.TEXT_TOWER) for k in changed)  # the image side untouched
     assert set(metrics["open_vocabulary"]) == {"shape", "colour"} and metrics["eval_words"] == 20
     assert 0 <= metrics["fuller_first"] <= 1 and metrics["fuller"] == 1.0
+    assert 0 <= metrics["in_order_first"] <= 1 and metrics["order"] == 0.5
     assert json.loads((tmp_path / "judge" / "train_metrics.json").read_text())["steps"] == 3

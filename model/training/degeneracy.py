@@ -80,6 +80,14 @@ def first_sentence(text: str) -> str:
     return text[:end.start()] if end else text
 
 
+def named_after_first_sentence(text: str) -> int:
+    """How many words that name something (not FUNCTION_WORDS) the text says after its first sentence ends. Read by
+    its first sentence, a description gains nothing from going on, yet what it goes on to say ("It is a symbol of
+    the light of the Bible.") names more things than the image holds, which the evaluation counts."""
+    end = SENTENCE_END.search(text)
+    return sum(w not in FUNCTION_WORDS for w in words_of(text[end.end():])) if end else 0
+
+
 def is_degenerate(text: str, nll: float | None = None, unlikely_nll: float = UNLIKELY_NLL) -> bool:
     """Repeats itself, or (when its NLL under the text-only LM is known) is text that LM finds very unlikely."""
     return repetition(text) > MAX_REPETITION or (nll is not None and nll > unlikely_nll)

@@ -37,7 +37,8 @@ repeats, so a loop must gain nothing from it. With `--first-sentence` it reads o
 sentence's end, and a candidate's greedy continuation is decoded as the app decodes it, loops included, so that
 going on past a good sentence costs its repetition and ending there pays. A CLIP also scores a thing named twice
 ("a triangle with a white triangle") above the same thing named once; `--repeat-cost` charges each word naming
-something that the judge reads again.
+something that the judge reads again, and `--after-cost` each word naming something after the first sentence,
+which the judge does not read and a user does.
 
 The judge decides what can be learnt: the demo's own CLIP read only the shapes world's grammar and scores words
 outside it at random, so for ESPER's open vocabulary `model.training.train_judge` first teaches its text tower
@@ -76,8 +77,8 @@ from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_name, dequa
 from model.prompt import Segment, Turn, render
 from model.training.clip_judge import ClipJudge
 from model.training.conversations import INSTRUCTIONS
-from model.training.degeneracy import (UNLIKELY_NLL, each_word_once, first_sentence, is_degenerate, repeated_words,
-                                       repetition)
+from model.training.degeneracy import (UNLIKELY_NLL, each_word_once, first_sentence, is_degenerate,
+                                       named_after_first_sentence, repeated_words, repetition)
 from model.training.evaluate import greedy_replies, padded, reply_logits
 from model.training.optimization import param_groups, schedule_step
 from model.training.plots import plot_batches, plt, save_figure
@@ -98,7 +99,8 @@ SAMPLES_FIGURE = "samples.png"
 RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_grid", "projector", "images",
                "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
                "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates",
-               "candidate_positions", "candidates_target", "whole_words", "may_end", "first_sentence", "repeat_cost")
+               "candidate_positions", "candidates_target", "whole_words", "may_end", "first_sentence", "repeat_cost",
+               "after_cost")
 
 
 def quiet_start(model: GroundedLM, scale: float) -> None:
@@ -267,10 +269,11 @@ def judged(judge: Judge, images: list[Image.Image], texts: list[str], first_sent
 def shaped_reward(clip: torch.Tensor, texts: list[str], nll: torch.Tensor, baseline: tuple[float, float],
                   args: argparse.Namespace) -> torch.Tensor:
     """The judge's cosines (N,) standardised by the untrained policy's (mean, spread), less each reply's
-    repeated-trigram share, how far its NLL under the text-only LM exceeds `unlikely_nll`, and `repeat_cost` for
-    each word naming something that the judge reads again (`degeneracy.repeated_words`)."""
+    repeated-trigram share, how far its NLL under the text-only LM exceeds `unlikely_nll`, `repeat_cost` for
+    each word naming something that the judge reads again (`degeneracy.repeated_words`), and `after_cost` for each
+    word naming something after the first sentence (`degeneracy.named_after_first_sentence`)."""
     penalty = torch.tensor([repetition(t) + args.repeat_cost * repeated_words(read_by_judge(t, args.first_sentence))
-                            for t in texts], device=clip.device)
+                            + args.after_cost * named_after_first_sentence(t) for t in texts], device=clip.device)
     return (clip - baseline[0]) / baseline[1] - penalty - (nll - args.unlikely_nll).clamp(min=0)
 
 
@@ -655,6 +658,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat-cost", type=float, default=0.0,
                    help="reward lost for each word naming something that the judge reads again (in the judge's "
                         "standardised units): a CLIP likes a thing named twice, a description of one thing names it once")
+    p.add_argument("--after-cost", type=float, default=0.0,
+                   help="reward lost for each word naming something after the reply's first sentence (in the judge's "
+                        "standardised units): with --first-sentence the judge does not read it, a user does")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--kl", type=float, default=0.15, help="weight of the per-token KL to the text-only LM")

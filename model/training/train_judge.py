@@ -15,7 +15,10 @@ CLIP's, with the targets spread over every text that names something in the imag
 image holding such an object; a negative names none), plus a ranking (`--fuller`): a partial text scores above
 the same text with one of its attributes left out, for its image. Without it the spread targets made a text
 naming the colour alone as right as one naming colour and shape, and ESPER's descriptions need the second to win
-(`fuller_first`: 43% of one-object scenes without the ranking, 87.5% with it). The image tower stays frozen (its
+(`fuller_first`: 43% of one-object scenes without the ranking, 87.5% with it). A second ranking (`--order`) puts
+the same text above its words in another order, the shape first and the rest after it ("a star of red", "a star
+small red"): CLIP reads a bag of words (NegCLIP's word-order negatives again), and ESPER's descriptions had found
+that "a cross of purple" scores as "a purple cross" (`in_order_first`). The image tower stays frozen (its
 embeddings are computed once), so the image side of the demo's CLIP is untouched:
 
     python -m model.training.train_judge --clip assets/demo/clip --out runs/judge
@@ -34,6 +37,7 @@ import re
 import time
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import open_clip
 import torch
@@ -73,12 +77,26 @@ def insert_words(caption: str, words: list[str], rng: random.Random) -> str:
     return " ".join(tokens)
 
 
-def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random, swap: bool
-                 ) -> tuple[str, dict[str, str] | None, str | None]:
+ORDER_JOINERS = ("", "of", "with", "in")
+"""What may join a shape put first to the words that belong before it ("a star of red", "a star red")."""
+
+
+class PartialText(NamedTuple):
+    text: str
+    named: dict[str, str] | None
+    """The attributes it names; None for a negative, which names nothing."""
+    fewer: str | None
+    """The same text with one named attribute left out: it should score below `text`."""
+    reordered: str | None
+    """The same words with the shape first and its size and colour after it: it should score below `text`."""
+
+
+def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random, swap: bool) -> PartialText:
     """Some of one object's attributes in a frame of random words ("seldom this is a red star on the left"), what
     it names (those attributes, or None when `swap` put an outside word in place of its shape, colour or size: it
-    then names nothing), and the same text with one of the named attributes left out ("seldom this is a star on
-    the left"; None for a negative or a text naming one attribute): a text the full one should score above."""
+    then names nothing), the same text with one of the named attributes left out ("seldom this is a star on the
+    left"; None for a negative or a text naming one attribute), and the same words in another order ("seldom this
+    is a star of red on the left"; None for a negative or a text without the shape and a word before it)."""
     fields = rng.choice(PARTS)
     said = {"size": rng.choice(shapes.SIZE_WORDS[obj.size]), "colour": obj.colour, "shape": obj.shape,
             "position": rng.choice(shapes.POSITION_PHRASES[obj.position])}
@@ -88,7 +106,14 @@ def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random
     frame = [rng.choice(outside) if rng.random() < 0.5 else rng.choice(FRAME_WORDS) for _ in range(rng.randint(0, 3))]
     left_out = rng.randrange(len(words))
     fewer = None if swap or len(words) == 1 else " ".join(frame + ["a", *words[:left_out], *words[left_out + 1:]])
-    return " ".join(frame + ["a", *words]), None if swap else {f: getattr(obj, f) for f in fields}, fewer
+    before_shape = [said[f] for f in fields if f in ("size", "colour")]
+    reordered = None
+    if not swap and "shape" in fields and before_shape:
+        joiner = [j for j in [rng.choice(ORDER_JOINERS)] if j]
+        after = [said["position"]] if "position" in fields else []
+        reordered = " ".join(frame + ["a", obj.shape, *joiner, *before_shape, *after])
+    return PartialText(" ".join(frame + ["a", *words]), None if swap else {f: getattr(obj, f) for f in fields},
+                       fewer, reordered)
 
 
 def names_object(scene: shapes.Scene, named: dict[str, str] | None) -> bool:
@@ -120,20 +145,33 @@ def open_vocabulary(model: open_clip.CLIP, tokenizer, words: list[str], device: 
 
 
 @torch.no_grad()
-def fuller_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
-                 images: torch.Tensor) -> float:
-    """The share of one-object `scenes` (their image embeddings (N, D)) for which "The image is a <colour> <shape>"
-    scores above both "The image is a <colour>" and "The image is a <shape>": whether naming both is worth more
-    than naming either, which ESPER's descriptions need (the demo's CLIP: 90% of scenes; the first judge, trained
-    without the ranking: 43%)."""
+def preferred(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+              images: torch.Tensor, best: str, *others: str) -> float:
+    """The share of one-object `scenes` (their image embeddings (N, D)) for which "The image is a " + `best`
+    scores above "The image is a " + each of `others`, each a format of the object's attributes ("{colour}
+    {shape}")."""
     objects = [scene.objects[0] for scene in scenes]
 
-    def scores(said: list[str]) -> torch.Tensor:                                            # (N,)
-        text = model.encode_text(tokenizer([f"The image is a {words}" for words in said]).to(device), normalize=True)
-        return (images * text).sum(-1)
-    both = scores([f"{o.colour} {o.shape}" for o in objects])
-    colour, shape = scores([o.colour for o in objects]), scores([o.shape for o in objects])
-    return ((both > colour) & (both > shape)).float().mean().item()
+    def scores(said: str) -> torch.Tensor:                                                  # (N,)
+        texts = [f"The image is a {said.format(colour=o.colour, shape=o.shape)}" for o in objects]
+        return (images * model.encode_text(tokenizer(texts).to(device), normalize=True)).sum(-1)
+    top = scores(best)
+    return torch.stack([top > scores(other) for other in others]).all(0).float().mean().item()
+
+
+def fuller_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+                 images: torch.Tensor) -> float:
+    """Whether naming both is worth more than naming either, which ESPER's descriptions need: "The image is a
+    <colour> <shape>" above both "... <colour>" and "... <shape>" (the demo's CLIP: 90% of scenes; the first judge,
+    trained without the ranking: 43%)."""
+    return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}", "{colour}", "{shape}")
+
+
+def in_order_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+                   images: torch.Tensor) -> float:
+    """Whether the words' order counts: "The image is a <colour> <shape>" above "... <shape> of <colour>", the
+    order ESPER's descriptions drifted to when the judge could not tell them apart."""
+    return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}", "{shape} of {colour}")
 
 
 def plot_curve(history: dict, path: Path) -> None:
@@ -165,10 +203,11 @@ def train(args: argparse.Namespace) -> dict:
     one_scenes, one_images = one.scenes, image_embeddings(model, one.pixels, device)
     before = open_vocabulary(model, tokenizer, eval_words, device, one_scenes, one_images)
     fuller_before = fuller_first(model, tokenizer, device, one_scenes, one_images)
+    in_order_before = in_order_first(model, tokenizer, device, one_scenes, one_images)
     images = image_embeddings(model, train_cache.pixels, device)
     print(f"judge: {args.train_size} scenes rendered and embedded in {time.time() - t0:.0f}s; "
           f"{len(outside)} outside words for frames and negatives, {len(eval_words)} others to evaluate on; "
-          f"before: {before}, fuller first {fuller_before:.3f}", flush=True)
+          f"before: {before}, fuller first {fuller_before:.3f}, in order first {in_order_before:.3f}", flush=True)
 
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TEXT_TOWER))
@@ -182,15 +221,17 @@ def train(args: argparse.Namespace) -> dict:
         scenes = [train_cache.scenes[i] for i in index.tolist()]
         texts = [insert_words(train_cache.captions[i], rng.sample(outside, rng.randint(1, 2)), rng)
                  if rng.random() < args.insert else train_cache.captions[i] for i in index.tolist()]
-        named, ranked, fewer = [], [], []  # ranked: (image's row, index in texts) of each text with a `fewer`
-        for row, scene in enumerate(scenes):
-            for swap in [False] + [True] * args.negatives:
-                text, attributes, less = partial_text(rng.choice(scene.objects), outside, rng, swap)
-                if less is not None:
-                    ranked.append((row, len(texts)))
-                    fewer.append(less)
-                texts.append(text)
-                named.append(attributes)
+        named = []
+        below: dict[str, tuple[list[tuple[int, int]], list[str]]] = {"fewer": ([], []), "reordered": ([], [])}
+        for row, scene in enumerate(scenes):  # below: for each ranking, (image's row, index in texts) and the text
+            for swap in [False] + [True] * args.negatives:  # that should score below that text for that image
+                partial = partial_text(rng.choice(scene.objects), outside, rng, swap)
+                for kind, (ranked, lesser) in below.items():
+                    if getattr(partial, kind) is not None:
+                        ranked.append((row, len(texts)))
+                        lesser.append(getattr(partial, kind))
+                texts.append(partial.text)
+                named.append(partial.named)
         # a whole caption names its own scene alone (the batch's object sets are distinct); a partial text, every
         # scene holding such an object                                                       (B, B + B * (1 + M))
         match = torch.cat([torch.eye(len(scenes)), torch.tensor([[names_object(scene, n) for n in named]
@@ -204,11 +245,14 @@ def train(args: argparse.Namespace) -> dict:
         loss = (-(match / match.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
                 - (match[:, named_any] / match[:, named_any].sum(0) * logits[:, named_any].log_softmax(0)).sum(0).mean()
                 ) / 2
-        if fewer and args.fuller:  # a text naming one more of its object's attributes ranks above the text without
-            rows, columns = map(list, zip(*ranked))  # it for that image (logistic, at CLIP's scale)
-            fewer_text = model.encode_text(tokenizer(fewer).to(device), normalize=True)        # (F, D)
-            gap = logits[rows, columns] - scale * (images[index.to(device)[rows]] * fewer_text).sum(-1)
-            loss = loss + args.fuller * torch.nn.functional.softplus(-gap).mean()
+        # a text naming one more of its object's attributes ranks above the text without it, and its words in their
+        # order above the shape first, for that image (logistic, at CLIP's scale)
+        for (ranked, lesser), weight in ((below["fewer"], args.fuller), (below["reordered"], args.order)):
+            if ranked and weight:
+                rows, columns = map(list, zip(*ranked))
+                lesser_text = model.encode_text(tokenizer(lesser).to(device), normalize=True)  # (F, D)
+                gap = logits[rows, columns] - scale * (images[index.to(device)[rows]] * lesser_text).sum(-1)
+                loss = loss + weight * torch.nn.functional.softplus(-gap).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -227,6 +271,8 @@ def train(args: argparse.Namespace) -> dict:
                "open_vocabulary": open_vocabulary(model, tokenizer, eval_words, device, one_scenes, one_images),
                "fuller": args.fuller, "fuller_first_before": fuller_before,
                "fuller_first": fuller_first(model, tokenizer, device, one_scenes, one_images),
+               "order": args.order, "in_order_first_before": in_order_before,
+               "in_order_first": in_order_first(model, tokenizer, device, one_scenes, one_images),
                "one_object": one_object_separation(model, one_object_cache(tokenizer, image_size), device)}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -241,6 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negatives", type=int, default=3, help="hard negatives per partial text")
     p.add_argument("--fuller", type=float, default=1.0, help="weight of the ranking of a text above the same text "
                    "naming one attribute fewer (0: off, the first judge's recipe)")
+    p.add_argument("--order", type=float, default=0.0, help="weight of the ranking of a text above its words with "
+                   "the shape first (\"a star of red\"; 0: off, the judges before it)")
     p.add_argument("--insert", type=float, default=0.5, help="share of positives with random words inserted")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-size", type=int, default=20_000, help="train scenes rendered")
