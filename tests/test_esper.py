@@ -120,15 +120,16 @@ class LengthJudge(LetterJudge):
 
 
 @torch.no_grad()
-def end_probability(model: GroundedLM, image: Image.Image) -> float:
-    """The probability that the reply to `image` ends (EOS) at its second token, after its greedy first."""
+def second_token_probability(model: GroundedLM, image: Image.Image, *tokens: int) -> float:
+    """The probability that the reply to `image` says one of `tokens` (EOS by default: it ends) at its second
+    token, after its greedy first."""
     prompt = model.embed_segments(render([Turn("user", [image, "Describe the image."])], model.tokenizer, "chat"))
     banned = torch.tensor(sorted(model.eos_ids | {model.ret_id}))
     hidden, _ = model.hidden_states(prompt.unsqueeze(0))
     first = esper.masked(model.logits(hidden[0, -1]), banned).argmax(-1, keepdim=True)
     hidden, _ = model.hidden_states(torch.cat([prompt, model.embed_ids(first)]).unsqueeze(0))
     probs = esper.masked(model.logits(hidden[0, -1]), torch.tensor([model.ret_id])).softmax(-1)
-    return probs[sorted(model.eos_ids)].sum().item()
+    return probs[sorted(tokens or model.eos_ids)].sum().item()
 
 
 def test_with_may_end_a_reply_learns_where_to_stop(sensitive_lm_dir, tiny_clip_dir, red_and_blue, tmp_path):
@@ -147,9 +148,64 @@ def test_with_may_end_a_reply_learns_where_to_stop(sensitive_lm_dir, tiny_clip_d
     esper.train(args, judge=LengthJudge())
     after = GroundedLM.from_pretrained(tmp_path / "out")
     red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
-    rise = {name: end_probability(after, image) / end_probability(before, image)
+    rise = {name: second_token_probability(after, image) / second_token_probability(before, image)
             for name, image in (("red", red), ("blue", blue))}
     assert rise["red"] > 5 and rise["blue"] < 2, rise  # measured: x7.6 and x0.78
+
+
+class RecordingJudge(LetterJudge):
+    """The toy judge, keeping every text it is asked to score."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+
+    def similarity(self, image_embeddings, texts):
+        self.texts += texts
+        return super().similarity(image_embeddings, texts)
+
+
+@torch.no_grad()
+def test_with_sentence_end_the_end_offered_is_a_full_stop_and_the_end_together(sensitive_lm_dir, tiny_clip_dir,
+                                                                              tmp_path):
+    """After the first position, one candidate is the greedy text so far with a full stop, ended there (the bare
+    end where it already stops); without `--sentence-end` the end offered is EOS alone, the text cut short."""
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    k, positions = 4, 3
+    for sentence_end in (False, True):
+        args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--candidates", str(k), "--candidate-positions",
+                          str(positions), "--may-end", "--length", "6", "--opening", "",
+                          "--instruction", "Describe the image.", *(["--sentence-end"] if sentence_end else []))
+        model, _ = esper.build_model(args, torch.device("cpu"))
+        batch = esper.prepare(model, images, random.Random(0), args)
+        greedy = esper.sample_replies(model, batch.policy, batch.prefix, 1, positions, 0.0, batch.banned, None)
+        judge = RecordingJudge()
+        esper.candidates_loss(model, judge, images, random.Random(0), None, args, (0.0, 1.0))
+        stop = esper.full_stop(model)
+        for b, said in enumerate(greedy.tolist()):
+            for j in range(1, positions):
+                ended = said[:j] + ([stop] if sentence_end and said[j - 1] != stop else [])
+                offered = judge.texts[(b * positions + j) * k:(b * positions + j + 1) * k]
+                assert model.tokenizer.decode(ended, skip_special_tokens=True) in offered
+
+
+def test_with_sentence_end_a_reply_learns_to_stop_with_a_full_stop(sensitive_lm_dir, tiny_clip_dir, red_and_blue,
+                                                                  tmp_path):
+    """The judge that wants red images' replies short and blue ones' long: with the full stop and the end offered
+    together, red images' second token becomes the full stop, 80 steps."""
+    args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--images", str(red_and_blue), "--steps", "80",
+                      "--warmup-steps", "2", "--batch-size", "4", "--candidates", "16", "--candidate-positions", "2",
+                      "--may-end", "--sentence-end", "--candidates-target", "optimum", "--length", "4", "--lr", "0.05",
+                      "--kl", "0.05", "--quiet", "1", "--unlikely-nll", "100", "--opening", "",
+                      "--instruction", "Describe the image.", "--val-every", "80")
+    torch.manual_seed(args.seed)
+    before, _ = esper.build_model(args, torch.device("cpu"))
+    esper.train(args, judge=LengthJudge())
+    after = GroundedLM.from_pretrained(tmp_path / "out")
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    stop = esper.full_stop(after)
+    rise = {name: second_token_probability(after, image, stop) / second_token_probability(before, image, stop)
+            for name, image in (("red", red), ("blue", blue))}
+    assert rise["red"] > 5 and rise["blue"] < 2, rise  # measured: x8.2 and x0.83; with the bare end offered x0.05
 
 
 def test_the_optimum_target_moves_the_policy_further_than_the_expectation_in_the_same_steps(
