@@ -30,7 +30,8 @@ the colour (the shape) learns too. `--candidates-target optimum` trains towards 
 the candidates rather than up its gradient (an unlikely right word learns as fast as a likely one), and
 `--whole-words` judges a one-token reply as the word it begins (" hex" as " hexagon"). With `--may-end`, EOS is a
 candidate after the first position and a reply it ends is judged as it stands: a description learns where to
-stop, where going on would add words that name nothing or name things twice.
+stop, where going on would add words that name nothing or name things twice; with `--sentence-end` the end offered
+is a full stop and EOS together, as a sentence ends (a bare EOS mid-sentence is text the LM finds very unlikely).
 
 The judge reads each reply's words once (`degeneracy.each_word_once`): CLIP scores a loop above the sentence it
 repeats, so a loop must gain nothing from it. With `--first-sentence` it reads only up to the reply's first
