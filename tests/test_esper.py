@@ -177,21 +177,35 @@ def test_with_sentence_end_the_end_offered_is_a_full_stop_and_the_end_together(s
                           "--instruction", "Describe the image.", *(["--sentence-end"] if sentence_end else []))
         model, _ = esper.build_model(args, torch.device("cpu"))
         batch = esper.prepare(model, images, random.Random(0), args)
-        greedy = esper.sample_replies(model, batch.policy, batch.prefix, 1, positions, 0.0, batch.banned, None)
+        greedy = esper.sample_replies(model, batch.policy, batch.prefix, 1, 6, 0.0, batch.banned, None)
         judge = RecordingJudge()
         esper.candidates_loss(model, judge, images, random.Random(0), None, args, (0.0, 1.0))
         stop = esper.full_stop(model)
+        at = esper.trained_positions(greedy, positions, stop if sentence_end else None).tolist()
         for b, said in enumerate(greedy.tolist()):
-            for j in range(1, positions):
-                ended = said[:j] + ([stop] if sentence_end and said[j - 1] != stop else [])
-                offered = judge.texts[(b * positions + j) * k:(b * positions + j + 1) * k]
+            for j, position in enumerate(at[b][1:], 1):
+                ended = said[:position] + ([stop] if sentence_end and said[position - 1] != stop else [])
+                offered = judge.texts[(b * len(at[b]) + j) * k:(b * len(at[b]) + j + 1) * k]
                 assert model.tokenizer.decode(ended, skip_special_tokens=True) in offered
+
+
+def test_with_sentence_end_the_position_after_the_first_full_stop_trains_too():
+    """Beyond the first P positions, the one after the greedy reply's first full stop (where a description ends or
+    goes on, which SmolLM2's 8-token sentences put out of reach of 8 positions), else the next."""
+    stop = 9
+    greedy = torch.tensor([[1, 2, 3, 4, 9, 5, 9, 6],    # first full stop at 4: position 5 trains
+                           [1, 9, 2, 3, 4, 5, 6, 7],    # at 1, within the first 3: the next, 3
+                           [1, 2, 3, 4, 5, 6, 7, 8],    # none: the next
+                           [1, 2, 3, 4, 5, 6, 7, 9]])   # at the last token, nothing after it: the next
+    assert esper.trained_positions(greedy, 3, stop).tolist() == [[0, 1, 2, 5], [0, 1, 2, 3], [0, 1, 2, 3],
+                                                                  [0, 1, 2, 3]]
+    assert esper.trained_positions(greedy, 3, None).tolist() == [[0, 1, 2]] * 4
 
 
 def test_with_sentence_end_a_reply_learns_to_stop_with_a_full_stop(sensitive_lm_dir, tiny_clip_dir, red_and_blue,
                                                                   tmp_path):
     """The judge that wants red images' replies short and blue ones' long: with the full stop and the end offered
-    together, red images' second token becomes the full stop, 80 steps."""
+    together, red images' second token becomes the full stop, blue ones' does not, 80 steps."""
     args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--images", str(red_and_blue), "--steps", "80",
                       "--warmup-steps", "2", "--batch-size", "4", "--candidates", "16", "--candidate-positions", "2",
                       "--may-end", "--sentence-end", "--candidates-target", "optimum", "--length", "4", "--lr", "0.05",
@@ -203,9 +217,10 @@ def test_with_sentence_end_a_reply_learns_to_stop_with_a_full_stop(sensitive_lm_
     after = GroundedLM.from_pretrained(tmp_path / "out")
     red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
     stop = esper.full_stop(after)
-    rise = {name: second_token_probability(after, image, stop) / second_token_probability(before, image, stop)
+    said = {name: (second_token_probability(before, image, stop), second_token_probability(after, image, stop))
             for name, image in (("red", red), ("blue", blue))}
-    assert rise["red"] > 5 and rise["blue"] < 2, rise  # measured: x8.2 and x0.83; with the bare end offered x0.05
+    assert said["red"][1] > max(0.2, 5 * said["red"][0]) and said["blue"][1] < 0.01, said
+    # measured: red 1.1% -> 40%, blue 0.05% -> 0.11%; with the bare end offered, red's fell x0.05
 
 
 def test_the_optimum_target_moves_the_policy_further_than_the_expectation_in_the_same_steps(
@@ -369,6 +384,8 @@ def test_degenerate_text_is_repetition_or_what_the_lm_would_not_write():
     assert repetition("a red circle on the left and a blue square on the right") == 0  # "on the" may recur
     assert repetition("red circle red circle red circle") == 0.5  # 2 of its 4 trigrams came before
     assert is_degenerate("red circle red circle red circle")
+    assert is_degenerate("The image is a white star.\n\n* \n* \n* \n* \n* \n* \n*")  # a loop holds no word
+    assert not is_degenerate("The image is a white star.\n\n* a white star")
     assert not is_degenerate("A large orange square on the left, a small blue square at the top and a large "
                              "orange square at the bottom.")  # two alike objects, said right
     assert is_degenerate("a red circle", nll=9.0) and not is_degenerate("a red circle", nll=4.5)

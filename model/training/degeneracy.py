@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 
 REPEAT_N = 3
-"""Word n-grams that count as repetition: trigrams (a bigram such as "on the" recurs in good captions)."""
+"""n-grams of words and marks that count as repetition: trigrams (a bigram such as "on the" recurs in good
+captions)."""
 MAX_REPETITION = 0.2
 """Share of repeated trigrams above which text is degenerate. A right caption of a scene with two alike objects
 repeats some ("a large orange square ... a large orange square": 0.11); the loops of an untrained mapping's
@@ -20,14 +21,21 @@ image, at 2.4-4.8; keyword salad far above."""
 
 
 def words_of(text: str) -> list[str]:
-    """The text's words, lower-cased, punctuation left out: what the repetition measures compare."""
+    """The text's words, lower-cased, punctuation left out: what the measures of things named compare."""
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
+def words_and_marks(text: str) -> list[str]:
+    """The text's words, lower-cased, and each mark that is not a space: what repetition counts, so that a loop of
+    lines that hold no word (a line holding only "*", again and again, as ESPER's descriptions went on after their
+    first sentence) repeats as a loop of words does."""
+    return re.findall(r"[a-z0-9']+|[^\sa-z0-9'\x00-\x1f\ufffd]", text.lower())
+
+
 def repetition(text: str, n: int = REPEAT_N) -> float:
-    """Share of the text's word n-grams that already occurred earlier in it (0: none repeats)."""
-    words = words_of(text)
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    """Share of the text's n-grams of words and marks that already occurred earlier in it (0: none repeats)."""
+    tokens = words_and_marks(text)
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:
         return 0.0
     seen: set[tuple[str, ...]] = set()

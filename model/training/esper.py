@@ -13,8 +13,9 @@ the LM, CLIP and every other weight stay frozen. One step:
     rollouts   G replies per image of exactly `length` tokens, sampled at `temperature` with EOS and `[RET]`
                masked and no token trigram repeated                                   ids (B * G, length)
     reward     the judge's cosine(image, opening + reply), standardised by the mean and spread the untrained
-               policy scores (measured in the warm-up), minus the reply's repeated-trigram share and minus how
-               far its NLL under the text-only LM exceeds `unlikely_nll`                (B, G)
+               policy scores (measured in the warm-up), minus the reply's share of repeated trigrams (of words
+               and marks: a loop of lines holding only "*" repeats too) and minus how far its NLL under the
+               text-only LM exceeds `unlikely_nll`                                    (B, G)
     loss       RLOO: a reply's advantage is its reward minus the mean of the other G - 1 of its image; the
                policy gradient of the sampled tokens' log-probabilities, plus `kl` times the per-token KL from
                the policy to the text-only LM (the same prompt without the image) over the whole vocabulary
@@ -36,7 +37,8 @@ is a full stop and EOS together, as a sentence ends (a bare EOS mid-sentence is 
 The judge reads each reply's words once (`degeneracy.each_word_once`): CLIP scores a loop above the sentence it
 repeats, so a loop must gain nothing from it. With `--first-sentence` it reads only up to the reply's first
 sentence's end, and a candidate's greedy continuation is decoded as the app decodes it, loops included, so that
-going on past a good sentence costs its repetition and ending there pays. A CLIP also scores a thing named twice
+going on past a good sentence costs its repetition, a loop of word-less lines as a loop of words, and ending there
+pays. A CLIP also scores a thing named twice
 ("a triangle with a white triangle") above the same thing named once; `--repeat-cost` charges each word naming
 something that the judge reads again, and `--after-cost` each word naming something after the first sentence,
 which the judge does not read and a user does.
@@ -336,15 +338,19 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     the greedy text before already ends in one), and any full stop among the candidates ends its reply so: after
     "The image is a black circle" the text-only LM's EOS has NLL 17.7 (charged as unlikely), a full stop 5.2 and
     EOS after it 2.3, so a bare end is a description cut short and the sentence's end is how one stops (its NLL
-    charged is the full stop's, as a candidate's is its first token's)."""
-    k, positions = args.candidates, args.candidate_positions
+    charged is the full stop's, as a candidate's is its first token's). It also trains one position more
+    (`trained_positions`): the one after the greedy reply's first full stop, where the description ends or goes on."""
+    k, eos, stop = args.candidates, model.tokenizer.eos_token_id, full_stop(model)
     batch = prepare(model, images, rng, args)
-    greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1, positions, 0.0,
-                            batch.banned, None)                                              # (B, P)
+    greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1,
+                            args.length if args.sentence_end else args.candidate_positions, 0.0, batch.banned, None)
+    at = trained_positions(greedy, args.candidate_positions, stop if args.sentence_end else None)  # (B, P')
 
     def candidate_logp(rows: list[torch.Tensor]) -> torch.Tensor:
-        """(B, P, V') log-probabilities at the P positions; with `--may-end` EOS is a candidate after the first."""
-        logits = torch.stack(reply_logits(model, rows, list(greedy), batch.prefix))
+        """(B, P', V') log-probabilities at the positions trained; with `--may-end` EOS is a candidate after the
+        first."""
+        logits = torch.stack(reply_logits(model, rows, list(greedy[:, :at.max() + 1]), batch.prefix))
+        logits = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
         if not args.may_end:
             return masked(logits, batch.banned).log_softmax(-1)
         return torch.cat([masked(logits[:, :1], batch.banned),
@@ -353,45 +359,60 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     with torch.no_grad():
         ref_logp = candidate_logp(batch.text_only)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()
-    top = logp.detach().topk(k, -1).indices                                                 # (B, P, K)
-    eos, stop = model.tokenizer.eos_token_id, full_stop(model)
+    top = logp.detach().topk(k, -1).indices                                                 # (B, P', K)
     if args.may_end:  # the end is a candidate after the first position, in place of the K-th where it is not one
-        end = torch.full_like(greedy[:, 1:], eos)                                          # (B, P - 1)
+        end = torch.full_like(at[:, 1:], eos)                                               # (B, P' - 1)
         if args.sentence_end:
-            end = torch.where(greedy[:, :-1] == stop, end, stop)
+            end = torch.where(greedy.gather(1, at[:, 1:] - 1) == stop, end, stop)
         later = top[:, 1:]
         later[..., -1] = torch.where((later == end[..., None]).any(-1), later[..., -1], end)
     if args.length == 1:  # one-token replies are the candidates themselves
         ids = top.reshape(-1, 1)                                                            # (B * K, 1)
-    else:
-        forced = torch.full((len(images), positions, k, positions + 1), -1, device=model.device)  # (B, P, K, P + 1)
-        for j in range(positions):
-            forced[:, j, :, :j] = greedy[:, None, :j]
-            forced[:, j, :, j] = top[:, j]
-            if args.sentence_end and j > 0:  # a full stop ends its reply
-                forced[:, j, :, j + 1] = torch.where(top[:, j] == stop, eos, -1)
-        ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, positions * k,
-                             args.length, 0.0, batch.banned, None, forced=forced.flatten(0, 2))  # (B * P * K, L)
+    else:  # each candidate after the greedy tokens before its position; a full stop ends its reply
+        said = torch.nn.functional.pad(greedy, (0, 1), value=-1)[:, None, None]             # (B, 1, 1, F)
+        column = torch.arange(said.shape[-1], device=model.device)                          # (F,)
+        position = at[..., None, None]                                                      # (B, P', 1, 1)
+        forced = torch.where(column < position, said, -1)                                  # (B, P', 1, F)
+        forced = torch.where(column == position, top[..., None], forced)                   # (B, P', K, F)
+        if args.sentence_end:
+            forced = torch.where((column == position + 1) & (position > 0) & (top[..., None] == stop), eos, forced)
+        ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, at.shape[1] * k,
+                             args.length, 0.0, batch.banned, None, forced=forced.flatten(0, 2))  # (B * P' * K, L)
     texts = ([opening + word for b, opening in enumerate(batch.prompts.openings)
               for word in whole_words(model, opening, top[b, 0].tolist())] if args.whole_words else
              texts_of(model, batch.prompts.openings, ids))
     with torch.no_grad():
-        clip = judged(judge, images, texts, args.first_sentence)                           # (B * P * K,)
-        nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P * K,)
-    p = logp.gather(-1, top).exp()                                                          # (B, P, K)
+        clip = judged(judge, images, texts, args.first_sentence)                           # (B * P' * K,)
+        nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P' * K,)
+    p = logp.gather(-1, top).exp()                                                          # (B, P', K)
     weights = p.detach() / p.detach().sum(-1, keepdim=True)
     loss = args.kl * kl
     reward = torch.zeros_like(clip)
     if baseline is not None:
         reward = shaped_reward(clip, texts, nll, baseline, args)
-        grouped = reward.view(-1, positions, k)                                             # (B, P, K)
+        grouped = reward.view(-1, at.shape[1], k)                                           # (B, P', K)
         if args.candidates_target == "expected":
             loss = loss - (p * (grouped - (weights * grouped).sum(-1, keepdim=True))).sum(-1).mean()
         else:  # the optimum holds the KL already: the cross-entropy alone, among the candidates
             target = ((ref_logp.gather(-1, top) + grouped / args.kl).softmax(-1) if args.kl > 0 else
-                      torch.nn.functional.one_hot(grouped.argmax(-1), k).to(grouped.dtype))  # (B, P, K)
+                      torch.nn.functional.one_hot(grouped.argmax(-1), k).to(grouped.dtype))  # (B, P', K)
             loss = -(target * logp.gather(-1, top).log_softmax(-1)).sum(-1).mean()
     return StepResult(loss, clip, weights.flatten(), reward, kl.item(), nll, texts)
+
+
+def trained_positions(greedy: torch.Tensor, positions: int, stop: int | None) -> torch.Tensor:
+    """The reply positions (B, P') whose candidates train, given the policy's greedy replies (B, L): the first
+    `positions`, and with a full stop's token `stop` one more: the position after the greedy reply's first full
+    stop where it lies beyond them, else the next. That is where a description ends or goes on: SmolLM2 decoding
+    greedily went on after "The image is a white star." with a loop of lines holding only "*", a position the
+    first 8 do not reach for a sentence of 8 tokens, so the end after it never learnt."""
+    first = torch.arange(positions, device=greedy.device).expand(len(greedy), -1)          # (B, P)
+    if stop is None:
+        return first
+    said = greedy[:, :-1] == stop                                                           # (B, L - 1)
+    after = said.int().argmax(1) + 1                                                        # (B,)
+    late = said.any(1) & (after > positions)
+    return torch.cat([first, torch.where(late, after, positions)[:, None]], 1)             # (B, P + 1)
 
 
 def full_stop(model: GroundedLM) -> int:
@@ -670,7 +691,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "position, and a reply it ends is judged as it stands: a description learns where to stop")
     p.add_argument("--sentence-end", action="store_true",
                    help="with --may-end: the end offered is a full stop and EOS together, and a full stop among the "
-                        "candidates ends its reply: a description stops as a sentence does, not cut short")
+                        "candidates ends its reply: a description stops as a sentence does, not cut short; the "
+                        "position after the greedy reply's first full stop trains too, where it ends or goes on")
     p.add_argument("--first-sentence", action="store_true",
                    help="the judge reads each reply up to its first sentence's end; what follows costs only its "
                         "repetition: a description gains by ending after one sentence (with --may-end, it can)")
@@ -705,6 +727,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--whole-words needs --candidates and --length 1")
     if args.may_end and not (args.candidates and args.candidate_positions > 1):
         p.error("--may-end needs --candidates and --candidate-positions of 2 or more")
+    if args.sentence_end and args.length <= args.candidate_positions:
+        p.error("--sentence-end needs --length above --candidate-positions (the position after a sentence trains)")
     if args.sentence_end and not args.may_end:
         p.error("--sentence-end needs --may-end")
     if not 1 <= args.candidate_positions <= args.length:
