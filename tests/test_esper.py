@@ -189,6 +189,33 @@ def test_with_sentence_end_the_end_offered_is_a_full_stop_and_the_end_together(s
                 assert model.tokenizer.decode(ended, skip_special_tokens=True) in offered
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("may_end", [False, True], ids=["always-goes-on", "may-end"])
+def test_with_may_end_a_candidate_goes_on_until_the_policy_ends_it(sensitive_lm_dir, tiny_clip_dir, tmp_path,
+                                                                  monkeypatch, may_end):
+    """A candidate's greedy continuation ends where the policy says EOS, as the app's reply would (the greedy tokens
+    before a position never end): an LM that says EOS wherever it may ends each candidate right after its token;
+    without `--may-end` no reply ends."""
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--candidates", "4", "--candidate-positions", "3",
+                      "--length", "6", "--opening", "", "--instruction", "Describe the image.",
+                      *(["--may-end"] if may_end else []))
+    model, _ = esper.build_model(args, torch.device("cpu"))
+    logits, eos = model.logits, model.tokenizer.eos_token_id
+    monkeypatch.setattr(model, "logits", lambda hidden: logits(hidden).index_add(
+        -1, torch.tensor([eos]), torch.full((*hidden.shape[:-1], 1), 100.0)))
+    replies, texts_of = [], esper.texts_of
+    monkeypatch.setattr(esper, "texts_of", lambda model, openings, ids: replies.append(ids) or
+                        texts_of(model, openings, ids))
+    esper.candidates_loss(model, RecordingJudge(), images, random.Random(0), None, args, (0.0, 1.0))
+    ids = replies[0].view(len(images), 3, 4, 6)                                             # (B, P, K, L)
+    if may_end:
+        assert all((ids[:, j, :, j + 1] == eos).all() for j in range(3))
+        assert not (ids[:, 1:, :, 0] == eos).any()  # the greedy tokens before
+    else:
+        assert not (ids == eos).any()
+
+
 def test_with_sentence_end_the_position_after_the_first_full_stop_trains_too():
     """Beyond the first P positions, the one after the greedy reply's first full stop (where a description ends or
     goes on, which SmolLM2's 8-token sentences put out of reach of 8 positions), else the next."""

@@ -334,7 +334,9 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
 
     `--may-end`: after the first position, EOS is always a candidate (in place of the K-th likeliest token where it
     is not among the K), its reply judged as it stands; the policy's greedy tokens before a position are still the
-    ones it says when it goes on. `--sentence-end`: the end offered is a full stop and EOS together (EOS alone where
+    ones it says when it goes on, and a candidate's continuation may end where the policy ends it, as the app's
+    reply does (with EOS masked there, every continuation ran to `length`: after "The image is a white star." a
+    loop, whatever the policy had learnt of the end). `--sentence-end`: the end offered is a full stop and EOS together (EOS alone where
     the greedy text before already ends in one), and any full stop among the candidates ends its reply so: after
     "The image is a black circle" the text-only LM's EOS has NLL 17.7 (charged as unlikely), a full stop 5.2 and
     EOS after it 2.3, so a bare end is a description cut short and the sentence's end is how one stops (its NLL
@@ -376,8 +378,9 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
         forced = torch.where(column == position, top[..., None], forced)                   # (B, P', K, F)
         if args.sentence_end:
             forced = torch.where((column == position + 1) & (position > 0) & (top[..., None] == stop), eos, forced)
+        goes_on = batch.banned[batch.banned == model.ret_id] if args.may_end else batch.banned  # ends as the app's
         ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, at.shape[1] * k,
-                             args.length, 0.0, batch.banned, None, forced=forced.flatten(0, 2))  # (B * P' * K, L)
+                             args.length, 0.0, goes_on, None, forced=forced.flatten(0, 2))  # (B * P' * K, L)
     texts = ([opening + word for b, opening in enumerate(batch.prompts.openings)
               for word in whole_words(model, opening, top[b, 0].tolist())] if args.whole_words else
              texts_of(model, batch.prompts.openings, ids))
