@@ -28,7 +28,8 @@ def words_of(text: str) -> list[str]:
 def words_and_marks(text: str) -> list[str]:
     """The text's words, lower-cased, and each mark that is not a space: what repetition counts, so that a loop of
     lines that hold no word (a line holding only "*", again and again, as ESPER's descriptions went on after their
-    first sentence) repeats as a loop of words does."""
+    first sentence) repeats as a loop of words does. The replacement character and control characters, which byte
+    tokens decoded apart leave, are no marks a reader sees."""
     return re.findall(r"[a-z0-9']+|[^\sa-z0-9'\x00-\x1f\ufffd]", text.lower())
 
 

@@ -36,9 +36,9 @@ is a full stop and EOS together, as a sentence ends (a bare EOS mid-sentence is 
 
 The judge reads each reply's words once (`degeneracy.each_word_once`): CLIP scores a loop above the sentence it
 repeats, so a loop must gain nothing from it. With `--first-sentence` it reads only up to the reply's first
-sentence's end, and a candidate's greedy continuation is decoded as the app decodes it, loops included, so that
-going on past a good sentence costs its repetition, a loop of word-less lines as a loop of words, and ending there
-pays. A CLIP also scores a thing named twice
+sentence's end, and a candidate's greedy continuation is decoded as the app decodes it, loops included (and with
+`--may-end` ending where the policy says EOS), so that going on past a good sentence costs its repetition, a loop of
+word-less lines as a loop of words, and ending there pays. A CLIP also scores a thing named twice
 ("a triangle with a white triangle") above the same thing named once; `--repeat-cost` charges each word naming
 something that the judge reads again, and `--after-cost` each word naming something after the first sentence,
 which the judge does not read and a user does.
@@ -336,12 +336,13 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     is not among the K), its reply judged as it stands; the policy's greedy tokens before a position are still the
     ones it says when it goes on, and a candidate's continuation may end where the policy ends it, as the app's
     reply does (with EOS masked there, every continuation ran to `length`: after "The image is a white star." a
-    loop, whatever the policy had learnt of the end). `--sentence-end`: the end offered is a full stop and EOS together (EOS alone where
-    the greedy text before already ends in one), and any full stop among the candidates ends its reply so: after
-    "The image is a black circle" the text-only LM's EOS has NLL 17.7 (charged as unlikely), a full stop 5.2 and
-    EOS after it 2.3, so a bare end is a description cut short and the sentence's end is how one stops (its NLL
-    charged is the full stop's, as a candidate's is its first token's). It also trains one position more
-    (`trained_positions`): the one after the greedy reply's first full stop, where the description ends or goes on."""
+    loop, whatever the policy had learnt of the end). `--sentence-end`: the end offered is a full stop and EOS
+    together (EOS alone where the greedy text before already ends in one), and any full stop among the candidates
+    ends its reply so: after "The image is a black circle" the text-only LM's EOS has NLL 17.7 (charged as
+    unlikely), a full stop 5.2 and EOS after it 2.3, so a bare end is a description cut short and the sentence's end
+    is how one stops (its NLL charged is the full stop's, as a candidate's is its first token's). It also trains one
+    position more (`trained_positions`): the one after the greedy reply's first full stop, where the description
+    ends or goes on."""
     k, eos, stop = args.candidates, model.tokenizer.eos_token_id, full_stop(model)
     batch = prepare(model, images, rng, args)
     greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1,
@@ -378,7 +379,7 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
         forced = torch.where(column == position, top[..., None], forced)                   # (B, P', K, F)
         if args.sentence_end:
             forced = torch.where((column == position + 1) & (position > 0) & (top[..., None] == stop), eos, forced)
-        goes_on = batch.banned[batch.banned == model.ret_id] if args.may_end else batch.banned  # ends as the app's
+        goes_on = batch.banned[batch.banned == model.ret_id] if args.may_end else batch.banned  # may it end?
         ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, at.shape[1] * k,
                              args.length, 0.0, goes_on, None, forced=forced.flatten(0, 2))  # (B * P' * K, L)
     texts = ([opening + word for b, opening in enumerate(batch.prompts.openings)
