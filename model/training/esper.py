@@ -348,6 +348,7 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1,
                             args.length if args.sentence_end else args.candidate_positions, 0.0, batch.banned, None)
     at = trained_positions(greedy, args.candidate_positions, stop if args.sentence_end else None)  # (B, P')
+    ret_only = batch.banned[batch.banned == model.ret_id]  # banned where a reply may end: `[RET]`, not EOS
 
     def candidate_logp(rows: list[torch.Tensor]) -> torch.Tensor:
         """(B, P', V') log-probabilities at the positions trained; with `--may-end` EOS is a candidate after the
@@ -357,7 +358,7 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
         if not args.may_end:
             return masked(logits, batch.banned).log_softmax(-1)
         return torch.cat([masked(logits[:, :1], batch.banned),
-                          masked(logits[:, 1:], batch.banned[batch.banned == model.ret_id])], 1).log_softmax(-1)
+                          masked(logits[:, 1:], ret_only)], 1).log_softmax(-1)
     logp = candidate_logp(batch.policy)
     with torch.no_grad():
         ref_logp = candidate_logp(batch.text_only)
@@ -379,9 +380,9 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
         forced = torch.where(column == position, top[..., None], forced)                   # (B, P', K, F)
         if args.sentence_end:
             forced = torch.where((column == position + 1) & (position > 0) & (top[..., None] == stop), eos, forced)
-        goes_on = batch.banned[batch.banned == model.ret_id] if args.may_end else batch.banned  # may it end?
-        ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, at.shape[1] * k,
-                             args.length, 0.0, goes_on, None, forced=forced.flatten(0, 2))  # (B * P' * K, L)
+        ids = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, at.shape[1] * k, args.length,
+                             0.0, ret_only if args.may_end else batch.banned, None, forced=forced.flatten(0, 2))
+        # (B * P' * K, L): with --may-end a continuation ends where the policy ends it, as the app's reply does
     texts = ([opening + word for b, opening in enumerate(batch.prompts.openings)
               for word in whole_words(model, opening, top[b, 0].tolist())] if args.whole_words else
              texts_of(model, batch.prompts.openings, ids))
