@@ -16,6 +16,7 @@ from model.training.clip_judge import ClipJudge
 from model.training.degeneracy import (each_word_once, first_sentence, is_degenerate, named_after_first_sentence,
                                        repeated_words, repetition)
 from model.training.train import STATE_NAME, read_state
+from model.training.words import PROPOSAL_OPENING, WordProposals, offer, whole_words
 from model.world import shapes
 from model.world.data import ImageFolder
 
@@ -40,8 +41,11 @@ class LetterJudge:
     def image_embeddings(self, images):
         return torch.tensor([[1.0 if im.getpixel((0, 0))[0] > 128 else -1.0] for im in images])
 
+    def text_embeddings(self, texts):
+        return torch.tensor([[letter_score(t)] for t in texts])
+
     def similarity(self, image_embeddings, texts):
-        return image_embeddings[:, 0] * torch.tensor([letter_score(t) for t in texts])
+        return (image_embeddings * self.text_embeddings(texts)).sum(-1)
 
 
 def letter_score(text: str) -> float:
@@ -388,7 +392,7 @@ def test_a_candidate_that_begins_a_word_is_judged_as_the_whole_word(tiny_clip_di
     """SmolLM2 has " hex" as one token: the judge should read the hexagon the policy means, not a hex."""
     model, _ = esper.build_model(esper_args(SMOLLM2, tiny_clip_dir, tmp_path), torch.device("cpu"))
     tokens = [model.tokenizer.encode(w, add_special_tokens=False)[0] for w in (" hex", " square", ",", " hex")]
-    assert esper.whole_words(model, "The shape is a", tokens) == [" hexagon", " square", ",", " hexagon"]
+    assert whole_words(model, "The shape is a", tokens) == [" hexagon", " square", ",", " hexagon"]
     with pytest.raises(SystemExit):
         esper_args(SMOLLM2, tiny_clip_dir, tmp_path, "--whole-words", "--candidates", "8", "--length", "2")
 
@@ -450,3 +454,72 @@ def test_after_the_first_sentence_each_word_naming_something_costs(tmp_path):
     texts = ["The image is a purple cross.", "The image is a purple cross. It is a symbol of the Bible."]
     reward = esper.shaped_reward(torch.tensor([0.09, 0.09]), texts, torch.tensor([2.0, 2.0]), (0.03, 0.03), args)
     assert reward.tolist() == pytest.approx([2.0, 1.5]), "the judge reads both alike; the one that goes on pays"
+
+
+class LettersAndAJudge(LetterJudge):
+    """The letters as before, and a pull towards 'a' that every image shares: a word full of 'a' scores high against
+    red and blue images alike."""
+
+    def image_embeddings(self, images):
+        return torch.cat([super().image_embeddings(images), torch.ones(len(images), 1)], 1)
+
+    def text_embeddings(self, texts):
+        return torch.tensor([[letter_score(t), 10 * t.count("a") / len(t)] for t in texts])
+
+
+def test_the_judge_proposes_the_words_that_tell_an_image_apart_not_those_that_fit_any(tiny_lm_dir, tiny_clip_dir,
+                                                                                      tmp_path):
+    model, _ = esper.build_model(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path), torch.device("cpu"))
+    judge = LettersAndAJudge()
+    proposals = WordProposals(model, judge)
+    word = dict(zip(proposals.tokens.tolist(), proposals.words))
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    proposed = proposals.propose(judge.image_embeddings([red, blue, red, blue]), 2)           # (4, 2)
+    score = {t: letter_score(f"The image is a{w}.") for t, w in word.items()}
+    for_red, for_blue = proposed[::2].flatten().tolist(), proposed[1::2].flatten().tolist()
+    assert min(score[t] for t in for_red) > max(score[t] for t in for_blue)
+    a_richest = max(word, key=lambda t: judge.text_embeddings([f"The image is a{word[t]}."])[0, 1])
+    assert a_richest not in for_red + for_blue  # it scores highest against every image: it tells none apart
+
+
+def test_a_proposal_takes_a_least_likely_slot_before_the_end_unless_it_is_a_candidate_already():
+    top = torch.tensor([[[5, 6, 7, 8], [9, 5, 3, 2]]])  # one image, two positions, four candidates: the last the end
+    assert offer(top, torch.tensor([[5]]), 3).tolist() == top.tolist()
+    assert offer(top, torch.tensor([[4]]), 3).tolist() == [[[5, 6, 4, 8], [9, 5, 4, 2]]]
+    assert offer(top, torch.tensor([[4, 7]]), 3).tolist() == [[[5, 4, 7, 8], [9, 4, 7, 2]]]
+
+
+@torch.no_grad()
+def opening_token_probability(model: GroundedLM, image: Image.Image, token: int) -> float:
+    """The probability that the reply to `image`, after PROPOSAL_OPENING, goes on with `token`."""
+    tokenizer = model.tokenizer
+    prompt = model.embed_segments(render([Turn("user", [image, "Describe the image."])], tokenizer, "chat")
+                                  + [tokenizer.encode(PROPOSAL_OPENING, add_special_tokens=False)])
+    hidden, _ = model.hidden_states(prompt.unsqueeze(0))
+    return model.logits(hidden[0, -1]).softmax(-1)[token].item()
+
+
+def test_a_proposed_word_is_learnt_where_the_policy_would_not_offer_it(sensitive_lm_dir, tiny_clip_dir, red_and_blue,
+                                                                       tmp_path):
+    """Three candidates after the opening, each judged as the word it begins: the policy's three likeliest tokens,
+    or its two and the judge's proposal. The word the judge proposes for red images becomes likely only where it
+    is offered."""
+    red = Image.new("RGB", (32, 32), "red")
+    probability = {}
+    for proposals in ("0", "1"):
+        args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path / proposals, "--images", str(red_and_blue),
+                          "--steps", "30", "--warmup-steps", "2", "--batch-size", "4", "--candidates", "3",
+                          "--proposals", proposals, "--candidates-target", "optimum", "--length", "1", "--whole-words",
+                          "--lr", "0.05", "--kl", "0.1", "--quiet", "1", "--unlikely-nll", "100", "--opening",
+                          PROPOSAL_OPENING, "--val-every", "30")
+        torch.manual_seed(args.seed)
+        before, _ = esper.build_model(args, torch.device("cpu"))
+        judge = LetterJudge()
+        proposed = WordProposals(before, judge).propose(judge.image_embeddings([red, Image.new("RGB", (32, 32), "blue")]), 1)
+        token = proposed[0, 0].item()
+        esper.train(args, judge=judge)
+        after = GroundedLM.from_pretrained(tmp_path / proposals / "out")
+        probability[proposals] = (opening_token_probability(before, red, token),
+                                  opening_token_probability(after, red, token))
+    (offered_before, offered_after), (kept_before, kept_after) = probability["1"], probability["0"]
+    assert offered_after > 3 * offered_before and kept_after < kept_before, probability  # measured: x4.7 and x0.11

@@ -7,6 +7,7 @@ its text tower, by default the checkpoint's own encoder.
 from __future__ import annotations
 
 import itertools
+from typing import Protocol
 
 import open_clip
 import torch
@@ -51,3 +52,15 @@ class ClipJudge:
     def similarity(self, image_embeddings: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """(N, embed_dim) image embeddings and N texts -> (N,) cosine similarity of each pair."""
         return (image_embeddings * self.text_embeddings(texts)).sum(-1)
+
+
+class Judge(Protocol):
+    """What scores a reply against its image: `ClipJudge`, or anything with the same methods (a toy judge in
+    tests)."""
+    source: str
+
+    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor: ...
+
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor: ...
+
+    def similarity(self, image_embeddings: torch.Tensor, texts: list[str]) -> torch.Tensor: ...

@@ -32,7 +32,9 @@ the candidates rather than up its gradient (an unlikely right word learns as fas
 `--whole-words` judges a one-token reply as the word it begins (" hex" as " hexagon"). With `--may-end`, EOS is a
 candidate after the first position and a reply it ends is judged as it stands: a description learns where to
 stop, where going on would add words that name nothing or name things twice; with `--sentence-end` the end offered
-is a full stop and EOS together, as a sentence ends (a bare EOS mid-sentence is text the LM finds very unlikely).
+is a full stop and EOS together, as a sentence ends (a bare EOS mid-sentence is text the LM finds very unlikely). With
+`--proposals M` each image's M words that the judge proposes are candidates too (`words.WordProposals`): words the
+LM would rarely say where they go (" hex" after "The image is a dark orange") can be learnt.
 
 The judge reads each reply's words once (`degeneracy.each_word_once`): CLIP scores a loop above the sentence it
 repeats, so a loop must gain nothing from it. With `--first-sentence` it reads only up to the reply's first
@@ -61,10 +63,9 @@ import argparse
 import json
 import random
 import time
-import weakref
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from PIL import Image
@@ -78,7 +79,7 @@ from model.config import PROJECTORS, GroundedConfig
 from model.grounded import GroundedLM
 from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_name, dequantized
 from model.prompt import Segment, Turn, render
-from model.training.clip_judge import ClipJudge
+from model.training.clip_judge import ClipJudge, Judge
 from model.training.conversations import INSTRUCTIONS
 from model.training.degeneracy import (UNLIKELY_NLL, each_word_once, first_sentence, is_degenerate,
                                        named_after_first_sentence, repeated_words, repetition)
@@ -88,6 +89,7 @@ from model.training.plots import plot_batches, plt, save_figure
 from model.training.train import (CURVE_NAME, DEMO, SUMMARY_NAME, TRAIN_SCENES, VAL_SCENES, conclude, load_state,
                                   mean_tail, per_step, run_folders, save_state)
 from model.training.train_clip import resolve_device
+from model.training.words import WordProposals, offer, whole_words
 from model.world.data import ImageFolder, ShapesImages
 
 CANDIDATES_TARGETS = ("expected", "optimum")
@@ -103,7 +105,7 @@ RESUME_KEYS = ("lm", "visual", "visual_pretrained", "n_visual_tokens", "region_g
                "holdout", "init", "judge", "quantize", "batch_size", "group", "length", "temperature", "lr", "kl",
                "warmup_steps", "unlikely_nll", "quiet", "instruction", "opening", "seed", "candidates",
                "candidate_positions", "candidates_target", "whole_words", "may_end", "sentence_end", "first_sentence",
-               "repeat_cost", "after_cost")
+               "repeat_cost", "after_cost", "proposals")
 
 
 def quiet_start(model: GroundedLM, scale: float) -> None:
@@ -125,15 +127,6 @@ def quiet_start(model: GroundedLM, scale: float) -> None:
 def masked(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
     """Logits (..., V') with the `banned` ids (EOS, `[RET]`) and any -inf column at NEG."""
     return logits.index_fill(-1, banned, NEG).clamp(min=NEG)
-
-
-class Judge(Protocol):
-    """What scores a reply against its image: `ClipJudge`, or anything with the same two methods."""
-    source: str
-
-    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor: ...
-
-    def similarity(self, image_embeddings: torch.Tensor, texts: list[str]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -313,8 +306,8 @@ def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: 
 
 
 def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: random.Random,
-                    generator: torch.Generator, args: argparse.Namespace, baseline: tuple[float, float] | None
-                    ) -> StepResult:
+                    generator: torch.Generator, args: argparse.Namespace, baseline: tuple[float, float] | None,
+                    proposals: WordProposals | None = None) -> StepResult:
     """ESPER's objective with a reply's tokens summed over instead of sampled, at each of its first P positions
     (`--candidate-positions`): at position j, after the policy's greedy tokens before it, the policy's K most
     likely tokens each continue greedily to `length` tokens and are all scored, and the loss is minus the
@@ -342,7 +335,12 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
     unlikely), a full stop 5.2 and EOS after it 2.3, so a bare end is a description cut short and the sentence's end
     is how one stops (its NLL charged is the full stop's, as a candidate's is its first token's). It also trains one
     position more (`trained_positions`): the one after the greedy reply's first full stop, where the description
-    ends or goes on."""
+    ends or goes on.
+
+    `--proposals M` (`proposals`): at every position each image's M words that the judge proposes
+    (`words.WordProposals`) are candidates too, in place of the policy's M least likely (the end, where one is
+    offered, stays): a word the LM would rarely say there (" hex" after "The image is a dark orange") is scored and
+    learnt where the judge prefers it."""
     k, eos, stop = args.candidates, model.tokenizer.eos_token_id, full_stop(model)
     batch = prepare(model, images, rng, args)
     greedy = sample_replies(model, [row.detach() for row in batch.policy], batch.prefix, 1,
@@ -370,6 +368,8 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
             end = torch.where(greedy.gather(1, at[:, 1:] - 1) == stop, end, stop)
         later = top[:, 1:]
         later[..., -1] = torch.where((later == end[..., None]).any(-1), later[..., -1], end)
+    if proposals is not None:
+        top = offer(top, proposals.propose(judge.image_embeddings(images), args.proposals), k - 1 if args.may_end else k)
     if args.length == 1:  # one-token replies are the candidates themselves
         ids = top.reshape(-1, 1)                                                            # (B * K, 1)
     else:  # each candidate after the greedy tokens before its position; a full stop ends its reply
@@ -423,36 +423,6 @@ def trained_positions(greedy: torch.Tensor, positions: int, stop: int | None) ->
 def full_stop(model: GroundedLM) -> int:
     """The LM's token for a sentence's full stop."""
     return model.tokenizer.convert_tokens_to_ids(".")
-
-
-WORD_TOKENS = 3
-"""Tokens a candidate's word may go on for when it is judged whole."""
-WORDS: weakref.WeakKeyDictionary[GroundedLM, dict[tuple[str, int], str]] = weakref.WeakKeyDictionary()
-"""Each model's whole words, by opening and candidate token."""
-
-
-@torch.no_grad()
-def whole_words(model: GroundedLM, opening: str, tokens: list[int]) -> list[str]:
-    """Each candidate token after `opening` as the whole word it begins: with the text-only LM's greedy
-    continuation of the opening and the token while that goes on with the same word (up to WORD_TOKENS more), so
-    that " hex" after "The shape is a" is judged as " hexagon", which the judge knows, and not as " hex", which it
-    does not. The policy would complete such a word alike: what follows " hex" is spelling, not the image. Cached
-    for the model by opening and token, as both always complete alike."""
-    cache, tokenizer = WORDS.setdefault(model, {}), model.tokenizer
-    new = sorted({t for t in tokens if (opening, t) not in cache})
-    if new:
-        context = tokenizer.encode(opening, add_special_tokens=False)
-        ids = torch.tensor([context + [t] for t in new], device=model.device)               # (N, C + 1)
-        more = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=WORD_TOKENS,
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:]
-        for token, continuation in zip(new, more.tolist()):
-            word = tokenizer.decode([token])
-            for piece in map(tokenizer.decode, [[t] for t in continuation]):
-                if not (word[-1:].isalpha() and piece[:1].isalpha()):
-                    break
-                word += piece
-            cache[opening, token] = word
-    return [cache[opening, t] for t in tokens]
 
 
 @torch.no_grad()
@@ -571,12 +541,15 @@ def train(args: argparse.Namespace, judge: Judge | None = None) -> dict:
         print(f"resumed {run_dir} at step {start} of {args.steps}", flush=True)
     else:  # the starting point, to compare against (`evaluate --compare untrained=<run-dir>/untrained ...`)
         model.save_pretrained(run_dir / UNTRAINED_NAME)
+    proposals = WordProposals(model, judge) if args.proposals and start < args.steps else None  # once a run
+    step_loss = partial(candidates_loss, proposals=proposals) if args.candidates else esper_loss
     n_trainable = sum(p.numel() for p in params)
+    proposed = f" and {args.proposals} proposed by the judge" if args.proposals else ""
+    replies = f"the {args.candidates - args.proposals} likeliest{proposed}" if args.candidates else str(args.group)
     print(f"ESPER: training {n_trainable:,} parameters on {device} (LM {args.lm}, {args.quantize}, "
           f"{args.compute_dtype} compute; visual {args.visual}; judge {judge.source}); images: "
           f"{args.images or 'shapes world (no captions)'}; {args.steps} steps of {args.batch_size} images x "
-          f"{f'the {args.candidates} likeliest' if args.candidates else args.group} replies of {args.length} tokens",
-          flush=True)
+          f"{replies} replies of {args.length} tokens", flush=True)
 
     t_start, stopped_early, steps_here = time.time(), False, 0
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="esper", unit="step",
@@ -587,7 +560,7 @@ def train(args: argparse.Namespace, judge: Judge | None = None) -> dict:
         generator = torch.Generator(device).manual_seed(rng.randrange(2 ** 63))
         images = [train_images[rng.randrange(len(train_images))] for _ in range(args.batch_size)]
         baseline = tuple(history["baseline"]) if history["baseline"] else None
-        result = (candidates_loss if args.candidates else esper_loss)(model, judge, images, rng, generator, args, baseline)
+        result = step_loss(model, judge, images, rng, generator, args, baseline)
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -707,6 +680,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--after-cost", type=float, default=0.0,
                    help="reward lost for each word naming something after the reply's first sentence (in the judge's "
                         "standardised units): with --first-sentence the judge does not read it, a user does")
+    p.add_argument("--proposals", type=int, default=0,
+                   help="with --candidates: each image's M words the judge proposes are candidates too, at every "
+                        "position, in place of the policy's M least likely: words the LM would rarely say there can be "
+                        "learnt (the vocabulary is built once a run: 4 minutes for SmolLM2 on a 2-core CPU)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--kl", type=float, default=0.15, help="weight of the per-token KL to the text-only LM")
@@ -736,6 +713,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sentence-end needs --length above --candidate-positions (the position after a sentence trains)")
     if args.sentence_end and not args.may_end:
         p.error("--sentence-end needs --may-end")
+    if args.proposals and args.candidates <= args.proposals + args.may_end:
+        p.error("--proposals M needs --candidates above M (above M + 1 with --may-end, whose last is the end)")
     if not 1 <= args.candidate_positions <= args.length:
         p.error("--candidate-positions must be between 1 and --length")
     return args
