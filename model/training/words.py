@@ -2,7 +2,7 @@
 
 ESPER's candidates are the policy's K likeliest tokens, so a word the LM finds unlikely where it goes is never
 one and never learnt, however much the judge prefers it: SmolLM2 after "The image is a dark orange" ranks " hex"
-(hexagon) 100th to 700th, and its descriptions call a hexagon a circle. `WordProposals` offers such words:
+(hexagon) 99th to 740th, and its descriptions call a hexagon a circle. `WordProposals` offers such words:
 every token of the LM that begins a word, completed to that word by the text-only LM (`whole_words`) and embedded
 by the judge once; an image's proposals are the words the judge scores highest against it less their mean over
 its batch's images: the words that tell it apart ("hexagon", "orange"), not those that fit any image
