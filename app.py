@@ -43,7 +43,7 @@ from model.prompt import Turn, looked_at
 from model.serving import Busy, DecodeEngine, Waiting
 from model.world import shapes
 from retrieval_index.build import build_index, read_captions
-from retrieval_index.index import FingerprintMismatch, Hit, ImageIndex, ImageInfo, IndexFormatError
+from retrieval_index.index import Hit, ImageIndex, ImageInfo, IndexFormatError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 HUB_PRESETS = ("fromage", "fromage-vis4")
@@ -55,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Grounded multimodal chat in the browser (FROMAGe-style). Starts offline on the demo "
                     "model; the demo gallery is rendered and indexed on first start, then reused.")
     parser.add_argument("--checkpoint", "--preset", default="demo", metavar="NAME_OR_FOLDER",
-                        help="a preset (demo, fromage, fromage-vis4) or a checkpoint folder "
-                             "(grounded_config.json + mappings.safetensors). Default: demo. "
+                        help="a preset (demo, demo-esper, fromage, fromage-vis4) or a checkpoint folder "
+                             "(grounded_config.json + mappings.safetensors). Default: demo. demo-esper was "
+                             "aligned without captions (ESPER): it describes and chats but does not retrieve. "
                              "fromage* download the official weights on first use (needs the network).")
     parser.add_argument("--index", type=Path, metavar="FOLDER",
                         help="image index to retrieve from (made by `python -m retrieval_index.build`); "
@@ -129,12 +130,22 @@ EXAMPLE_PROMPTS = (
 # ---- the collection ----------------------------------------------------------------------------
 
 def demo_gallery(model: GroundedLM, folder: Path | None = None, size: int = DEMO_GALLERY_SIZE) -> Path:
-    """The demo gallery's index folder: the test split rendered and indexed on first start, then reused.
-
-    An index made by another image mapping (a retrained checkpoint) is rebuilt, with a message.
+    """The demo gallery's index folder: the test split rendered once, and indexed on the first start of each
+    image mapping, then reused. Each mapping keeps its own index, so switching checkpoints (`demo`,
+    `demo-esper`) neither rebuilds the other's nor drops the uploads shared into it.
     """
     folder = folder or cache_dir() / "demo-gallery"
-    images, captions_path, index_dir = folder / "images", folder / "captions.tsv", folder / "index"
+    images, captions_path = folder / "images", folder / "captions.tsv"
+    index_dir = folder / f"index-{model.fingerprint}"
+    legacy = folder / "index"  # one index for every mapping, as before: adopted by the mapping that made it
+    if legacy.is_dir() and not index_dir.exists():
+        try:
+            with ImageIndex.load(legacy, None) as index:
+                adopt = index.fingerprint == model.fingerprint
+        except (IndexFormatError, FileNotFoundError):
+            adopt = False
+        if adopt:
+            legacy.rename(index_dir)
     if not captions_path.is_file():  # written last: its presence means every image is there
         images.mkdir(parents=True, exist_ok=True)
         rows = ["path\tcaption"]
@@ -148,10 +159,6 @@ def demo_gallery(model: GroundedLM, folder: Path | None = None, size: int = DEMO
         with ImageIndex.load(index_dir, model.fingerprint) as index:
             if len(index) >= size:
                 return index_dir
-    except FingerprintMismatch:
-        print(f"The demo gallery's index in {index_dir} was made by another checkpoint; rebuilding it "
-              "for this one.", file=sys.stderr)
-        shutil.rmtree(index_dir)
     except IndexFormatError as e:
         print(f"The demo gallery's index is damaged ({str(e).split('; ')[0]}); rebuilding it.", file=sys.stderr)
         shutil.rmtree(index_dir)

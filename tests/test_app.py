@@ -132,7 +132,7 @@ def test_only_the_hub_presets_and_hub_checkpoints_turn_the_hub_on(tmp_path):
     assert not app.asks_for_hub(str(tmp_path))
 
 
-def test_demo_gallery_is_built_once_then_reused_and_rebuilt_for_another_checkpoint(
+def test_demo_gallery_is_built_once_then_reused_and_kept_apart_for_another_image_mapping(
         tiny_lm_dir, tiny_clip_dir, tmp_path, capsys):
     import app
     from model.grounded import GroundedLM
@@ -149,17 +149,25 @@ def test_demo_gallery_is_built_once_then_reused_and_rebuilt_for_another_checkpoi
     assert app.demo_gallery(model, tmp_path, size=5) == index_dir
     assert capsys.readouterr().err == "" and (index_dir / "index.faiss").stat().st_mtime_ns == stamp
 
+    shared = index_dir / app.SHARED_UPLOADS / "mine.png"  # an upload its owner added to the collection
+    shared.parent.mkdir()
+    shared.write_bytes(b"png")
     other = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu")
-    other.image_mapping.weight.data += 1  # a retrained image mapping: the old vectors do not fit
-    app.demo_gallery(other, tmp_path, size=5)
-    assert "made by another checkpoint; rebuilding" in capsys.readouterr().err
-    with ImageIndex.load(index_dir, other.fingerprint) as index:
+    other.image_mapping.weight.data += 1  # another checkpoint's image mapping: the first index's vectors do not fit
+    other_dir = app.demo_gallery(other, tmp_path, size=5)
+    assert other_dir != index_dir and "Indexing the demo gallery" in capsys.readouterr().err
+    with ImageIndex.load(other_dir, other.fingerprint) as index:
         assert len(index) == 5
+    assert app.demo_gallery(model, tmp_path, size=5) == index_dir, "switching back reuses the first index"
+    assert (index_dir / "index.faiss").stat().st_mtime_ns == stamp and shared.read_bytes() == b"png"
+    index_dir.rename(tmp_path / "index")  # the layout before, one index for every mapping: its own adopts it
+    assert app.demo_gallery(model, tmp_path, size=5) == index_dir and not (tmp_path / "index").exists()
+    assert (index_dir / "index.faiss").stat().st_mtime_ns == stamp and shared.read_bytes() == b"png"
 
-    (index_dir / "index.json").write_text("{ half a file")
+    (other_dir / "index.json").write_text("{ half a file")
     app.demo_gallery(other, tmp_path, size=5)
     assert "index is damaged" in capsys.readouterr().err
-    with ImageIndex.load(index_dir, other.fingerprint) as index:
+    with ImageIndex.load(other_dir, other.fingerprint) as index:
         assert len(index) == 5
 
 
