@@ -27,6 +27,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 FROMAGE_URL = "https://github.com/kohjingyu/fromage/raw/main/fromage_model/"
 PRESETS = {
     "demo": ASSETS / "demo",
+    "demo-esper": ASSETS / "demo-esper",  # the demo's encoder, its input mappings aligned by ESPER alone: no [RET]
     "fromage": FROMAGE_URL,
     "fromage-vis4": FROMAGE_URL + "fromage_vis4/",
 }
