@@ -22,7 +22,8 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
         return {f for f, yes in there.items() if yes}
     reordered_seen = set()
     for _ in range(50):
-        text, named, fewer, reordered = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False)
+        text, named, fewer, reordered, added = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False,
+                                                                        absent="with a cross")
         assert named and all(getattr(STAR, f) == v for f, v in named.items())
         assert train_judge.names_object(scene, named)
         assert said(text) == set(named)  # what it says is what it names
@@ -38,12 +39,24 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
             reordered_seen.add(reordered.split(" star ")[1].split(" ")[0])
         else:
             assert reordered is None
-        negative = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True)
+        assert added == f"{text} with a cross"  # the text to rank below it adds a thing the scene does not hold
+        negative = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True, absent="with a cross")
         assert negative.named is None and negative.fewer is None and negative.reordered is None
+        assert negative.added is None
         assert not train_judge.names_object(scene, negative.named)
     assert {"of", "with"} <= reordered_seen  # joined by a small word, or not
     assert not train_judge.names_object(scene, {"shape": "star", "colour": "blue"})  # one object must hold both
     assert train_judge.names_object(scene, {"shape": "square", "colour": "blue"})
+
+
+def test_an_absent_thing_is_a_shape_the_scene_does_not_hold():
+    rng = random.Random(0)
+    scene = shapes.Scene((STAR, shapes.SceneObject("square", "blue", "large", "right")))
+    added = [train_judge.absent_thing(scene, rng) for _ in range(200)]
+    said = [a.split(" ") for a in added]
+    assert {w[-1] for w in said} == set(shapes.SHAPES) - {"star", "square"}
+    assert {" ".join(w[:2]) for w in said} == set(train_judge.ADDED_JOINERS)
+    assert 0.35 < sum(len(w) == 4 and w[2] in shapes.COLOURS for w in said) / len(said) < 0.65  # a colour, half the time
 
 
 def test_outside_words_leave_the_grammar_out_and_keep_a_tenth_apart_for_evaluation():
@@ -57,7 +70,7 @@ def test_outside_words_leave_the_grammar_out_and_keep_a_tenth_apart_for_evaluati
 def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(tiny_clip_dir, tmp_path):
     metrics = train_judge.train(train_judge.parse_args([
         "--clip", str(tiny_clip_dir), "--out", str(tmp_path / "judge"), "--steps", "3", "--batch-size", "16",
-        "--train-size", "64", "--eval-words", "20", "--workers", "1", "--order", "0.5", "--device", "cpu"]))
+        "--train-size", "64", "--eval-words", "20", "--workers", "1", "--order", "0.5", "--absent", "0.5", "--device", "cpu"]))
     before, _ = open_clip.create_model_from_pretrained(f"local-dir:{tiny_clip_dir}")
     judge = ClipJudge(f"local-dir:{tmp_path / 'judge'}")
     after = judge.model.state_dict()
@@ -66,4 +79,5 @@ def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(t
     assert set(metrics["open_vocabulary"]) == {"shape", "colour"} and metrics["eval_words"] == 20
     assert 0 <= metrics["fuller_first"] <= 1 and metrics["fuller"] == 1.0
     assert 0 <= metrics["in_order_first"] <= 1 and metrics["order"] == 0.5
+    assert 0 <= metrics["alone_first"] <= 1 and metrics["absent"] == 0.5
     assert json.loads((tmp_path / "judge" / "train_metrics.json").read_text())["steps"] == 3

@@ -18,8 +18,11 @@ naming the colour alone as right as one naming colour and shape, and ESPER's des
 (`fuller_first`: 43% of one-object scenes without the ranking, 87.5% with it). A second ranking (`--order`) puts
 the same text above its words in another order, the shape first and the rest after it ("a star of red", "a star
 small red"): CLIP reads a bag of words (NegCLIP's word-order negatives again), and ESPER's descriptions had found
-that "a cross of purple" scores as "a purple cross" (`in_order_first`). The image tower stays frozen (its
-embeddings are computed once), so the image side of the demo's CLIP is untouched:
+that "a cross of purple" scores as "a purple cross" (`in_order_first`). A third (`--absent`) puts the same text
+above it with a thing the scene does not hold added ("a red star with a cross"): a description that names a second
+thing where there is one should lose, and the judge before it let it win for 18% of one-object scenes
+(`alone_first`; 0% after). The image tower stays frozen (its embeddings are computed once), so the image side of the demo's
+CLIP is untouched:
 
     python -m model.training.train_judge --clip assets/demo/clip --out runs/judge
     python -m model.training.esper --judge local-dir:runs/judge ...
@@ -79,6 +82,16 @@ def insert_words(caption: str, words: list[str], rng: random.Random) -> str:
 
 ORDER_JOINERS = ("", "of", "with", "in")
 """What may join a shape put first to the words that belong before it ("a star of red", "a star red")."""
+ADDED_JOINERS = ("with a", "and a", "beside a")
+"""What may join a thing added after a text ("a red star with a cross")."""
+
+
+def absent_thing(scene: shapes.Scene, rng: random.Random) -> str:
+    """A thing `scene` does not hold, as a description adds it: a shape none of its objects has, a colour half the
+    time ("with a cross", "and a blue circle")."""
+    shape = rng.choice([s for s in shapes.SHAPES if all(o.shape != s for o in scene.objects)])
+    colour = [rng.choice(tuple(shapes.COLOURS))] if rng.random() < 0.5 else []
+    return " ".join([rng.choice(ADDED_JOINERS), *colour, shape])
 
 
 class PartialText(NamedTuple):
@@ -89,14 +102,19 @@ class PartialText(NamedTuple):
     """The same text with one named attribute left out: it should score below `text`."""
     reordered: str | None
     """The same words with the shape first and its size and colour after it: it should score below `text`."""
+    added: str | None
+    """The same text with a thing its scene does not hold added after it: it should score below `text`."""
 
 
-def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random, swap: bool) -> PartialText:
+def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random, swap: bool,
+                 absent: str) -> PartialText:
     """Some of one object's attributes in a frame of random words ("seldom this is a red star on the left"), what
     it names (those attributes, or None when `swap` put an outside word in place of its shape, colour or size: it
     then names nothing), the same text with one of the named attributes left out ("seldom this is a star on the
-    left"; None for a negative or a text naming one attribute), and the same words in another order ("seldom this
-    is a star of red on the left"; None for a negative or a text without the shape and a word before it)."""
+    left"; None for a negative or a text naming one attribute), the same words in another order ("seldom this
+    is a star of red on the left"; None for a negative or a text without the shape and a word before it), and the
+    same text with `absent`, a thing the object's scene does not hold, added ("... on the left with a cross"; None
+    for a negative)."""
     fields = rng.choice(PARTS)
     said = {"size": rng.choice(shapes.SIZE_WORDS[obj.size]), "colour": obj.colour, "shape": obj.shape,
             "position": rng.choice(shapes.POSITION_PHRASES[obj.position])}
@@ -112,8 +130,9 @@ def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random
         joiner = [j for j in [rng.choice(ORDER_JOINERS)] if j]
         after = [said["position"]] if "position" in fields else []
         reordered = " ".join(frame + ["a", obj.shape, *joiner, *before_shape, *after])
-    return PartialText(" ".join(frame + ["a", *words]), None if swap else {f: getattr(obj, f) for f in fields},
-                       fewer, reordered)
+    text = " ".join(frame + ["a", *words])
+    return PartialText(text, None if swap else {f: getattr(obj, f) for f in fields}, fewer, reordered,
+                       None if swap else f"{text} {absent}")
 
 
 def names_object(scene: shapes.Scene, named: dict[str, str] | None) -> bool:
@@ -149,11 +168,12 @@ def preferred(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: li
               images: torch.Tensor, best: str, *others: str) -> float:
     """The share of one-object `scenes` (their image embeddings (N, D)) for which "The image is a " + `best`
     scores above "The image is a " + each of `others`, each a format of the object's attributes ("{colour}
-    {shape}")."""
+    {shape}") and of `{other}`, a shape it does not have (the next in `shapes.SHAPES`)."""
     objects = [scene.objects[0] for scene in scenes]
 
     def scores(said: str) -> torch.Tensor:                                                  # (N,)
-        texts = [f"The image is a {said.format(colour=o.colour, shape=o.shape)}" for o in objects]
+        texts = [f"The image is a {said.format(colour=o.colour, shape=o.shape, other=next_shape(o.shape))}"
+                 for o in objects]
         return (images * model.encode_text(tokenizer(texts).to(device), normalize=True)).sum(-1)
     top = scores(best)
     return torch.stack([top > scores(other) for other in others]).all(0).float().mean().item()
@@ -172,6 +192,19 @@ def in_order_first(model: open_clip.CLIP, tokenizer, device: torch.device, scene
     """Whether the words' order counts: "The image is a <colour> <shape>" above "... <shape> of <colour>", the
     order ESPER's descriptions drifted to when the judge could not tell them apart."""
     return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}", "{shape} of {colour}")
+
+
+def alone_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+                images: torch.Tensor) -> float:
+    """Whether naming a thing that is not there costs: "The image is a <colour> <shape>." above both "... with a
+    <other shape>." and "... with a <other shape> on it.", the second things ESPER's descriptions of one object
+    add (as sentences: without the full stop, the judge before `--absent` ranked the first right for 99%)."""
+    return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}.", "{colour} {shape} with a {other}.",
+                     "{colour} {shape} with a {other} on it.")
+
+
+def next_shape(shape: str) -> str:
+    return shapes.SHAPES[(shapes.SHAPES.index(shape) + 1) % len(shapes.SHAPES)]
 
 
 def plot_curve(history: dict, path: Path) -> None:
@@ -204,10 +237,12 @@ def train(args: argparse.Namespace) -> dict:
     before = open_vocabulary(model, tokenizer, eval_words, device, one_scenes, one_images)
     fuller_before = fuller_first(model, tokenizer, device, one_scenes, one_images)
     in_order_before = in_order_first(model, tokenizer, device, one_scenes, one_images)
+    alone_before = alone_first(model, tokenizer, device, one_scenes, one_images)
     images = image_embeddings(model, train_cache.pixels, device)
     print(f"judge: {args.train_size} scenes rendered and embedded in {time.time() - t0:.0f}s; "
           f"{len(outside)} outside words for frames and negatives, {len(eval_words)} others to evaluate on; "
-          f"before: {before}, fuller first {fuller_before:.3f}, in order first {in_order_before:.3f}", flush=True)
+          f"before: {before}, fuller first {fuller_before:.3f}, in order first {in_order_before:.3f}, "
+          f"alone first {alone_before:.3f}", flush=True)
 
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TEXT_TOWER))
@@ -222,10 +257,11 @@ def train(args: argparse.Namespace) -> dict:
         texts = [insert_words(train_cache.captions[i], rng.sample(outside, rng.randint(1, 2)), rng)
                  if rng.random() < args.insert else train_cache.captions[i] for i in index.tolist()]
         named = []
-        below: dict[str, tuple[list[tuple[int, int]], list[str]]] = {"fewer": ([], []), "reordered": ([], [])}
+        below: dict[str, tuple[list[tuple[int, int]], list[str]]] = {"fewer": ([], []), "reordered": ([], []),
+                                                                     "added": ([], [])}
         for row, scene in enumerate(scenes):  # below: for each ranking, (image's row, index in texts) and the text
             for swap in [False] + [True] * args.negatives:  # that should score below that text for that image
-                partial = partial_text(rng.choice(scene.objects), outside, rng, swap)
+                partial = partial_text(rng.choice(scene.objects), outside, rng, swap, absent_thing(scene, rng))
                 for kind, (ranked, lesser) in below.items():
                     if getattr(partial, kind) is not None:
                         ranked.append((row, len(texts)))
@@ -245,9 +281,11 @@ def train(args: argparse.Namespace) -> dict:
         loss = (-(match / match.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
                 - (match[:, named_any] / match[:, named_any].sum(0) * logits[:, named_any].log_softmax(0)).sum(0).mean()
                 ) / 2
-        # a text naming one more of its object's attributes ranks above the text without it, and its words in their
-        # order above the shape first, for that image (logistic, at CLIP's scale)
-        for (ranked, lesser), weight in ((below["fewer"], args.fuller), (below["reordered"], args.order)):
+        # a text naming one more of its object's attributes ranks above the text without it, its words in their
+        # order above the shape first, and it alone above it with an absent thing added, for that image (logistic,
+        # at CLIP's scale)
+        for (ranked, lesser), weight in ((below["fewer"], args.fuller), (below["reordered"], args.order),
+                                         (below["added"], args.absent)):
             if ranked and weight:
                 rows, columns = map(list, zip(*ranked))
                 lesser_text = model.encode_text(tokenizer(lesser).to(device), normalize=True)  # (F, D)
@@ -273,6 +311,8 @@ def train(args: argparse.Namespace) -> dict:
                "fuller_first": fuller_first(model, tokenizer, device, one_scenes, one_images),
                "order": args.order, "in_order_first_before": in_order_before,
                "in_order_first": in_order_first(model, tokenizer, device, one_scenes, one_images),
+               "absent": args.absent, "alone_first_before": alone_before,
+               "alone_first": alone_first(model, tokenizer, device, one_scenes, one_images),
                "one_object": one_object_separation(model, one_object_cache(tokenizer, image_size), device)}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -289,6 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "naming one attribute fewer (0: off, the first judge's recipe)")
     p.add_argument("--order", type=float, default=0.0, help="weight of the ranking of a text above its words with "
                    "the shape first (\"a star of red\"; 0: off, the judges before it)")
+    p.add_argument("--absent", type=float, default=0.0, help="weight of the ranking of a text above it with a thing "
+                   "its scene does not hold added (\"a red star with a cross\"; 0: off, the judges before it)")
     p.add_argument("--insert", type=float, default=0.5, help="share of positives with random words inserted")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-size", type=int, default=20_000, help="train scenes rendered")
