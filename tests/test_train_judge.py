@@ -43,6 +43,7 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
         negative = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True, absent="with a cross")
         assert negative.named is None and negative.fewer is None and negative.reordered is None
         assert negative.added is None
+        assert train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False).added is None  # none asked for
         assert not train_judge.names_object(scene, negative.named)
     assert {"of", "with"} <= reordered_seen  # joined by a small word, or not
     assert not train_judge.names_object(scene, {"shape": "star", "colour": "blue"})  # one object must hold both
@@ -70,7 +71,8 @@ def test_outside_words_leave_the_grammar_out_and_keep_a_tenth_apart_for_evaluati
 def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(tiny_clip_dir, tmp_path):
     metrics = train_judge.train(train_judge.parse_args([
         "--clip", str(tiny_clip_dir), "--out", str(tmp_path / "judge"), "--steps", "3", "--batch-size", "16",
-        "--train-size", "64", "--eval-words", "20", "--workers", "1", "--order", "0.5", "--absent", "0.5", "--device", "cpu"]))
+        "--train-size", "64", "--eval-words", "20", "--workers", "1", "--order", "0.5", "--absent", "0.5",
+        "--device", "cpu"]))
     before, _ = open_clip.create_model_from_pretrained(f"local-dir:{tiny_clip_dir}")
     judge = ClipJudge(f"local-dir:{tmp_path / 'judge'}")
     after = judge.model.state_dict()

@@ -21,8 +21,8 @@ small red"): CLIP reads a bag of words (NegCLIP's word-order negatives again), a
 that "a cross of purple" scores as "a purple cross" (`in_order_first`). A third (`--absent`) puts the same text
 above it with a thing the scene does not hold added ("a red star with a cross"): a description that names a second
 thing where there is one should lose, and the judge before it let it win for 18% of one-object scenes
-(`alone_first`; 0% after). The image tower stays frozen (its embeddings are computed once), so the image side of the demo's
-CLIP is untouched:
+(`alone_first`; 0% after). The image tower stays frozen (its embeddings are computed once), so the image side of
+the demo's CLIP is untouched:
 
     python -m model.training.train_judge --clip assets/demo/clip --out runs/judge
     python -m model.training.esper --judge local-dir:runs/judge ...
@@ -107,14 +107,14 @@ class PartialText(NamedTuple):
 
 
 def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random, swap: bool,
-                 absent: str) -> PartialText:
+                 absent: str | None = None) -> PartialText:
     """Some of one object's attributes in a frame of random words ("seldom this is a red star on the left"), what
     it names (those attributes, or None when `swap` put an outside word in place of its shape, colour or size: it
     then names nothing), the same text with one of the named attributes left out ("seldom this is a star on the
     left"; None for a negative or a text naming one attribute), the same words in another order ("seldom this
     is a star of red on the left"; None for a negative or a text without the shape and a word before it), and the
     same text with `absent`, a thing the object's scene does not hold, added ("... on the left with a cross"; None
-    for a negative)."""
+    for a negative or without `absent`)."""
     fields = rng.choice(PARTS)
     said = {"size": rng.choice(shapes.SIZE_WORDS[obj.size]), "colour": obj.colour, "shape": obj.shape,
             "position": rng.choice(shapes.POSITION_PHRASES[obj.position])}
@@ -132,7 +132,7 @@ def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random
         reordered = " ".join(frame + ["a", obj.shape, *joiner, *before_shape, *after])
     text = " ".join(frame + ["a", *words])
     return PartialText(text, None if swap else {f: getattr(obj, f) for f in fields}, fewer, reordered,
-                       None if swap else f"{text} {absent}")
+                       None if swap or absent is None else f"{text} {absent}")
 
 
 def names_object(scene: shapes.Scene, named: dict[str, str] | None) -> bool:
@@ -261,7 +261,9 @@ def train(args: argparse.Namespace) -> dict:
                                                                      "added": ([], [])}
         for row, scene in enumerate(scenes):  # below: for each ranking, (image's row, index in texts) and the text
             for swap in [False] + [True] * args.negatives:  # that should score below that text for that image
-                partial = partial_text(rng.choice(scene.objects), outside, rng, swap, absent_thing(scene, rng))
+                obj = rng.choice(scene.objects)
+                # the absent thing is drawn only where it is used, so the judges before it are made draw for draw
+                partial = partial_text(obj, outside, rng, swap, absent_thing(scene, rng) if args.absent else None)
                 for kind, (ranked, lesser) in below.items():
                     if getattr(partial, kind) is not None:
                         ranked.append((row, len(texts)))
