@@ -516,13 +516,17 @@ class ChatApp:
                 f"Best {len(hits)} matches for “{query}”")
 
     # ---- UI --------------------------------------------------------------------------------------
+    def example_prompts(self) -> list[dict]:
+        """The chat's starting points; a model that does not retrieve is not offered the requests for a picture."""
+        return [{"text": text, **({"files": [str(ASSETS / "examples" / image)]} if image else {}),
+                 "display_text": text} for text, image in EXAMPLE_PROMPTS if image or self.model.config.retrieves]
+
     def build(self, max_concurrency: int | None = None) -> gr.Blocks:
         """`max_concurrency`: replies handled at once (default: with the engine, its rows and its waiting line,
         so that a waiting user sees their place; without, 2)."""
         if max_concurrency is None:
             max_concurrency = self.engine.max_batch + self.engine.max_waiting if self.engine is not None else 2
-        examples = [{"text": text, **({"files": [str(ASSETS / "examples" / image)]} if image else {}),
-                     "display_text": text} for text, image in EXAMPLE_PROMPTS]
+        examples = self.example_prompts()
         with gr.Blocks(title="Grounded Chat") as demo:
             session = gr.State(Session())  # deep-copied into a fresh Session for each tab
             retrieves = self.model.config.retrieves

@@ -474,6 +474,8 @@ def test_a_model_that_does_not_retrieve_shows_no_image_and_says_so(tiny_lm_dir, 
                                          max_new_tokens=8, **RETRIEVE)))
     assert not images_in(chat[1]) and texts(chat[1]), "it goes on writing where it would have retrieved"
     assert "does not retrieve" in app.header_html("esper-shapes", 12, retrieves=False)
+    offered = [example["text"] for example in describer.example_prompts()]
+    assert offered == [text for text, image in app.EXAMPLE_PROMPTS if image], "no request for a picture offered"
     items, label = describer.search("a large red circle")
     assert label.startswith("Images 1–") and label.endswith(app.NO_RETRIEVAL) and items == describer.browse(0)[0]
 
