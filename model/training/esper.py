@@ -255,10 +255,10 @@ def read_by_judge(text: str, first_sentence_only: bool) -> str:
     return first_sentence(text) if first_sentence_only else text
 
 
-def judged(judge: Judge, images: list[Image.Image], texts: list[str], first_sentence_only: bool) -> torch.Tensor:
-    """The judge's cosine (N * R,) of each reply with its image (N images, R replies each, in order), each word
-    read once: a loop gains nothing from the judge."""
-    embeddings = judge.image_embeddings(images).repeat_interleave(len(texts) // len(images), 0)
+def judged(judge: Judge, seen: torch.Tensor, texts: list[str], first_sentence_only: bool) -> torch.Tensor:
+    """The judge's cosine (N * R,) of each reply with its image (the judge's embeddings of N images (N, D), R
+    replies each, in order), each word read once: a loop gains nothing from the judge."""
+    embeddings = seen.repeat_interleave(len(texts) // len(seen), 0)
     return judge.similarity(embeddings, [each_word_once(read_by_judge(t, first_sentence_only)) for t in texts])
 
 
@@ -291,7 +291,7 @@ def esper_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], rng: 
         ref_logp = masked(torch.stack(reply_logits(model, each(batch.text_only), list(ids), batch.prefix)),
                           batch.banned).log_softmax(-1)
         nll = -ref_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(1)                   # (B * G,)
-        clip = judged(judge, images, texts, args.first_sentence)                           # (B * G,)
+        clip = judged(judge, judge.image_embeddings(images), texts, args.first_sentence)   # (B * G,)
     logp = logits.log_softmax(-1)
     kl = (logp.exp() * (logp - ref_logp)).sum(-1).mean()                                    # per token
     loss = args.kl * kl
@@ -368,8 +368,10 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
             end = torch.where(greedy.gather(1, at[:, 1:] - 1) == stop, end, stop)
         later = top[:, 1:]
         later[..., -1] = torch.where((later == end[..., None]).any(-1), later[..., -1], end)
+    with torch.no_grad():
+        seen = judge.image_embeddings(images)                    # (B, D): once a step, for the proposals and the reward
     if proposals is not None:
-        top = offer(top, proposals.propose(judge.image_embeddings(images), args.proposals), k - 1 if args.may_end else k)
+        top = offer(top, proposals.propose(seen, args.proposals), k - 1 if args.may_end else k)
     if args.length == 1:  # one-token replies are the candidates themselves
         ids = top.reshape(-1, 1)                                                            # (B * K, 1)
     else:  # each candidate after the greedy tokens before its position; a full stop ends its reply
@@ -387,7 +389,7 @@ def candidates_loss(model: GroundedLM, judge: Judge, images: list[Image.Image], 
               for word in whole_words(model, opening, top[b, 0].tolist())] if args.whole_words else
              texts_of(model, batch.prompts.openings, ids))
     with torch.no_grad():
-        clip = judged(judge, images, texts, args.first_sentence)                           # (B * P' * K,)
+        clip = judged(judge, seen, texts, args.first_sentence)                             # (B * P' * K,)
         nll = -ref_logp.gather(-1, top).flatten()                                           # (B * P' * K,)
     p = logp.gather(-1, top).exp()                                                          # (B, P', K)
     weights = p.detach() / p.detach().sum(-1, keepdim=True)
