@@ -43,7 +43,7 @@ from model.prompt import Turn, looked_at
 from model.serving import Busy, DecodeEngine, Waiting
 from model.world import shapes
 from retrieval_index.build import build_index, read_captions
-from retrieval_index.index import Hit, ImageIndex, ImageInfo, IndexFormatError
+from retrieval_index.index import SHA256, Hit, ImageIndex, ImageInfo, IndexFormatError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 HUB_PRESETS = ("fromage", "fromage-vis4")
@@ -132,7 +132,8 @@ EXAMPLE_PROMPTS = (
 def demo_gallery(model: GroundedLM, folder: Path | None = None, size: int = DEMO_GALLERY_SIZE) -> Path:
     """The demo gallery's index folder: the test split rendered once, and indexed on the first start of each
     image mapping, then reused. Each mapping keeps its own index, so switching checkpoints (`demo`,
-    `demo-esper`) neither rebuilds the other's nor drops the uploads shared into it.
+    `demo-esper`) neither rebuilds the other's nor drops the uploads shared into it; a damaged index is rebuilt
+    around them.
     """
     folder = folder or cache_dir() / "demo-gallery"
     images, captions_path = folder / "images", folder / "captions.tsv"
@@ -160,14 +161,44 @@ def demo_gallery(model: GroundedLM, folder: Path | None = None, size: int = DEMO
             if len(index) >= size:
                 return index_dir
     except IndexFormatError as e:
-        print(f"The demo gallery's index is damaged ({str(e).split('; ')[0]}); rebuilding it.", file=sys.stderr)
-        shutil.rmtree(index_dir)
+        print(f"The demo gallery's index is damaged ({str(e).split('; ')[0]}); rebuilding it, with the uploads "
+              "shared into it.", file=sys.stderr)
+        for part in index_dir.iterdir():
+            if part.name != SHARED_UPLOADS:
+                shutil.rmtree(part) if part.is_dir() else part.unlink()
     except FileNotFoundError:
         pass
     print(f"Indexing the demo gallery into {index_dir} (once; reused on later starts).", file=sys.stderr)
     report = build_index(model, images, index_dir, captions=read_captions(captions_path), source="shapes-test")
     print(report.summary(), file=sys.stderr)
+    index_shared_uploads(model, index_dir)
     return index_dir
+
+
+def index_shared_uploads(model: GroundedLM, index_dir: Path) -> None:
+    """Index the uploads shared into a rebuilt index again, each under its upload's sha256 (its file's name;
+    uploads shared before names were whole, the file's own hash)."""
+    added = 0
+    with ImageIndex.load(index_dir, model.fingerprint) as index:
+        for path in sorted((index_dir / SHARED_UPLOADS).glob("*.png")):
+            try:
+                image = load_image(path)
+            except (ImageError, OSError) as e:
+                print(f"A shared upload was skipped: {e}", file=sys.stderr)
+                continue
+            sha = path.stem if SHA256.fullmatch(path.stem) else file_sha256(path.read_bytes())
+            added += add_shared(index, model, image, path, sha) is not None
+    if added:
+        print(f"{added} shared uploads indexed again.", file=sys.stderr)
+
+
+def add_shared(index: ImageIndex, model: GroundedLM, image: Image.Image, path: Path, sha: str) -> int | None:
+    """Index an upload a user shared, saved at `path` beside the index; its id (None: already there)."""
+    vector = model.embed_images([image]).float().cpu().numpy()  # (1, emb_dim)
+    ids = index.add(vector, [ImageInfo(path=os.path.relpath(path, index.folder), sha256=sha, width=image.width,
+                                       height=image.height, caption="Shared by a user", source=UPLOAD_SOURCE)])
+    index.save()
+    return ids[0]
 
 
 def collection_folders(index: ImageIndex) -> list[Path]:
@@ -478,17 +509,13 @@ class ChatApp:
         return str(path)
 
     def _share(self, image: Image.Image, sha: str) -> int | None:
-        """Add an upload to the shared collection (the user opted in): stored beside the index."""
+        """Add an upload to the shared collection (the user opted in): stored beside the index, named by the
+        upload's sha256 so that an index rebuilt around it keeps it as the same upload."""
         folder = self.index.folder / SHARED_UPLOADS
         folder.mkdir(exist_ok=True)
-        path = folder / f"{sha[:32]}.png"
+        path = folder / f"{sha}.png"
         image.save(path, format="PNG")
-        vector = self.model.embed_images([image]).float().cpu().numpy()  # (1, emb_dim)
-        ids = self.index.add(vector, [ImageInfo(path=os.path.relpath(path, self.index.folder), sha256=sha,
-                                                width=image.width, height=image.height,
-                                                caption="Shared by a user", source=UPLOAD_SOURCE)])
-        self.index.save()
-        return ids[0]
+        return add_shared(self.index, self.model, image, path, sha)
 
     # ---- gallery ---------------------------------------------------------------------------------
     def browse(self, page: int = 0) -> tuple[list[tuple[str, str]], str, int]:

@@ -132,7 +132,7 @@ def test_only_the_hub_presets_and_hub_checkpoints_turn_the_hub_on(tmp_path):
     assert not app.asks_for_hub(str(tmp_path))
 
 
-def test_demo_gallery_is_built_once_then_reused_and_kept_apart_for_another_image_mapping(
+def test_demo_gallery_is_built_once_reused_kept_apart_per_image_mapping_and_rebuilt_keeping_shared_uploads(
         tiny_lm_dir, tiny_clip_dir, tmp_path, capsys):
     import app
     from model.grounded import GroundedLM
@@ -164,11 +164,20 @@ def test_demo_gallery_is_built_once_then_reused_and_kept_apart_for_another_image
     assert app.demo_gallery(model, tmp_path, size=5) == index_dir and not (tmp_path / "index").exists()
     assert (index_dir / "index.faiss").stat().st_mtime_ns == stamp and shared.read_bytes() == b"png"
 
+    uploads = other_dir / app.SHARED_UPLOADS  # what users shared into an index that is then damaged: kept
+    uploads.mkdir()
+    red_sha = "ab" * 32  # named by its upload's sha256
+    Image.new("RGB", (32, 32), "red").save(uploads / f"{red_sha}.png")
+    Image.new("RGB", (32, 32), "blue").save(uploads / f"{'cd' * 16}.png")  # named as uploads were before
+    (uploads / "broken.png").write_bytes(b"not a png")
+    shared_files = sorted(uploads.iterdir())
     (other_dir / "index.json").write_text("{ half a file")
     app.demo_gallery(other, tmp_path, size=5)
-    assert "index is damaged" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "index is damaged" in err and "broken.png" in err and "2 shared uploads indexed again" in err
+    assert sorted(uploads.iterdir()) == shared_files
     with ImageIndex.load(other_dir, other.fingerprint) as index:
-        assert len(index) == 5
+        assert len(index) == 7 and index.get(index.id_for_sha256(red_sha)).caption == "Shared by a user"
 
 
 def test_only_assets_and_the_collection_folders_are_allowed(tiny_app):
@@ -379,6 +388,7 @@ def test_sharing_an_upload_adds_it_to_the_collection_for_everyone(tiny_app, tmp_
     assert id_ is not None and len(tiny_app.index) == before + 1
     record = tiny_app.index.get(id_)
     assert record.source == "upload" and Path(record.path).is_file()
+    assert Path(record.path).stem == file_sha256(data), "named by its sha256: an index rebuilt around it keeps it"
     assert any(Path(record.path).is_relative_to(p) for p in tiny_app.allowed_paths), "it is served"
     assert id_ in alice.shown_ids(), "the sharer is never shown their own image back"
     hits = tiny_app.index.search(tiny_app.model.embed_images([Image.open(record.path)])[0], k=1)
