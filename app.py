@@ -178,9 +178,11 @@ def demo_gallery(model: GroundedLM, folder: Path | None = None, size: int = DEMO
 def index_shared_uploads(model: GroundedLM, index_dir: Path) -> None:
     """Index the uploads shared into a rebuilt index again, each under its upload's sha256 (its file's name;
     uploads shared before names were whole, the file's own hash)."""
-    added = 0
+    uploads, added = sorted((index_dir / SHARED_UPLOADS).glob("*.png")), 0
+    if not uploads:
+        return
     with ImageIndex.load(index_dir, model.fingerprint) as index:
-        for path in sorted((index_dir / SHARED_UPLOADS).glob("*.png")):
+        for path in uploads:
             try:
                 image = load_image(path)
             except (ImageError, OSError) as e:
