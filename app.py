@@ -191,7 +191,7 @@ def index_shared_uploads(model: GroundedLM, index_dir: Path) -> None:
             sha = path.stem if SHA256.fullmatch(path.stem) else file_sha256(path.read_bytes())
             added += add_shared(index, model, image, path, sha) is not None
     if added:
-        print(f"{added} shared uploads indexed again.", file=sys.stderr)
+        print(f"Shared uploads indexed again: {added}.", file=sys.stderr)
 
 
 def add_shared(index: ImageIndex, model: GroundedLM, image: Image.Image, path: Path, sha: str) -> int | None:

@@ -174,7 +174,7 @@ def test_demo_gallery_is_built_once_reused_kept_apart_per_image_mapping_and_rebu
     (other_dir / "index.json").write_text("{ half a file")
     app.demo_gallery(other, tmp_path, size=5)
     err = capsys.readouterr().err
-    assert "index is damaged" in err and "broken.png" in err and "2 shared uploads indexed again" in err
+    assert "index is damaged" in err and "broken.png" in err and "Shared uploads indexed again: 2." in err
     assert sorted(uploads.iterdir()) == shared_files
     with ImageIndex.load(other_dir, other.fingerprint) as index:
         assert len(index) == 7 and index.get(index.id_for_sha256(red_sha)).caption == "Shared by a user"
