@@ -1,7 +1,8 @@
 """The judge the next ESPER stage trains under, as shipped (assets/esper-judge, judge4 of README's "Aligning
 without captions"): the demo's CLIP with its text tower taught to rank a description of one object above the same
-with a thing the scene does not hold added, and a fuller one above one that names less. Held to the figures of its
-`train_metrics.json` on every one-object scene, less a margin."""
+with a thing the scene does not hold added, colour and shape in order above the reverse, and a fuller description
+above one that names less. Held on every one-object scene to the figures its `train_metrics.json` recorded when it
+was made, less a margin for another CPU's arithmetic."""
 import json
 
 import open_clip
@@ -20,20 +21,21 @@ def judged():
     model.eval()
     tokenizer = tokenizer_for(model.context_length)
     one = one_object_cache(tokenizer, model.visual.image_size[0], copies=1)
-    return model, tokenizer, one.scenes, train_judge.image_embeddings(model, one.pixels, "cpu")
+    return model, tokenizer, "cpu", one.scenes, train_judge.image_embeddings(model, one.pixels, "cpu")
 
 
-def test_it_is_what_its_metrics_say():
+@pytest.fixture(scope="module")
+def recorded():
     metrics = json.loads((JUDGE / "train_metrics.json").read_text())
-    assert metrics["absent"] > 0 and metrics["order"] > 0 and metrics["alone_first"] == 1.0
+    assert metrics["absent"] > 0 and metrics["order"] > 0, "trained to charge an absent thing and to read order"
+    return metrics
 
 
-def test_a_thing_that_is_not_there_costs(judged):
-    model, tokenizer, scenes, images = judged
-    assert train_judge.alone_first(model, tokenizer, "cpu", scenes, images) >= 0.99
+def test_a_thing_that_is_not_there_costs(judged, recorded):
+    assert recorded["alone_first"] == 1.0
+    assert train_judge.alone_first(*judged) >= recorded["alone_first"] - 0.01
 
 
-def test_naming_colour_and_shape_in_order_is_worth_more_than_either(judged):
-    model, tokenizer, scenes, images = judged
-    assert train_judge.in_order_first(model, tokenizer, "cpu", scenes, images) >= 0.99
-    assert train_judge.fuller_first(model, tokenizer, "cpu", scenes, images) >= 0.75
+def test_naming_colour_and_shape_in_order_is_worth_more_than_either_or_the_reverse(judged, recorded):
+    assert train_judge.in_order_first(*judged) >= recorded["in_order_first"] - 0.01
+    assert train_judge.fuller_first(*judged) >= recorded["fuller_first"] - 0.03
