@@ -184,11 +184,12 @@ def index_shared_uploads(model: GroundedLM, index_dir: Path) -> None:
     with ImageIndex.load(index_dir, model.fingerprint) as index:
         for path in uploads:
             try:
-                image = load_image(path)
+                data = path.read_bytes()
+                image = load_image(data)
             except (ImageError, OSError) as e:
-                print(f"A shared upload was skipped: {e}", file=sys.stderr)
+                print(f"A shared upload was skipped: {path.name}: {e}", file=sys.stderr)
                 continue
-            sha = path.stem if SHA256.fullmatch(path.stem) else file_sha256(path.read_bytes())
+            sha = path.stem if SHA256.fullmatch(path.stem) else file_sha256(data)
             added += add_shared(index, model, image, path, sha) is not None
     if added:
         print(f"Shared uploads indexed again: {added}.", file=sys.stderr)
