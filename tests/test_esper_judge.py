@@ -1,8 +1,8 @@
-"""The judge the next ESPER stage trains under, as shipped (assets/esper-judge, judge4 of README's "Aligning
-without captions"): the demo's CLIP with its text tower taught to rank a description of one object above the same
-with a thing the scene does not hold added, colour and shape in order above the reverse, and a fuller description
-above one that names less. Held on every one-object scene to the figures its `train_metrics.json` recorded when it
-was made, less a margin for another CPU's arithmetic."""
+"""The judge the next ESPER stage trains under, as shipped (assets/esper-judge: judge4 of the README's "To continue it"
+commands; its figures in docs/esper.md): the demo's CLIP with its text tower taught to rank a description of one
+object above the same with a thing the scene does not hold added, colour and shape in order above the reverse, and a
+fuller description above one that names less. Held on every one-object scene to the figures its `train_metrics.json`
+recorded when it was made, less a margin for another CPU's arithmetic."""
 import json
 
 import open_clip
