@@ -20,17 +20,22 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
         there = {"shape": "star" in text, "colour": "red" in text, "size": "small" in text or "little" in text,
                  "position": "left" in text}
         return {f for f, yes in there.items() if yes}
-    reordered_seen = set()
+    reordered_seen, stood_in_places = set(), set()
     for _ in range(50):
-        text, named, fewer, reordered, added = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False,
-                                                                        absent="with a cross")
+        text, named, fewer, reordered, added, stood_in = train_judge.partial_text(
+            STAR, ["seldom", "polygon"], rng, swap=False, absent="with a cross", stand_in="dark")
         assert named and all(getattr(STAR, f) == v for f, v in named.items())
         assert train_judge.names_object(scene, named)
         assert said(text) == set(named)  # what it says is what it names
         if len(named) > 1:  # the text to rank below it says one of those attributes fewer, the rest the same
             assert said(fewer) < said(text) and len(said(fewer)) == len(named) - 1
+            # and the one with the background's word standing in for it: the same words as `fewer`, "dark" among them
+            assert stood_in.replace(" dark", "", 1) == fewer or stood_in.replace("dark ", "", 1) == fewer
+            words = stood_in.split(" ")
+            stood_in_places.add(words.index("dark") - max(i for i, w in enumerate(words[:words.index("dark")])
+                                                          if w == "a"))
         else:
-            assert fewer is None
+            assert fewer is None and stood_in is None
         if "shape" in named and {"size", "colour"} & set(named):  # the same words, the shape before its size or colour
             assert said(reordered) == said(text) and reordered != text
             words = reordered.split(" ")
@@ -42,10 +47,12 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
         assert added == f"{text} with a cross"  # the text to rank below it adds a thing the scene does not hold
         negative = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True, absent="with a cross")
         assert negative.named is None and negative.fewer is None and negative.reordered is None
-        assert negative.added is None
-        assert train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False).added is None  # none asked for
+        assert negative.added is None and negative.stood_in is None
+        unasked = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False)
+        assert unasked.added is None and unasked.stood_in is None  # none asked for
         assert not train_judge.names_object(scene, negative.named)
     assert {"of", "with"} <= reordered_seen  # joined by a small word, or not
+    assert {1, 2, 3} <= stood_in_places  # right after "a", between the attributes, after them
     assert not train_judge.names_object(scene, {"shape": "star", "colour": "blue"})  # one object must hold both
     assert train_judge.names_object(scene, {"shape": "square", "colour": "blue"})
 
@@ -71,7 +78,7 @@ def test_outside_words_leave_the_grammar_out_and_keep_a_tenth_apart_for_evaluati
 def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(tiny_clip_dir, tmp_path):
     metrics = train_judge.train(train_judge.parse_args([
         "--clip", str(tiny_clip_dir), "--out", str(tmp_path / "judge"), "--steps", "3", "--batch-size", "16",
-        "--train-size", "64", "--eval-words", "20", "--workers", "1", "--order", "0.5", "--absent", "0.5",
+        "--train-size", "64", "--eval-words", "20", "--workers", "1", "--order", "0.5", "--absent", "0.5", "--stand-in", "0.5",
         "--device", "cpu"]))
     before, _ = open_clip.create_model_from_pretrained(f"local-dir:{tiny_clip_dir}")
     judge = ClipJudge(f"local-dir:{tmp_path / 'judge'}")
@@ -82,4 +89,11 @@ def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(t
     assert 0 <= metrics["fuller_first"] <= 1 and metrics["fuller"] == 1.0
     assert 0 <= metrics["in_order_first"] <= 1 and metrics["order"] == 0.5
     assert 0 <= metrics["alone_first"] <= 1 and metrics["absent"] == 0.5
+    assert 0 <= metrics["object_first"] <= 1 and metrics["stand_in"] == 0.5
     assert json.loads((tmp_path / "judge" / "train_metrics.json").read_text())["steps"] == 3
+
+
+def test_the_background_word_is_the_one_that_names_it_alone():
+    words = {b: train_judge.background_word(shapes.Scene((STAR,), b)) for b in shapes.BACKGROUNDS}
+    assert words == {"grey": "grey", "beige": "beige", "light blue": "light", "dark grey": "dark"}
+    assert not set(words.values()) & set(shapes.COLOURS)  # never a word that could name the object's colour

@@ -21,8 +21,12 @@ small red"): CLIP reads a bag of words (NegCLIP's word-order negatives again), a
 that "a cross of purple" scores as "a purple cross" (`in_order_first`). A third (`--absent`) puts the same text
 above it with a thing the scene does not hold added ("a red star with a cross"): a description that names a second
 thing where there is one should lose, and the judge before it let it win for 18% of one-object scenes
-(`alone_first`; 0% after). The image tower stays frozen (its embeddings are computed once), so the image side of
-the demo's CLIP is untouched:
+(`alone_first`; 0% after). A fourth (`--stand-in`) puts the same text above it with the background's word standing
+in for one of its attributes at any place ("a red star" above "a dark red" on dark grey): the background is named
+in the captions, so "dark" names something there, and ESPER's descriptions had found "The image is a dark
+purple." for a purple hexagon on dark grey, which the shipped judge ranked above "... a purple hexagon." for 20 of
+37 such scenes (`object_first`). The image tower stays frozen (its embeddings are computed once), so the image
+side of the demo's CLIP is untouched:
 
     python -m model.training.train_judge --clip assets/demo/clip --out runs/judge
     python -m model.training.esper --judge local-dir:runs/judge ...
@@ -104,17 +108,22 @@ class PartialText(NamedTuple):
     """The same words with the shape first and its size and colour after it: it should score below `text`."""
     added: str | None
     """The same text with a thing its scene does not hold added after it: it should score below `text`."""
+    stood_in: str | None
+    """The same text with a word naming something else in the image standing in for one named attribute ("a dark
+    red" for "a red star" on dark grey), at any place among the rest: it should score below `text`."""
 
 
 def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random, swap: bool,
-                 absent: str | None = None) -> PartialText:
+                 absent: str | None = None, stand_in: str | None = None) -> PartialText:
     """Some of one object's attributes in a frame of random words ("seldom this is a red star on the left"), what
     it names (those attributes, or None when `swap` put an outside word in place of its shape, colour or size: it
     then names nothing), the same text with one of the named attributes left out ("seldom this is a star on the
     left"; None for a negative or a text naming one attribute), the same words in another order ("seldom this
     is a star of red on the left"; None for a negative or a text without the shape and a word before it), and the
     same text with `absent`, a thing the object's scene does not hold, added ("... on the left with a cross"; None
-    for a negative or without `absent`)."""
+    for a negative or without `absent`), and the text that left one out with `stand_in`, a word naming something
+    else in the image, among the rest ("seldom this is a dark star on the left"; None for a negative, a text naming
+    one attribute, or without `stand_in`)."""
     fields = rng.choice(PARTS)
     said = {"size": rng.choice(shapes.SIZE_WORDS[obj.size]), "colour": obj.colour, "shape": obj.shape,
             "position": rng.choice(shapes.POSITION_PHRASES[obj.position])}
@@ -123,7 +132,13 @@ def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random
         words[rng.randrange(len(words) - ("position" in fields))] = rng.choice(outside)
     frame = [rng.choice(outside) if rng.random() < 0.5 else rng.choice(FRAME_WORDS) for _ in range(rng.randint(0, 3))]
     left_out = rng.randrange(len(words))
-    fewer = None if swap or len(words) == 1 else " ".join(frame + ["a", *words[:left_out], *words[left_out + 1:]])
+    rest = words[:left_out] + words[left_out + 1:]
+    fewer = stood_in = None
+    if not swap and rest:
+        fewer = " ".join(frame + ["a", *rest])
+        if stand_in is not None:
+            place = rng.randrange(len(rest) + 1)
+            stood_in = " ".join(frame + ["a", *rest[:place], stand_in, *rest[place:]])
     before_shape = [said[f] for f in fields if f in ("size", "colour")]
     reordered = None
     if not swap and "shape" in fields and before_shape:
@@ -132,7 +147,7 @@ def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random
         reordered = " ".join(frame + ["a", obj.shape, *joiner, *before_shape, *after])
     text = " ".join(frame + ["a", *words])
     return PartialText(text, None if swap else {f: getattr(obj, f) for f in fields}, fewer, reordered,
-                       None if swap or absent is None else f"{text} {absent}")
+                       None if swap or absent is None else f"{text} {absent}", stood_in)
 
 
 def names_object(scene: shapes.Scene, named: dict[str, str] | None) -> bool:
@@ -168,12 +183,13 @@ def preferred(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: li
               images: torch.Tensor, best: str, *others: str) -> float:
     """The share of one-object `scenes` (their image embeddings (N, D)) for which "The image is a " + `best`
     scores above "The image is a " + each of `others`, each a format of the object's attributes ("{colour}
-    {shape}") and of `{other}`, a shape it does not have (the next in `shapes.SHAPES`)."""
-    objects = [scene.objects[0] for scene in scenes]
+    {shape}"), of `{other}`, a shape it does not have (the next in `shapes.SHAPES`), and of `{background}`, the
+    word that names the scene's background alone ("dark" for dark grey)."""
 
     def scores(said: str) -> torch.Tensor:                                                  # (N,)
-        texts = [f"The image is a {said.format(colour=o.colour, shape=o.shape, other=next_shape(o.shape))}"
-                 for o in objects]
+        texts = ["The image is a " + said.format(colour=o.colour, shape=o.shape, other=next_shape(o.shape),
+                                                 background=background_word(scene))
+                 for scene, o in ((scene, scene.objects[0]) for scene in scenes)]
         return (images * model.encode_text(tokenizer(texts).to(device), normalize=True)).sum(-1)
     top = scores(best)
     return torch.stack([top > scores(other) for other in others]).all(0).float().mean().item()
@@ -201,6 +217,21 @@ def alone_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: 
     add (as sentences: without the full stop, the judge before `--absent` ranked the first right for 99%)."""
     return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}.", "{colour} {shape} with a {other}.",
                      "{colour} {shape} with a {other} on it.")
+
+
+def object_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+                 images: torch.Tensor) -> float:
+    """Whether the background's word cannot stand in for the object's shape or colour: "The image is a <colour>
+    <shape>." above "... a <background> <colour>." and "... a <background> <shape>." (ESPER's descriptions had
+    found "The image is a dark purple." for a purple hexagon on dark grey)."""
+    return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}.", "{background} {colour}.",
+                     "{background} {shape}.")
+
+
+def background_word(scene: shapes.Scene) -> str:
+    """The word that names the scene's background alone: the first ("dark" of dark grey, "light" of light blue,
+    whose "blue" is a colour too)."""
+    return scene.background.split(" ")[0]
 
 
 def next_shape(shape: str) -> str:
@@ -238,11 +269,12 @@ def train(args: argparse.Namespace) -> dict:
     fuller_before = fuller_first(model, tokenizer, device, one_scenes, one_images)
     in_order_before = in_order_first(model, tokenizer, device, one_scenes, one_images)
     alone_before = alone_first(model, tokenizer, device, one_scenes, one_images)
+    object_before = object_first(model, tokenizer, device, one_scenes, one_images)
     images = image_embeddings(model, train_cache.pixels, device)
     print(f"judge: {args.train_size} scenes rendered and embedded in {time.time() - t0:.0f}s; "
           f"{len(outside)} outside words for frames and negatives, {len(eval_words)} others to evaluate on; "
           f"before: {before}, fuller first {fuller_before:.3f}, in order first {in_order_before:.3f}, "
-          f"alone first {alone_before:.3f}", flush=True)
+          f"alone first {alone_before:.3f}, object first {object_before:.3f}", flush=True)
 
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TEXT_TOWER))
@@ -258,12 +290,14 @@ def train(args: argparse.Namespace) -> dict:
                  if rng.random() < args.insert else train_cache.captions[i] for i in index.tolist()]
         named = []
         below: dict[str, tuple[list[tuple[int, int]], list[str]]] = {"fewer": ([], []), "reordered": ([], []),
-                                                                     "added": ([], [])}
+                                                                     "added": ([], []), "stood_in": ([], [])}
         for row, scene in enumerate(scenes):  # below: for each ranking, (image's row, index in texts) and the text
             for swap in [False] + [True] * args.negatives:  # that should score below that text for that image
                 obj = rng.choice(scene.objects)
-                # the absent thing is drawn only where it is used, so the judges before it are made draw for draw
-                partial = partial_text(obj, outside, rng, swap, absent_thing(scene, rng) if args.absent else None)
+                # the absent thing and the stand-in's place are drawn only where used, so the judges before them
+                # are made draw for draw
+                partial = partial_text(obj, outside, rng, swap, absent_thing(scene, rng) if args.absent else None,
+                                       background_word(scene) if args.stand_in else None)
                 for kind, (ranked, lesser) in below.items():
                     if getattr(partial, kind) is not None:
                         ranked.append((row, len(texts)))
@@ -284,10 +318,10 @@ def train(args: argparse.Namespace) -> dict:
                 - (match[:, named_any] / match[:, named_any].sum(0) * logits[:, named_any].log_softmax(0)).sum(0).mean()
                 ) / 2
         # a text naming one more of its object's attributes ranks above the text without it, its words in their
-        # order above the shape first, and it alone above it with an absent thing added, for that image (logistic,
-        # at CLIP's scale)
+        # order above the shape first, it alone above it with an absent thing added, and above it with the
+        # background's word standing in for an attribute, for that image (logistic, at CLIP's scale)
         for (ranked, lesser), weight in ((below["fewer"], args.fuller), (below["reordered"], args.order),
-                                         (below["added"], args.absent)):
+                                         (below["added"], args.absent), (below["stood_in"], args.stand_in)):
             if ranked and weight:
                 rows, columns = map(list, zip(*ranked))
                 lesser_text = model.encode_text(tokenizer(lesser).to(device), normalize=True)  # (F, D)
@@ -315,6 +349,8 @@ def train(args: argparse.Namespace) -> dict:
                "in_order_first": in_order_first(model, tokenizer, device, one_scenes, one_images),
                "absent": args.absent, "alone_first_before": alone_before,
                "alone_first": alone_first(model, tokenizer, device, one_scenes, one_images),
+               "stand_in": args.stand_in, "object_first_before": object_before,
+               "object_first": object_first(model, tokenizer, device, one_scenes, one_images),
                "one_object": one_object_separation(model, one_object_cache(tokenizer, image_size), device)}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -333,6 +369,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the shape first (\"a star of red\"; 0: off, the judges before it)")
     p.add_argument("--absent", type=float, default=0.0, help="weight of the ranking of a text above it with a thing "
                    "its scene does not hold added (\"a red star with a cross\"; 0: off, the judges before it)")
+    p.add_argument("--stand-in", type=float, default=0.0, help="weight of the ranking of a text above it with the "
+                   "background's word standing in for one of its attributes, at any place (\"a red star\" above "
+                   "\"a dark red\" on dark grey; 0: off, the judges before it)")
     p.add_argument("--insert", type=float, default=0.5, help="share of positives with random words inserted")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-size", type=int, default=20_000, help="train scenes rendered")
