@@ -19,8 +19,8 @@ from model.world import shapes
 
 ESPER = ASSETS / "demo-esper"
 ONE_OBJECT_SCENES = 20  # the first one-object scenes of the test split
-# On these scenes the shipped weights name the shape and colour, and nothing more, for 13 of 20.
-ONE_OBJECT_RIGHT = 11
+# On these scenes the shipped weights name the shape and colour, and nothing more, for 19 of 20.
+ONE_OBJECT_RIGHT = 17
 
 
 @pytest.fixture(scope="module")
