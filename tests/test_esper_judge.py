@@ -2,8 +2,8 @@
 commands; its figures in docs/esper.md): the demo's CLIP with its text tower taught to rank a description of one
 object above the same with a thing the scene does not hold added, colour and shape in order above the reverse, and a
 fuller description above one that names less, and above itself with the background's word standing in for its shape
-or colour. Held on every one-object scene to the figures its `train_metrics.json`
-recorded when it was made, less a margin for another CPU's arithmetic."""
+or colour. Held on every one-object scene to the figures its `train_metrics.json` recorded when it was made, less a
+margin for another CPU's arithmetic."""
 import json
 
 import open_clip
