@@ -24,9 +24,9 @@ thing where there is one should lose, and the judge before it let it win for 18%
 (`alone_first`; 0% after). A fourth (`--stand-in`) puts the same text above it with the background's word standing
 in for one of its attributes at any place ("a red star" above "a dark red" on dark grey): the background is named
 in the captions, so "dark" names something there, and ESPER's descriptions had found "The image is a dark
-purple." for a purple hexagon on dark grey, which the shipped judge ranked above "... a purple hexagon." for 20 of
-37 such scenes (`object_first`). The image tower stays frozen (its embeddings are computed once), so the image
-side of the demo's CLIP is untouched:
+purple." for a purple hexagon on dark grey, which the judge made with `--absent` ranked above "... a purple
+hexagon." for 20 of 37 such scenes (`object_first`). The image tower stays frozen (its embeddings are computed
+once), so the image side of the demo's CLIP is untouched:
 
     python -m model.training.train_judge --clip assets/demo/clip --out runs/judge
     python -m model.training.esper --judge local-dir:runs/judge ...
@@ -185,11 +185,12 @@ def preferred(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: li
     scores above "The image is a " + each of `others`, each a format of the object's attributes ("{colour}
     {shape}"), of `{other}`, a shape it does not have (the next in `shapes.SHAPES`), and of `{background}`, the
     word that names the scene's background alone ("dark" for dark grey)."""
+    objects = [scene.objects[0] for scene in scenes]
 
     def scores(said: str) -> torch.Tensor:                                                  # (N,)
         texts = ["The image is a " + said.format(colour=o.colour, shape=o.shape, other=next_shape(o.shape),
                                                  background=background_word(scene))
-                 for scene, o in ((scene, scene.objects[0]) for scene in scenes)]
+                 for scene, o in zip(scenes, objects)]
         return (images * model.encode_text(tokenizer(texts).to(device), normalize=True)).sum(-1)
     top = scores(best)
     return torch.stack([top > scores(other) for other in others]).all(0).float().mean().item()
