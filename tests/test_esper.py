@@ -16,7 +16,7 @@ from model.training.clip_judge import ClipJudge
 from model.training.degeneracy import (each_word_once, first_sentence, is_degenerate, named_after_first_sentence,
                                        repeated_words, repetition)
 from model.training.train import STATE_NAME, read_state
-from model.training.words import PROPOSAL_OPENING, WordProposals, offer, whole_words
+from model.training.words import PROPOSAL_OPENING, WordProposals, offer, saved_words_path, whole_words
 from model.world import shapes
 from model.world.data import ImageFolder
 
@@ -480,6 +480,25 @@ def test_the_judge_proposes_the_words_that_tell_an_image_apart_not_those_that_fi
     assert min(score[t] for t in for_red) > max(score[t] for t in for_blue)
     a_richest = max(word, key=lambda t: judge.text_embeddings([f"The image is a{word[t]}."])[0, 1])
     assert a_richest not in for_red + for_blue  # it scores highest against every image: it tells none apart
+
+
+def test_the_whole_words_are_completed_once_for_an_lm_and_read_back_by_the_next_run(tiny_lm_dir, tiny_untied_lm_dir,
+                                                                                  tiny_clip_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("GROUNDED_CACHE", str(tmp_path / "cache"))
+    model, _ = esper.build_model(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path), torch.device("cpu"))
+    first = WordProposals(model, LetterJudge())
+    saved = saved_words_path(model)
+    assert saved.is_file()
+    again, _ = esper.build_model(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path), torch.device("cpu"))
+    assert saved_words_path(again) == saved  # the same LM loaded again: the same words, completed anew
+    assert whole_words(again, PROPOSAL_OPENING, first.tokens.tolist()) == first.words
+    kept = json.loads(saved.read_text())
+    kept["words"][0] = " marked"  # what the next run reads is the saved list, not the words completed again
+    saved.write_text(json.dumps(kept))
+    assert WordProposals(again, LetterJudge()).words == kept["words"]
+    other, _ = esper.build_model(esper_args(tiny_untied_lm_dir, tiny_clip_dir, tmp_path), torch.device("cpu"))
+    assert saved_words_path(other) != saved  # another LM completes its own
+    assert " marked" not in WordProposals(other, LetterJudge()).words
 
 
 def test_a_proposal_takes_a_least_likely_slot_before_the_end_unless_it_is_a_candidate_already():

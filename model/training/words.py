@@ -10,12 +10,17 @@ its batch's images: the words that tell it apart ("hexagon", "orange"), not thos
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import weakref
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from model.files import write_atomically
 from model.grounded import GroundedLM
+from model.lm import cache_dir
 from model.training.clip_judge import Judge
 
 WORD_TOKENS = 3
@@ -58,15 +63,41 @@ def word_tokens(model: GroundedLM) -> list[int]:
     return [i for i, w in enumerate(decoded) if w[:1] == " " and w[1:].isalpha() and w[1:].islower() and len(w) > 3]
 
 
+def saved_words_path(model: GroundedLM) -> Path:
+    """Where the text-only LM's whole words are kept: named by a digest of its weights and of what else decides
+    its greedy completions (compute dtype, device, opening), so a changed LM never reads another's words."""
+    digest = hashlib.sha256(f"{model.lm.dtype} {model.device.type} {PROPOSAL_OPENING!r} {WORD_TOKENS}".encode())
+    for name, tensor in model.lm.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return cache_dir() / "whole-words" / f"{digest.hexdigest()[:16]}.json"
+
+
+def saved_whole_words(model: GroundedLM, tokens: list[int]) -> list[str]:
+    """`whole_words` of `tokens` after PROPOSAL_OPENING, completed once for an LM and kept in the cache folder
+    (`saved_words_path`): the LM is frozen, so every ESPER run and resume over it would complete the same words
+    again (4-17 minutes for SmolLM2 on a 2-core CPU)."""
+    path = saved_words_path(model)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["tokens"] == tokens:
+            return saved["words"]
+    chunks = range(0, len(tokens), CHUNK)
+    words = [w for s in tqdm(chunks, desc="whole words", unit="chunk", dynamic_ncols=True)
+             for w in whole_words(model, PROPOSAL_OPENING, tokens[s:s + CHUNK])]
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps({"tokens": tokens, "words": words})))
+    return words
+
+
 class WordProposals:
     """The LM's words as the judge embeds them, to propose for images. Built once for a model and a judge (4
-    minutes for SmolLM2's 21,190 word tokens on a 2-core CPU, most of it completing the words)."""
+    minutes for SmolLM2's 21,190 word tokens on a 2-core CPU, most of it completing the words, which are kept for
+    the next run over the same LM: `saved_whole_words`)."""
 
     def __init__(self, model: GroundedLM, judge: Judge):
         tokens = word_tokens(model)
         chunks = range(0, len(tokens), CHUNK)
-        self.words = [w for s in tqdm(chunks, desc="whole words", unit="chunk", dynamic_ncols=True)
-                      for w in whole_words(model, PROPOSAL_OPENING, tokens[s:s + CHUNK])]
+        self.words = saved_whole_words(model, tokens)
         self.tokens = torch.tensor(tokens, device=model.device)                                 # (N,)
         self.embeddings = torch.cat([judge.text_embeddings([f"{PROPOSAL_OPENING}{w}." for w in self.words[s:s + CHUNK]])
                                      for s in chunks]).to(model.device)                       # (N, D)
