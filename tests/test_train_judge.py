@@ -57,6 +57,19 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
     assert train_judge.names_object(scene, {"shape": "square", "colour": "blue"})
 
 
+def test_a_described_partial_text_begins_as_a_description_and_every_variant_is_a_sentence():
+    rng = random.Random(0)
+    frames = set()
+    for _ in range(100):
+        partial = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False, absent="with a cross",
+                                           stand_in="dark", described=True)
+        frames.add(partial.text.split(" a ")[0])
+        variants = [v for v in (partial.fewer, partial.reordered, partial.added, partial.stood_in) if v is not None]
+        assert all(v.startswith(partial.text.split(" a ")[0] + " a ") and v.endswith(".") for v in variants)
+        assert partial.text.endswith(".") and partial.added == partial.text[:-1] + " with a cross."
+    assert frames == set(train_judge.DESCRIPTION_FRAMES)  # every frame a description may begin with
+
+
 def test_an_absent_thing_is_a_shape_the_scene_does_not_hold():
     rng = random.Random(0)
     scene = shapes.Scene((STAR, shapes.SceneObject("square", "blue", "large", "right")))
@@ -79,7 +92,7 @@ def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(t
     metrics = train_judge.train(train_judge.parse_args([
         "--clip", str(tiny_clip_dir), "--out", str(tmp_path / "judge"), "--steps", "3", "--batch-size", "16",
         "--train-size", "64", "--eval-words", "20", "--workers", "1", "--order", "0.5", "--absent", "0.5", "--stand-in", "0.5",
-        "--device", "cpu"]))
+        "--described", "0.5", "--device", "cpu"]))
     before, _ = open_clip.create_model_from_pretrained(f"local-dir:{tiny_clip_dir}")
     judge = ClipJudge(f"local-dir:{tmp_path / 'judge'}")
     after = judge.model.state_dict()
@@ -90,6 +103,7 @@ def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(t
     assert 0 <= metrics["in_order_first"] <= 1 and metrics["order"] == 0.5
     assert 0 <= metrics["alone_first"] <= 1 and metrics["absent"] == 0.5
     assert 0 <= metrics["object_first"] <= 1 and metrics["stand_in"] == 0.5
+    assert 0 <= metrics["shape_first_before"] <= 1 and 0 <= metrics["shape_first"] <= 1 and metrics["described"] == 0.5
     assert json.loads((tmp_path / "judge" / "train_metrics.json").read_text())["steps"] == 3
 
 

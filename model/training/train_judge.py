@@ -25,8 +25,10 @@ thing where there is one should lose, and the judge before it let it win for 18%
 in for one of its attributes at any place ("a red star" above "a dark red" on dark grey): the background is named
 in the captions, so "dark" names something there, and ESPER's descriptions had found "The image is a dark
 purple." for a purple hexagon on dark grey, which the judge made with `--absent` ranked above "... a purple
-hexagon." for 20 of 37 such scenes (`object_first`). The image tower stays frozen (its embeddings are computed
-once), so the image side of the demo's CLIP is untouched:
+hexagon." for 20 of 37 such scenes (`object_first`). And `--described` frames a share of the partial texts as
+a description begins, as sentences ("The image is a red star."): the judge had read only frames of random words,
+and in ESPER's own it took half the large hexagons for circles (`shape_first`). The image tower stays frozen
+(its embeddings are computed once), so the image side of the demo's CLIP is untouched:
 
     python -m model.training.train_judge --clip assets/demo/clip --out runs/judge
     python -m model.training.esper --judge local-dir:runs/judge ...
@@ -71,6 +73,10 @@ def outside_words(tokenizer, grammar: set[str]) -> tuple[list[str], list[str]]:
 
 FRAME_WORDS = ("the", "is", "a", "it", "this", "of", "with", "and", "in", "i", "see")
 """Words a partial text's frame may hold besides outside words (ESPER's openings are made of such)."""
+DESCRIPTION_FRAMES = ("The image is", "The image shows", "The image of", "I see", "There is", "A picture of",
+                      "The shape is")
+"""How a description may begin before its "a" (ESPER's openings, `esper.OPENINGS` and the README's stage's): the
+frames the judge scores ESPER's replies in."""
 PARTS = (("shape",), ("colour",), ("colour", "shape"), ("size", "colour", "shape"), ("shape", "position"),
          ("colour", "shape", "position"), ("size", "colour", "shape", "position"))
 """Which of an object's attributes a partial text names."""
@@ -114,7 +120,7 @@ class PartialText(NamedTuple):
 
 
 def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random, swap: bool,
-                 absent: str | None = None, stand_in: str | None = None) -> PartialText:
+                 absent: str | None = None, stand_in: str | None = None, described: bool = False) -> PartialText:
     """Some of one object's attributes in a frame of random words ("seldom this is a red star on the left"), what
     it names (those attributes, or None when `swap` put an outside word in place of its shape, colour or size: it
     then names nothing), the same text with one of the named attributes left out ("seldom this is a star on the
@@ -123,31 +129,34 @@ def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random
     same text with `absent`, a thing the object's scene does not hold, added ("... on the left with a cross"; None
     for a negative or without `absent`), and the text that left one out with `stand_in`, a word naming something
     else in the image, among the rest ("seldom this is a dark star on the left"; None for a negative, a text naming
-    one attribute, or without `stand_in`)."""
+    one attribute, or without `stand_in`). With `described`, the frame is how a description begins and every text
+    is a sentence ("The image is a red star on the left.")."""
     fields = rng.choice(PARTS)
     said = {"size": rng.choice(shapes.SIZE_WORDS[obj.size]), "colour": obj.colour, "shape": obj.shape,
             "position": rng.choice(shapes.POSITION_PHRASES[obj.position])}
     words = [said[f] for f in fields]
     if swap:
         words[rng.randrange(len(words) - ("position" in fields))] = rng.choice(outside)
-    frame = [rng.choice(outside) if rng.random() < 0.5 else rng.choice(FRAME_WORDS) for _ in range(rng.randint(0, 3))]
+    frame = (rng.choice(DESCRIPTION_FRAMES).split(" ") if described else
+             [rng.choice(outside) if rng.random() < 0.5 else rng.choice(FRAME_WORDS) for _ in range(rng.randint(0, 3))])
+    end = "." if described else ""
     left_out = rng.randrange(len(words))
     rest = words[:left_out] + words[left_out + 1:]
     fewer = stood_in = None
     if not swap and rest:
-        fewer = " ".join(frame + ["a", *rest])
+        fewer = " ".join(frame + ["a", *rest]) + end
         if stand_in is not None:
             place = rng.randrange(len(rest) + 1)
-            stood_in = " ".join(frame + ["a", *rest[:place], stand_in, *rest[place:]])
+            stood_in = " ".join(frame + ["a", *rest[:place], stand_in, *rest[place:]]) + end
     before_shape = [said[f] for f in fields if f in ("size", "colour")]
     reordered = None
     if not swap and "shape" in fields and before_shape:
         joiner = [j for j in [rng.choice(ORDER_JOINERS)] if j]
         after = [said["position"]] if "position" in fields else []
-        reordered = " ".join(frame + ["a", obj.shape, *joiner, *before_shape, *after])
+        reordered = " ".join(frame + ["a", obj.shape, *joiner, *before_shape, *after]) + end
     text = " ".join(frame + ["a", *words])
-    return PartialText(text, None if swap else {f: getattr(obj, f) for f in fields}, fewer, reordered,
-                       None if swap or absent is None else f"{text} {absent}", stood_in)
+    return PartialText(text + end, None if swap else {f: getattr(obj, f) for f in fields}, fewer, reordered,
+                       None if swap or absent is None else f"{text} {absent}{end}", stood_in)
 
 
 def names_object(scene: shapes.Scene, named: dict[str, str] | None) -> bool:
@@ -183,12 +192,12 @@ def preferred(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: li
               images: torch.Tensor, best: str, *others: str) -> float:
     """The share of one-object `scenes` (their image embeddings (N, D)) for which "The image is a " + `best`
     scores above "The image is a " + each of `others`, each a format of the object's attributes ("{colour}
-    {shape}"), of `{other}`, a shape it does not have (the next in `shapes.SHAPES`), and of `{background}`, the
-    word that names the scene's background alone ("dark" for dark grey)."""
+    {shape}"), of `{others}`, the shapes it does not have (`{others[0]}`: the next in `shapes.SHAPES`, and on), and
+    of `{background}`, the word that names the scene's background alone ("dark" for dark grey)."""
     objects = [scene.objects[0] for scene in scenes]
 
     def scores(said: str) -> torch.Tensor:                                                  # (N,)
-        texts = ["The image is a " + said.format(colour=o.colour, shape=o.shape, other=next_shape(o.shape),
+        texts = ["The image is a " + said.format(colour=o.colour, shape=o.shape, others=other_shapes(o.shape),
                                                  background=background_word(scene))
                  for scene, o in zip(scenes, objects)]
         return (images * model.encode_text(tokenizer(texts).to(device), normalize=True)).sum(-1)
@@ -216,8 +225,8 @@ def alone_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: 
     """Whether naming a thing that is not there costs: "The image is a <colour> <shape>." above both "... with a
     <other shape>." and "... with a <other shape> on it.", the second things ESPER's descriptions of one object
     add (as sentences: without the full stop, the judge before `--absent` ranked the first right for 99%)."""
-    return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}.", "{colour} {shape} with a {other}.",
-                     "{colour} {shape} with a {other} on it.")
+    return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}.", "{colour} {shape} with a {others[0]}.",
+                     "{colour} {shape} with a {others[0]} on it.")
 
 
 def object_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
@@ -229,14 +238,25 @@ def object_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes:
                      "{background} {shape}.")
 
 
+def shape_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+                images: torch.Tensor) -> float:
+    """Whether the judge reads the shape in ESPER's frame: "The image is a <colour> <shape>." above the same with
+    each other shape. The judges' limit: the one made with `--stand-in` ranks a circle's own text first for 72% of
+    circles and a hexagon's for 71%, each mostly taken for the other (docs/esper.md)."""
+    return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}.",
+                     *(f"{{colour}} {{others[{k}]}}." for k in range(len(shapes.SHAPES) - 1)))
+
+
 def background_word(scene: shapes.Scene) -> str:
     """The word that names the scene's background alone: the first ("dark" of dark grey, "light" of light blue,
     whose "blue" is a colour too)."""
     return scene.background.split(" ")[0]
 
 
-def next_shape(shape: str) -> str:
-    return shapes.SHAPES[(shapes.SHAPES.index(shape) + 1) % len(shapes.SHAPES)]
+def other_shapes(shape: str) -> list[str]:
+    """The shapes after `shape` in `shapes.SHAPES`, round to the one before it."""
+    i = shapes.SHAPES.index(shape)
+    return [shapes.SHAPES[(i + k) % len(shapes.SHAPES)] for k in range(1, len(shapes.SHAPES))]
 
 
 def plot_curve(history: dict, path: Path) -> None:
@@ -271,11 +291,12 @@ def train(args: argparse.Namespace) -> dict:
     in_order_before = in_order_first(model, tokenizer, device, one_scenes, one_images)
     alone_before = alone_first(model, tokenizer, device, one_scenes, one_images)
     object_before = object_first(model, tokenizer, device, one_scenes, one_images)
+    shape_before = shape_first(model, tokenizer, device, one_scenes, one_images)
     images = image_embeddings(model, train_cache.pixels, device)
     print(f"judge: {args.train_size} scenes rendered and embedded in {time.time() - t0:.0f}s; "
           f"{len(outside)} outside words for frames and negatives, {len(eval_words)} others to evaluate on; "
           f"before: {before}, fuller first {fuller_before:.3f}, in order first {in_order_before:.3f}, "
-          f"alone first {alone_before:.3f}, object first {object_before:.3f}", flush=True)
+          f"alone first {alone_before:.3f}, object first {object_before:.3f}, shape first {shape_before:.3f}", flush=True)
 
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TEXT_TOWER))
@@ -295,10 +316,11 @@ def train(args: argparse.Namespace) -> dict:
         for row, scene in enumerate(scenes):  # below: for each ranking, (image's row, index in texts) and the text
             for swap in [False] + [True] * args.negatives:  # that should score below that text for that image
                 obj = rng.choice(scene.objects)
-                # the absent thing and the stand-in's place are drawn only where used, so the judges before them
-                # are made draw for draw
+                # the absent thing, the stand-in's place and the description's frame are drawn only where used, so
+                # the judges before them are made draw for draw
                 partial = partial_text(obj, outside, rng, swap, absent_thing(scene, rng) if args.absent else None,
-                                       background_word(scene) if args.stand_in else None)
+                                       background_word(scene) if args.stand_in else None,
+                                       bool(args.described) and rng.random() < args.described)
                 for kind, (ranked, lesser) in below.items():
                     if getattr(partial, kind) is not None:
                         ranked.append((row, len(texts)))
@@ -352,6 +374,8 @@ def train(args: argparse.Namespace) -> dict:
                "alone_first": alone_first(model, tokenizer, device, one_scenes, one_images),
                "stand_in": args.stand_in, "object_first_before": object_before,
                "object_first": object_first(model, tokenizer, device, one_scenes, one_images),
+               "described": args.described, "shape_first_before": shape_before,
+               "shape_first": shape_first(model, tokenizer, device, one_scenes, one_images),
                "one_object": one_object_separation(model, one_object_cache(tokenizer, image_size), device)}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -373,6 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stand-in", type=float, default=0.0, help="weight of the ranking of a text above it with the "
                    "background's word standing in for one of its attributes, at any place (\"a red star\" above "
                    "\"a dark red\" on dark grey; 0: off, the judges before it)")
+    p.add_argument("--described", type=float, default=0.0, help="share of partial texts framed as a description "
+                   "begins, as sentences (\"The image is a red star.\"; 0: none, the judges before it)")
     p.add_argument("--insert", type=float, default=0.5, help="share of positives with random words inserted")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-size", type=int, default=20_000, help="train scenes rendered")
