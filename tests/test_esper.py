@@ -490,8 +490,8 @@ def test_the_whole_words_are_completed_once_for_an_lm_and_read_back_by_the_next_
     saved = saved_words_path(model)
     assert saved.is_file()
     again, _ = esper.build_model(esper_args(tiny_lm_dir, tiny_clip_dir, tmp_path), torch.device("cpu"))
-    assert saved_words_path(again) == saved  # the same LM loaded again: the same words, completed anew
-    assert whole_words(again, PROPOSAL_OPENING, first.tokens.tolist()) == first.words
+    assert saved_words_path(again) == saved  # the same LM loaded again: the same file, for the same words
+    assert whole_words(again, PROPOSAL_OPENING, first.tokens.tolist()) == first.words  # as completed anew
     kept = json.loads(saved.read_text())
     kept["words"][0] = " marked"  # what the next run reads is the saved list, not the words completed again
     saved.write_text(json.dumps(kept))
