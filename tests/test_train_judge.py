@@ -20,10 +20,10 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
         there = {"shape": "star" in text, "colour": "red" in text, "size": "small" in text or "little" in text,
                  "position": "left" in text}
         return {f for f, yes in there.items() if yes}
-    reordered_seen, stood_in_places = set(), set()
+    reordered_seen, stood_in_places, stacked_sides = set(), set(), set()
     for _ in range(50):
-        text, named, fewer, reordered, added, stood_in = train_judge.partial_text(
-            STAR, ["seldom", "polygon"], rng, swap=False, absent="with a cross", stand_in="dark")
+        text, named, fewer, reordered, added, stood_in, stacked = train_judge.partial_text(
+            STAR, ["seldom", "polygon"], rng, swap=False, absent="with a cross", stand_in="dark", stacked="cross")
         assert named and all(getattr(STAR, f) == v for f, v in named.items())
         assert train_judge.names_object(scene, named)
         assert said(text) == set(named)  # what it says is what it names
@@ -45,14 +45,21 @@ def test_a_partial_text_names_some_of_one_objects_attributes_and_a_negative_name
         else:
             assert reordered is None
         assert added == f"{text} with a cross"  # the text to rank below it adds a thing the scene does not hold
-        negative = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True, absent="with a cross")
+        if "shape" in named:  # and the one with another shape beside its shape, the rest the same
+            assert stacked.replace("cross ", "", 1) == text or stacked.replace(" cross", "", 1) == text
+            stacked_sides.add("cross star" in stacked)
+        else:
+            assert stacked is None
+        negative = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=True, absent="with a cross",
+                                            stacked="cross")
         assert negative.named is None and negative.fewer is None and negative.reordered is None
-        assert negative.added is None and negative.stood_in is None
+        assert negative.added is None and negative.stood_in is None and negative.stacked is None
         unasked = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False)
-        assert unasked.added is None and unasked.stood_in is None  # none asked for
+        assert unasked.added is None and unasked.stood_in is None and unasked.stacked is None  # none asked for
         assert not train_judge.names_object(scene, negative.named)
     assert {"of", "with"} <= reordered_seen  # joined by a small word, or not
     assert {1, 2, 3} <= stood_in_places  # right after "a", between the attributes, after them
+    assert stacked_sides == {True, False}  # the other shape before the shape, and after it
     assert not train_judge.names_object(scene, {"shape": "star", "colour": "blue"})  # one object must hold both
     assert train_judge.names_object(scene, {"shape": "square", "colour": "blue"})
 
@@ -62,9 +69,10 @@ def test_a_described_partial_text_begins_as_a_description_and_every_variant_is_a
     frames = set()
     for _ in range(100):
         partial = train_judge.partial_text(STAR, ["seldom", "polygon"], rng, swap=False, absent="with a cross",
-                                           stand_in="dark", described=True)
+                                           stand_in="dark", described=True, stacked="cross")
         frames.add(partial.text.split(" a ")[0])
-        variants = [v for v in (partial.fewer, partial.reordered, partial.added, partial.stood_in) if v is not None]
+        variants = [v for v in (partial.fewer, partial.reordered, partial.added, partial.stood_in, partial.stacked)
+                    if v is not None]
         assert all(v.startswith(partial.text.split(" a ")[0] + " a ") and v.endswith(".") for v in variants)
         assert partial.text.endswith(".") and partial.added == partial.text[:-1] + " with a cross."
     assert frames == set(train_judge.DESCRIPTION_FRAMES)  # every frame a description may begin with
@@ -92,7 +100,7 @@ def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(t
     metrics = train_judge.train(train_judge.parse_args([
         "--clip", str(tiny_clip_dir), "--out", str(tmp_path / "judge"), "--steps", "3", "--batch-size", "16",
         "--train-size", "64", "--eval-words", "20", "--workers", "1", "--order", "0.5", "--absent", "0.5", "--stand-in", "0.5",
-        "--described", "0.5", "--device", "cpu"]))
+        "--described", "0.5", "--stacked", "0.5", "--device", "cpu"]))
     before, _ = open_clip.create_model_from_pretrained(f"local-dir:{tiny_clip_dir}")
     judge = ClipJudge(f"local-dir:{tmp_path / 'judge'}")
     after = judge.model.state_dict()
@@ -104,6 +112,7 @@ def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(t
     assert 0 <= metrics["alone_first"] <= 1 and metrics["absent"] == 0.5
     assert 0 <= metrics["object_first"] <= 1 and metrics["stand_in"] == 0.5
     assert 0 <= metrics["shape_first_before"] <= 1 and 0 <= metrics["shape_first"] <= 1 and metrics["described"] == 0.5
+    assert 0 <= metrics["single_shape_first"] <= 1 and metrics["stacked"] == 0.5
     assert json.loads((tmp_path / "judge" / "train_metrics.json").read_text())["steps"] == 3
 
 

@@ -27,8 +27,13 @@ in the captions, so "dark" names something there, and ESPER's descriptions had f
 purple." for a purple hexagon on dark grey, which the judge made with `--absent` ranked above "... a purple
 hexagon." for 20 of 37 such scenes (`object_first`). And `--described` frames a share of the partial texts as
 a description begins, as sentences ("The image is a red star."): the judge had read only frames of random words,
-and in ESPER's own it took half the large hexagons for circles (`shape_first`). The image tower stays frozen
-(its embeddings are computed once), so the image side of the demo's CLIP is untouched:
+and in ESPER's own it took half the large hexagons for circles (`shape_first`). A fifth (`--stacked`) puts the
+same text above it with a shape the scene does not hold beside its shape ("a red square star", "a red star
+square"): such a text names neither one object nor two. ESPER's descriptions under the judge made with
+`--described` had found "The image is a small yellow square star.", and that judge ranked "The image is a <colour>
+<shape>." above every such text for 32% of one-object scenes, the one before it for 43% (`single_shape_first`).
+The image tower stays frozen (its embeddings are computed once), so the image side of the demo's CLIP is
+untouched:
 
     python -m model.training.train_judge --clip assets/demo/clip --out runs/judge
     python -m model.training.esper --judge local-dir:runs/judge ...
@@ -96,10 +101,15 @@ ADDED_JOINERS = ("with a", "and a", "beside a")
 """What may join a thing added after a text ("a red star with a cross")."""
 
 
+def absent_shape(scene: shapes.Scene, rng: random.Random) -> str:
+    """A shape none of `scene`'s objects has."""
+    return rng.choice([s for s in shapes.SHAPES if all(o.shape != s for o in scene.objects)])
+
+
 def absent_thing(scene: shapes.Scene, rng: random.Random) -> str:
     """A thing `scene` does not hold, as a description adds it: a shape none of its objects has, a colour half the
     time ("with a cross", "and a blue circle")."""
-    shape = rng.choice([s for s in shapes.SHAPES if all(o.shape != s for o in scene.objects)])
+    shape = absent_shape(scene, rng)
     colour = [rng.choice(tuple(shapes.COLOURS))] if rng.random() < 0.5 else []
     return " ".join([rng.choice(ADDED_JOINERS), *colour, shape])
 
@@ -117,10 +127,14 @@ class PartialText(NamedTuple):
     stood_in: str | None
     """The same text with a word naming something else in the image standing in for one named attribute ("a dark
     red" for "a red star" on dark grey), at any place among the rest: it should score below `text`."""
+    stacked: str | None
+    """The same text with a shape its scene does not hold just before or after its shape ("a red square star"): it
+    should score below `text`."""
 
 
 def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random, swap: bool,
-                 absent: str | None = None, stand_in: str | None = None, described: bool = False) -> PartialText:
+                 absent: str | None = None, stand_in: str | None = None, described: bool = False,
+                 stacked: str | None = None) -> PartialText:
     """Some of one object's attributes in a frame of random words ("seldom this is a red star on the left"), what
     it names (those attributes, or None when `swap` put an outside word in place of its shape, colour or size: it
     then names nothing), the same text with one of the named attributes left out ("seldom this is a star on the
@@ -129,8 +143,10 @@ def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random
     same text with `absent`, a thing the object's scene does not hold, added ("... on the left with a cross"; None
     for a negative or without `absent`), and the text that left one out with `stand_in`, a word naming something
     else in the image, among the rest ("seldom this is a dark star on the left"; None for a negative, a text naming
-    one attribute, or without `stand_in`). With `described`, the frame is how a description begins and every text
-    is a sentence ("The image is a red star on the left.")."""
+    one attribute, or without `stand_in`), and the text with `stacked`, another shape, just before or after its shape
+    ("seldom this is a red cross star on the left"; None for a negative, a text without the shape, or without
+    `stacked`). With `described`, the frame is how a description begins and every text is a sentence ("The image
+    is a red star on the left.")."""
     fields = rng.choice(PARTS)
     said = {"size": rng.choice(shapes.SIZE_WORDS[obj.size]), "colour": obj.colour, "shape": obj.shape,
             "position": rng.choice(shapes.POSITION_PHRASES[obj.position])}
@@ -154,9 +170,13 @@ def partial_text(obj: shapes.SceneObject, outside: list[str], rng: random.Random
         joiner = [j for j in [rng.choice(ORDER_JOINERS)] if j]
         after = [said["position"]] if "position" in fields else []
         reordered = " ".join(frame + ["a", obj.shape, *joiner, *before_shape, *after]) + end
+    stacked_text = None
+    if not swap and "shape" in fields and stacked is not None:
+        place = fields.index("shape") + rng.randrange(2)
+        stacked_text = " ".join(frame + ["a", *words[:place], stacked, *words[place:]]) + end
     text = " ".join(frame + ["a", *words])
     return PartialText(text + end, None if swap else {f: getattr(obj, f) for f in fields}, fewer, reordered,
-                       None if swap or absent is None else f"{text} {absent}{end}", stood_in)
+                       None if swap or absent is None else f"{text} {absent}{end}", stood_in, stacked_text)
 
 
 def names_object(scene: shapes.Scene, named: dict[str, str] | None) -> bool:
@@ -247,6 +267,17 @@ def shape_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: 
                      *(f"{{colour}} {{others[{k}]}}." for k in range(len(shapes.SHAPES) - 1)))
 
 
+def single_shape_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+                       images: torch.Tensor) -> float:
+    """Whether two shape words side by side cost: "The image is a <colour> <shape>." above the same with each other
+    shape just before and just after its shape ("... a yellow square star.", "... a yellow star square."), which
+    ESPER's descriptions found under a judge that let them win."""
+    others = range(len(shapes.SHAPES) - 1)
+    return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}.",
+                     *(f"{{colour}} {{others[{k}]}} {{shape}}." for k in others),
+                     *(f"{{colour}} {{shape}} {{others[{k}]}}." for k in others))
+
+
 def background_word(scene: shapes.Scene) -> str:
     """The word that names the scene's background alone: the first ("dark" of dark grey, "light" of light blue,
     whose "blue" is a colour too)."""
@@ -292,11 +323,13 @@ def train(args: argparse.Namespace) -> dict:
     alone_before = alone_first(model, tokenizer, device, one_scenes, one_images)
     object_before = object_first(model, tokenizer, device, one_scenes, one_images)
     shape_before = shape_first(model, tokenizer, device, one_scenes, one_images)
+    single_shape_before = single_shape_first(model, tokenizer, device, one_scenes, one_images)
     images = image_embeddings(model, train_cache.pixels, device)
     print(f"judge: {args.train_size} scenes rendered and embedded in {time.time() - t0:.0f}s; "
           f"{len(outside)} outside words for frames and negatives, {len(eval_words)} others to evaluate on; "
           f"before: {before}, fuller first {fuller_before:.3f}, in order first {in_order_before:.3f}, "
-          f"alone first {alone_before:.3f}, object first {object_before:.3f}, shape first {shape_before:.3f}", flush=True)
+          f"alone first {alone_before:.3f}, object first {object_before:.3f}, shape first {shape_before:.3f}, "
+          f"single shape first {single_shape_before:.3f}", flush=True)
 
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TEXT_TOWER))
@@ -312,15 +345,17 @@ def train(args: argparse.Namespace) -> dict:
                  if rng.random() < args.insert else train_cache.captions[i] for i in index.tolist()]
         named = []
         below: dict[str, tuple[list[tuple[int, int]], list[str]]] = {"fewer": ([], []), "reordered": ([], []),
-                                                                     "added": ([], []), "stood_in": ([], [])}
+                                                                     "added": ([], []), "stood_in": ([], []),
+                                                                     "stacked": ([], [])}
         for row, scene in enumerate(scenes):  # below: for each ranking, (image's row, index in texts) and the text
             for swap in [False] + [True] * args.negatives:  # that should score below that text for that image
                 obj = rng.choice(scene.objects)
-                # the absent thing, the stand-in's place and the description's frame are drawn only where used, so
-                # the judges before them are made draw for draw
+                # the absent thing, the stand-in's place, the description's frame and the stacked shape are drawn
+                # only where used, so the judges before them are made draw for draw
                 partial = partial_text(obj, outside, rng, swap, absent_thing(scene, rng) if args.absent else None,
                                        background_word(scene) if args.stand_in else None,
-                                       bool(args.described) and rng.random() < args.described)
+                                       bool(args.described) and rng.random() < args.described,
+                                       absent_shape(scene, rng) if args.stacked else None)
                 for kind, (ranked, lesser) in below.items():
                     if getattr(partial, kind) is not None:
                         ranked.append((row, len(texts)))
@@ -341,10 +376,12 @@ def train(args: argparse.Namespace) -> dict:
                 - (match[:, named_any] / match[:, named_any].sum(0) * logits[:, named_any].log_softmax(0)).sum(0).mean()
                 ) / 2
         # a text naming one more of its object's attributes ranks above the text without it, its words in their
-        # order above the shape first, it alone above it with an absent thing added, and above it with the
-        # background's word standing in for an attribute, for that image (logistic, at CLIP's scale)
+        # order above the shape first, it alone above it with an absent thing added, above it with the
+        # background's word standing in for an attribute, and above it with another shape beside its shape, for
+        # that image (logistic, at CLIP's scale)
         for (ranked, lesser), weight in ((below["fewer"], args.fuller), (below["reordered"], args.order),
-                                         (below["added"], args.absent), (below["stood_in"], args.stand_in)):
+                                         (below["added"], args.absent), (below["stood_in"], args.stand_in),
+                                         (below["stacked"], args.stacked)):
             if ranked and weight:
                 rows, columns = map(list, zip(*ranked))
                 lesser_text = model.encode_text(tokenizer(lesser).to(device), normalize=True)  # (F, D)
@@ -376,6 +413,8 @@ def train(args: argparse.Namespace) -> dict:
                "object_first": object_first(model, tokenizer, device, one_scenes, one_images),
                "described": args.described, "shape_first_before": shape_before,
                "shape_first": shape_first(model, tokenizer, device, one_scenes, one_images),
+               "stacked": args.stacked, "single_shape_first_before": single_shape_before,
+               "single_shape_first": single_shape_first(model, tokenizer, device, one_scenes, one_images),
                "one_object": one_object_separation(model, one_object_cache(tokenizer, image_size), device)}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -399,6 +438,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "\"a dark red\" on dark grey; 0: off, the judges before it)")
     p.add_argument("--described", type=float, default=0.0, help="share of partial texts framed as a description "
                    "begins, as sentences (\"The image is a red star.\"; 0: none, the judges before it)")
+    p.add_argument("--stacked", type=float, default=0.0, help="weight of the ranking of a text above it with a shape "
+                   "its scene does not hold beside its shape (\"a red square star\"; 0: off, the judges before it)")
     p.add_argument("--insert", type=float, default=0.5, help="share of positives with random words inserted")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--train-size", type=int, default=20_000, help="train scenes rendered")
