@@ -278,6 +278,17 @@ def single_shape_first(model: open_clip.CLIP, tokenizer, device: torch.device, s
                      *(f"{{colour}} {{shape}} {{others[{k}]}}." for k in others))
 
 
+FIGURES = (("fuller", fuller_first), ("order", in_order_first), ("absent", alone_first), ("stand_in", object_first),
+           ("described", shape_first), ("stacked", single_shape_first))
+"""Each option that trains a judge for a reading and the figure of that reading, measured before and after."""
+
+
+def figures(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+            images: torch.Tensor) -> dict[str, float]:
+    """Every figure of FIGURES, by its name ("fuller_first": ...)."""
+    return {figure.__name__: figure(model, tokenizer, device, scenes, images) for _, figure in FIGURES}
+
+
 def background_word(scene: shapes.Scene) -> str:
     """The word that names the scene's background alone: the first ("dark" of dark grey, "light" of light blue,
     whose "blue" is a colour too)."""
@@ -318,18 +329,12 @@ def train(args: argparse.Namespace) -> dict:
     one = one_object_cache(tokenizer, image_size, copies=1)
     one_scenes, one_images = one.scenes, image_embeddings(model, one.pixels, device)
     before = open_vocabulary(model, tokenizer, eval_words, device, one_scenes, one_images)
-    fuller_before = fuller_first(model, tokenizer, device, one_scenes, one_images)
-    in_order_before = in_order_first(model, tokenizer, device, one_scenes, one_images)
-    alone_before = alone_first(model, tokenizer, device, one_scenes, one_images)
-    object_before = object_first(model, tokenizer, device, one_scenes, one_images)
-    shape_before = shape_first(model, tokenizer, device, one_scenes, one_images)
-    single_shape_before = single_shape_first(model, tokenizer, device, one_scenes, one_images)
+    figures_before = figures(model, tokenizer, device, one_scenes, one_images)
     images = image_embeddings(model, train_cache.pixels, device)
     print(f"judge: {args.train_size} scenes rendered and embedded in {time.time() - t0:.0f}s; "
           f"{len(outside)} outside words for frames and negatives, {len(eval_words)} others to evaluate on; "
-          f"before: {before}, fuller first {fuller_before:.3f}, in order first {in_order_before:.3f}, "
-          f"alone first {alone_before:.3f}, object first {object_before:.3f}, shape first {shape_before:.3f}, "
-          f"single shape first {single_shape_before:.3f}", flush=True)
+          f"before: {before}, " + ", ".join(f"{name.replace('_', ' ')} {value:.3f}"
+                                            for name, value in figures_before.items()), flush=True)
 
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(TEXT_TOWER))
@@ -403,19 +408,12 @@ def train(args: argparse.Namespace) -> dict:
                "seconds": round(time.time() - t0, 1), "eval_words": len(eval_words),
                "open_vocabulary_before": before,
                "open_vocabulary": open_vocabulary(model, tokenizer, eval_words, device, one_scenes, one_images),
-               "fuller": args.fuller, "fuller_first_before": fuller_before,
-               "fuller_first": fuller_first(model, tokenizer, device, one_scenes, one_images),
-               "order": args.order, "in_order_first_before": in_order_before,
-               "in_order_first": in_order_first(model, tokenizer, device, one_scenes, one_images),
-               "absent": args.absent, "alone_first_before": alone_before,
-               "alone_first": alone_first(model, tokenizer, device, one_scenes, one_images),
-               "stand_in": args.stand_in, "object_first_before": object_before,
-               "object_first": object_first(model, tokenizer, device, one_scenes, one_images),
-               "described": args.described, "shape_first_before": shape_before,
-               "shape_first": shape_first(model, tokenizer, device, one_scenes, one_images),
-               "stacked": args.stacked, "single_shape_first_before": single_shape_before,
-               "single_shape_first": single_shape_first(model, tokenizer, device, one_scenes, one_images),
                "one_object": one_object_separation(model, one_object_cache(tokenizer, image_size), device)}
+    figures_after = figures(model, tokenizer, device, one_scenes, one_images)
+    for option, figure in FIGURES:  # each option's weight beside its figure, before and after
+        name = figure.__name__
+        metrics.update({option: getattr(args, option), f"{name}_before": figures_before[name],
+                        name: figures_after[name]})
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
