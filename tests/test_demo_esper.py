@@ -19,7 +19,7 @@ from model.world import shapes
 
 ESPER = ASSETS / "demo-esper"
 ONE_OBJECT_SCENES = 20  # the first one-object scenes of the test split
-# On these scenes the shipped weights name the shape and colour, and nothing more, for 19 of 20.
+# On these scenes the shipped weights name the shape and colour, and nothing more, for 18 of 20.
 ONE_OBJECT_RIGHT = 17
 
 

@@ -107,7 +107,7 @@ def test_a_few_steps_train_the_text_tower_only_and_save_a_judge_esper_can_load(t
     changed = {k for k, v in before.state_dict().items() if not torch.equal(v.half(), after[k].half())}
     assert changed and all(k.startswith(train_judge.TEXT_TOWER) for k in changed)  # the image side untouched
     assert set(metrics["open_vocabulary"]) == {"shape", "colour"} and metrics["eval_words"] == 20
-    assert 0 <= metrics["fuller_first"] <= 1 and metrics["fuller"] == 1.0
+    assert 0 <= metrics["fuller_first"] <= 1 and 0 <= metrics["fuller_sentence_first"] <= 1 and metrics["fuller"] == 1.0
     assert 0 <= metrics["in_order_first"] <= 1 and metrics["order"] == 0.5
     assert 0 <= metrics["alone_first"] <= 1 and metrics["absent"] == 0.5
     assert 0 <= metrics["object_first"] <= 1 and metrics["stand_in"] == 0.5

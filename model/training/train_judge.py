@@ -32,6 +32,10 @@ same text above it with a shape the scene does not hold beside its shape ("a red
 square"): such a text names neither one object nor two. ESPER's descriptions under the judge made with
 `--described` had found "The image is a small yellow square star.", and that judge ranked "The image is a <colour>
 <shape>." above every such text for 32% of one-object scenes, the one before it for 43% (`single_shape_first`).
+`--described` also cost `--fuller` its reading in sentences, which `fuller_first` (without the full stop) does not
+show: "The image is a <colour> <shape>." above both "... <colour>." and "... <shape>." for 99% of one-object
+scenes before, 82% after (`fuller_sentence_first`), and ESPER's descriptions learnt to stop at the colour ("The
+image is a black."); `--fuller 3` gives 93%.
 The image tower stays frozen (its embeddings are computed once), so the image side of the demo's CLIP is
 untouched:
 
@@ -233,6 +237,14 @@ def fuller_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes:
     return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}", "{colour}", "{shape}")
 
 
+def fuller_sentence_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
+                          images: torch.Tensor) -> float:
+    """`fuller_first` as ESPER's descriptions end, with the full stop: "The image is a <colour> <shape>." above
+    both "... <colour>." and "... <shape>." (the judges made with `--described` ranked it lower than without the
+    stop, and the policy learnt "The image is a black.")."""
+    return preferred(model, tokenizer, device, scenes, images, "{colour} {shape}.", "{colour}.", "{shape}.")
+
+
 def in_order_first(model: open_clip.CLIP, tokenizer, device: torch.device, scenes: list[shapes.Scene],
                    images: torch.Tensor) -> float:
     """Whether the words' order counts: "The image is a <colour> <shape>" above "... <shape> of <colour>", the
@@ -278,8 +290,9 @@ def single_shape_first(model: open_clip.CLIP, tokenizer, device: torch.device, s
                      *(f"{{colour}} {{shape}} {{others[{k}]}}." for k in others))
 
 
-FIGURES = (("fuller", fuller_first), ("order", in_order_first), ("absent", alone_first), ("stand_in", object_first),
-           ("described", shape_first), ("stacked", single_shape_first))
+FIGURES = (("fuller", fuller_first), ("fuller", fuller_sentence_first), ("order", in_order_first),
+           ("absent", alone_first), ("stand_in", object_first), ("described", shape_first),
+           ("stacked", single_shape_first))
 """Each option that trains a judge for a reading and the figure of that reading, measured before and after."""
 
 
