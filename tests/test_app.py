@@ -86,7 +86,8 @@ def hook(event, args):
             hook.env_shown = True
             print("ENV", os.environ.get("HF_HUB_OFFLINE"), os.environ.get("GRADIO_ANALYTICS_ENABLED"),
                   file=sys.stderr, flush=True)
-        print("CONNECT", args[1], file=sys.stderr, flush=True)
+        sys.stderr.write(f"CONNECT {args[1]}\\n")  # one write: a process ended mid-line leaves no half line
+        sys.stderr.flush()
 sys.addaudithook(hook)
 sys.path.insert(0, os.getcwd())
 sys.argv = ["app.py", *sys.argv[1:]]
