@@ -84,9 +84,10 @@ def hook(event, args):
     if event == "socket.connect":
         if not getattr(hook, "env_shown", False):
             hook.env_shown = True
-            print("ENV", os.environ.get("HF_HUB_OFFLINE"), os.environ.get("GRADIO_ANALYTICS_ENABLED"),
-                  file=sys.stderr, flush=True)
-        sys.stderr.write(f"CONNECT {args[1]}\\n")  # one write: a process ended mid-line leaves no half line
+            env = os.environ.get("HF_HUB_OFFLINE"), os.environ.get("GRADIO_ANALYTICS_ENABLED")
+            sys.stderr.write("ENV %s %s\\n" % env)
+        # one write a line: a process ended, or another thread's line, mid-line leaves no half line
+        sys.stderr.write(f"CONNECT {args[1]}\\n")
         sys.stderr.flush()
 sys.addaudithook(hook)
 sys.path.insert(0, os.getcwd())
