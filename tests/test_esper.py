@@ -13,6 +13,7 @@ from model.lm import SMOLLM2
 from model.prompt import Turn, render
 from model.training import esper
 from model.training.clip_judge import ClipJudge
+from model.training.evaluate import reply_logits
 from model.training.degeneracy import (each_word_once, first_sentence, is_degenerate, named_after_first_sentence,
                                        repeated_words, repetition)
 from model.training.train import STATE_NAME, read_state
@@ -542,3 +543,101 @@ def test_a_proposed_word_is_learnt_where_the_policy_would_not_offer_it(sensitive
                                   opening_token_probability(after, red, token))
     (offered_before, offered_after), (kept_before, kept_after) = probability["1"], probability["0"]
     assert offered_after > 3 * offered_before and kept_after < kept_before, probability  # measured: x4.7 and x0.11
+
+
+@torch.no_grad()
+def test_with_place_the_first_sentence_may_end_with_each_place_all_judged(sensitive_lm_dir, tiny_clip_dir, tmp_path):
+    """Where the greedy reply's first sentence ends (its first full stop, or its last token), the judge reads it
+    ended there and ended after each place phrase; the policy's share of the judge's choice is reported."""
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--candidates", "4", "--length", "5", "--opening", "",
+                      "--instruction", "Describe the image.", "--place", "over here", "--place", "too")
+    model, _ = esper.build_model(args, torch.device("cpu"))
+    batch = esper.prepare(model, images, random.Random(0), args)
+    greedy = esper.sample_replies(model, batch.policy, batch.prefix, 1, 5, 0.0, batch.banned, None).tolist()
+    judge = RecordingJudge()
+    result = esper.candidates_loss(model, judge, images, random.Random(0), None, args, (0.0, 1.0))
+    stop = esper.full_stop(model)
+    for said in greedy:
+        sentence = model.tokenizer.decode(said[:said.index(stop)] if stop in said else said, skip_special_tokens=True)
+        assert {sentence + ".", sentence + " over here.", sentence + " too."} <= set(judge.texts)
+    assert 0 < result.place_best < 1
+
+
+
+@torch.no_grad()
+def test_the_options_after_a_sentence_read_it_once_and_score_as_each_read_alone(sensitive_lm_dir, tiny_clip_dir,
+                                                                             tmp_path):
+    """Each prompt and greedy sentence is read once and its keys and values shared by the options after it: the
+    log-probabilities are those of every (prompt, sentence + option) read on its own, with sentences of different
+    lengths in one batch."""
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "green")]
+    args = esper_args(sensitive_lm_dir, tiny_clip_dir, tmp_path, "--candidates", "4", "--length", "5",
+                      "--opening", "", "--opening", "I see a")
+    model, _ = esper.build_model(args, torch.device("cpu"))
+    batch = esper.prepare(model, images, random.Random(1), args)
+    greedy = esper.sample_replies(model, batch.policy, batch.prefix, 1, 5, 0.0, batch.banned, None)
+    ends, stop = [5, 2, 0], esper.full_stop(model)
+    options = [[stop], model.tokenizer.encode(" on the left", add_special_tokens=False) + [stop], [7, stop]]
+    shared = esper.option_logprobs(model, batch.policy, batch.prefix, greedy, ends, options, batch.banned)
+    for b, end in enumerate(ends):
+        for j, option in enumerate(options):
+            reply = torch.tensor(greedy[b, :end].tolist() + option)
+            alone = esper.masked(reply_logits(model, [batch.policy[b]], [reply], batch.prefix)[0][end:], batch.banned)
+            expected = alone.log_softmax(-1).gather(-1, reply[end:, None]).sum()
+            assert shared[b, j].item() == pytest.approx(expected.item(), abs=1e-3)
+
+@torch.no_grad()
+def place_log_odds(model: GroundedLM, image: Image.Image, length: int, place: str, other: str) -> float:
+    """log p(`place` then a full stop) - log p(`other` then one), where the greedy reply to `image` (`length`
+    tokens) ends its first sentence."""
+    prompt = model.embed_segments(render([Turn("user", [image, "Describe the image."])], model.tokenizer, "chat"))
+    banned = torch.tensor(sorted(model.eos_ids | {model.ret_id}))
+    said = esper.sample_replies(model, [prompt], [], 1, length, 0.0, banned, None)[0].tolist()
+    stop = esper.full_stop(model)
+    end = said.index(stop) if stop in said else len(said)
+
+    def logp(phrase: str) -> float:
+        reply = torch.tensor(said[:end] + model.tokenizer.encode(" " + phrase, add_special_tokens=False) + [stop])
+        logits = esper.masked(reply_logits(model, [prompt], [reply])[0][end:], torch.tensor([model.ret_id]))
+        return logits.log_softmax(-1).gather(-1, reply[end:, None]).sum().item()
+    return logp(place) - logp(other)
+
+
+class PlaceJudge(LetterJudge):
+    """A toy judge that reads only how a reply ends: red images' replies should end "here.", blue ones' "too."."""
+    source = "place"
+
+    def similarity(self, image_embeddings, texts):
+        return image_embeddings[:, 0] * torch.tensor([float(t.endswith(" here.")) - t.endswith(" too.") for t in texts])
+
+
+def test_with_place_each_image_learns_its_place_phrase(sensitive_lm_dir, tiny_clip_dir, red_and_blue, tmp_path):
+    """With "here" and "too" offered as places, red images come to prefer "here" over "too" far more than blue ones
+    do; the same steps without --place do not teach it."""
+    red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (32, 32), "blue")
+    learnt = {}
+    for places in ((), ("--place", "here", "--place", "too")):
+        run = tmp_path / str(len(places))
+        args = esper_args(sensitive_lm_dir, tiny_clip_dir, run, "--images", str(red_and_blue), "--steps", "60",
+                          "--warmup-steps", "2", "--batch-size", "4", "--candidates", "4", "--length", "3",
+                          "--candidates-target", "optimum", "--lr", "0.05", "--kl", "0.05", "--quiet", "1",
+                          "--unlikely-nll", "100", "--opening", "", "--instruction", "Describe the image.",
+                          "--val-every", "60", *places)
+        torch.manual_seed(args.seed)
+        before, _ = esper.build_model(args, torch.device("cpu"))
+        esper.train(args, judge=PlaceJudge())
+        after = GroundedLM.from_pretrained(run / "out")
+        learnt[len(places)] = [place_log_odds(model, red, 3, "here", "too") - place_log_odds(model, blue, 3, "here", "too")
+                               for model in (before, after)]
+    (control_before, control_after), (before, after) = learnt[0], learnt[4]
+    assert after - before > max(15, 3 * (control_after - control_before)), learnt  # measured: +29.6 against +5.8
+
+
+def test_a_place_goes_where_the_first_sentence_ends_or_replaces_the_place_it_ends_with():
+    stop, places = 9, [[5, 6, 7], [8, 7]]
+    assert esper.where_the_place_goes([1, 2, 3, 9, 4], stop, places) == 3          # "a white triangle." + place
+    assert esper.where_the_place_goes([1, 2, 5, 6, 7, 9, 3], stop, places) == 2    # "a white ... on the left." replaced
+    assert esper.where_the_place_goes([1, 8, 7, 9], stop, places) == 1
+    assert esper.where_the_place_goes([1, 2, 3, 4], stop, places) == 4             # no full stop: after it all
+    assert esper.where_the_place_goes([6, 7, 9], stop, places) == 2                # a phrase's tail is not a place

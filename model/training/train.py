@@ -70,7 +70,7 @@ RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "region_grid", "projector", "e
 LATER_OPTIONS = {"questions": False, "request_tokens": 0, "trainable": "all", "candidates": 0, "tokens_per_cell": 1,
                  "cls_dropout": 0.0, "cell_words": 0.0, "context_every": CONTEXT_EVERY, "described_questions": 0,
                  "candidate_positions": 1, "first_sentence": False, "repeat_cost": 0.0, "after_cost": 0.0,
-                 "sentence_end": False, "proposals": 0}
+                 "sentence_end": False, "proposals": 0, "place": None}
 """Options added after state files were first written: a state without them comes from a run that had these."""
 TRAINABLE = {"all": ("input_mapping.", "region_mapping.", "region_positions", "ret_mapping.", "image_mapping.",
                      "ret_embedding", "ret_output", "logit_scale", "perception."),
