@@ -431,12 +431,12 @@ def place_loss(model: GroundedLM, judge: Judge, batch: Rollouts, greedy: torch.T
     there or go on with one of the place phrases and end after it: "The image is a white triangle." against "The
     image is a white triangle at the top." and the rest. All C = 1 + places are judged; each is one candidate whose
     log-probability is its tokens' (the phrase and the full stop), and the loss over them is
-    `candidates_objective`'s (B, C), weighed in the step as one trained position more. Why whole phrases: a place judged where the object is named
-    already is worth a little (the shipped judge: right place 0.126, none 0.109, a wrong one 0.074), and judged
-    alone in a slot it is worth less than the object named there instead, so a slot for the place taught the
-    object; and the policy's own greedy continuation after " at" names the right place too seldom for " at" to
-    beat the full stop. Returns the loss (0 in the warm-up) and the policy's share, among the C, of the one the
-    judge prefers (the batch's mean)."""
+    `candidates_objective`'s (B, C), weighed in the step as one trained position more. Why whole phrases: a place
+    judged where the object is named already is worth a little (the shipped judge: right place 0.126, none 0.109, a
+    wrong one 0.074), and judged alone in a slot it is worth less than the object named there instead, so a slot for
+    the place taught the object; and the policy's own greedy continuation after " at" names the right place too
+    seldom for " at" to beat the full stop. Returns the loss (0 in the warm-up) and the policy's share, among the C,
+    of the one the judge prefers (the batch's mean)."""
     stop, said = full_stop(model), greedy.tolist()
     places = [model.tokenizer.encode(" " + place, add_special_tokens=False) for place in args.place]
     ends = [where_the_place_goes(reply, stop, places) for reply in said]                   # (B,)
