@@ -13,9 +13,9 @@ from model.lm import SMOLLM2
 from model.prompt import Turn, render
 from model.training import esper
 from model.training.clip_judge import ClipJudge
-from model.training.evaluate import reply_logits
 from model.training.degeneracy import (each_word_once, first_sentence, is_degenerate, named_after_first_sentence,
                                        repeated_words, repetition)
+from model.training.evaluate import reply_logits
 from model.training.train import STATE_NAME, read_state
 from model.training.words import PROPOSAL_OPENING, WordProposals, offer, saved_words_path, whole_words
 from model.world import shapes
@@ -564,7 +564,6 @@ def test_with_place_the_first_sentence_may_end_with_each_place_all_judged(sensit
     assert 0 < result.place_best < 1
 
 
-
 @torch.no_grad()
 def test_the_options_after_a_sentence_read_it_once_and_score_as_each_read_alone(sensitive_lm_dir, tiny_clip_dir,
                                                                              tmp_path):
@@ -586,6 +585,7 @@ def test_the_options_after_a_sentence_read_it_once_and_score_as_each_read_alone(
             alone = esper.masked(reply_logits(model, [batch.policy[b]], [reply], batch.prefix)[0][end:], batch.banned)
             expected = alone.log_softmax(-1).gather(-1, reply[end:, None]).sum()
             assert shared[b, j].item() == pytest.approx(expected.item(), abs=1e-3)
+
 
 @torch.no_grad()
 def place_log_odds(model: GroundedLM, image: Image.Image, length: int, place: str, other: str) -> float:
@@ -635,6 +635,8 @@ def test_with_place_each_image_learns_its_place_phrase(sensitive_lm_dir, tiny_cl
 
 
 def test_a_place_goes_where_the_first_sentence_ends_or_replaces_the_place_it_ends_with():
+    """At the first full stop (the reply's end without one), or where a place the sentence ends with begins, so that
+    places are chosen and never stacked."""
     stop, places = 9, [[5, 6, 7], [8, 7]]
     assert esper.where_the_place_goes([1, 2, 3, 9, 4], stop, places) == 3          # "a white triangle." + place
     assert esper.where_the_place_goes([1, 2, 5, 6, 7, 9, 3], stop, places) == 2    # "a white ... on the left." replaced
