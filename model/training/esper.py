@@ -164,17 +164,11 @@ def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int
     so that a candidate's continuation is judged as a user would read it. `forced` (N * repeats, F): the replies'
     first F tokens, given where >= 0 rather than chosen."""
     n = len(rows)
-    inputs, mask = padded(rows, "left")                                                     # (N, T, lm_dim), (N, T)
-    cache = model.run_prefix(prefix, n)[1] if prefix else None
-    mask = torch.cat([mask.new_ones(n, len(prefix)), mask], 1)                              # (N, P + T)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, len(prefix):]
-    out = model.lm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
-                              past_key_values=cache, use_cache=True)
-    cache = out.past_key_values
+    hidden, cache, mask, positions = read_prompts(model, rows, prefix)
     if length > 1:  # the cache serves the second token on: a reply of one token needs no copies of it
         cache.batch_repeat_interleave(repeats)
     mask, positions = mask.repeat_interleave(repeats, 0), positions[:, -1:].repeat_interleave(repeats, 0)
-    hidden = out.last_hidden_state[:, -1].repeat_interleave(repeats, 0)                     # (N * repeats, lm_dim)
+    hidden = hidden[:, -1].repeat_interleave(repeats, 0)                                    # (N * repeats, lm_dim)
     no_repeat = NoRepeatNGramLogitsProcessor(3)
     ids = torch.zeros(n * repeats, 0, dtype=torch.long, device=model.device)
     for step in range(length):
@@ -192,6 +186,20 @@ def sample_replies(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int
                                   past_key_values=cache, use_cache=True)
         cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
     return ids
+
+
+def read_prompts(model: GroundedLM, rows: list[torch.Tensor], prefix: list[int]
+                 ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+    """Rows of embeddings (T_i, lm_dim) after the token ids `prefix` they all open with (read once for all),
+    left-padded so that they end together, in one forward: their hidden states (N, T, lm_dim), the KV cache, the
+    attention mask (N, P + T) and their position ids (N, T), which skip the padding."""
+    n = len(rows)
+    inputs, mask = padded(rows, "left")                                                     # (N, T, lm_dim), (N, T)
+    cache = model.run_prefix(prefix, n)[1] if prefix else DynamicCache()
+    mask = torch.cat([mask.new_ones(n, len(prefix)), mask], 1)                              # (N, P + T)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, len(prefix):]
+    hidden, cache = model.hidden_states(inputs, mask, cache, positions)
+    return hidden, cache, mask, positions
 
 
 @dataclass
@@ -493,11 +501,7 @@ def option_logprobs(model: GroundedLM, rows: list[torch.Tensor], prefix: list[in
     option_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(o), dtype=torch.long, device=model.device)
                                                    for o in options], batch_first=True)     # (C, T)
     sentences = [torch.cat([row, model.embed_ids(greedy[b, :end])]) for b, (row, end) in enumerate(zip(rows, ends))]
-    inputs, mask = padded(sentences, "left")                                                # (B, S, lm_dim), (B, S)
-    cache = model.run_prefix(prefix, len(rows))[1] if prefix else DynamicCache()
-    mask = torch.cat([mask.new_ones(len(rows), len(prefix)), mask], 1)                      # (B, P + S)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, len(prefix):]
-    hidden, cache = model.hidden_states(inputs, mask, cache, positions)
+    hidden, cache, mask, positions = read_prompts(model, sentences, prefix)                 # (B, S, lm_dim), ...
     cache.batch_repeat_interleave(c)
     ids, kept = option_ids.repeat(len(rows), 1), option_mask.repeat(len(rows), 1)          # (B * C, T)
     mask = torch.cat([mask.repeat_interleave(c, 0), kept], 1)
