@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import teach_reasoner, tiny_config
 from model.config import GroundedConfig
@@ -230,18 +233,21 @@ def test_the_training_losses_are_the_lms_own_on_the_reasoners_tokens_of_a_padded
     assert torch.allclose(logprobs[learnt], expected[learnt], atol=1e-5), "reinforcement"
 
 
-def test_the_trainer_gives_a_checkpoint_a_reasoner_from_the_observers_answers_and_resumes(model, tmp_path):
-    model.save_pretrained(tmp_path / "ckpt")
-    run = tmp_path / "run"
-    options = ["--observer", str(tmp_path / "ckpt"), "--run-dir", str(run), "--train-questions", "6",
-               "--described-questions", "2", "--val-size", "2", "--batch-size", "2", "--val-every", "1", "--device", "cpu"]
-    # what the Observer answered, as the first run would keep it: here, the truth (a tiny Observer says nothing
-    # readable, and every monologue would end in a guess)
+def trainer_options(model: GroundedLM, observer: Path, run: Path) -> list[str]:
+    """A tiny run's options, its run folder holding what the Observer answered, as a first run would keep it: here,
+    the truth (a tiny Observer says nothing readable, and every monologue would end in a guess)."""
     image_size = model.visual.image_size[0]
     observed = {split: [[a for _, a in q.steps] or [q.answer] for _, q in trainer.asked(split, n, 0.3, 0, image_size, offset)]
                 for split, n, offset in (("train", 6, 0), ("val", 2, trainer.VAL_OFFSET))}
     run.mkdir()
     (run / trainer.OBSERVED_NAME).write_text(json.dumps(observed))
+    return ["--observer", str(observer), "--run-dir", str(run), "--train-questions", "6", "--described-questions", "2",
+            "--val-size", "2", "--batch-size", "2", "--val-every", "1", "--device", "cpu"]
+
+
+def test_the_trainer_gives_a_checkpoint_a_reasoner_from_the_observers_answers_and_resumes(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    options = trainer_options(model, tmp_path / "ckpt", tmp_path / "run")
     stopped = trainer.main(options + ["--steps", "3", "--time-limit", "0"])
     assert not stopped["finished"] and not (tmp_path / "ckpt" / FOLDER).exists()
     with pytest.raises(ValueError, match="described_questions: 2 then, 0 now"):
@@ -253,6 +259,25 @@ def test_the_trainer_gives_a_checkpoint_a_reasoner_from_the_observers_answers_an
     assert GroundedLM.from_pretrained(tmp_path / "ckpt", quantize="none", device="cpu").reasoner is not None
     with pytest.raises(SystemExit, match="has a Reasoner already"):
         trainer.main(options + ["--run-dir", str(tmp_path / "again"), "--steps", "1"])
+
+
+def test_a_reasoner_trained_further_starts_from_the_one_it_names(model, tmp_path):
+    model.save_pretrained(tmp_path / "observer")
+    shutil.copytree(tmp_path / "observer", tmp_path / "first")
+    trainer.main(trainer_options(model, tmp_path / "observer", tmp_path / "run1") + ["--out", str(tmp_path / "first"),
+                                                                                    "--steps", "2", "--lr", "1e-2"])
+    first = load_file(tmp_path / "first" / FOLDER / WEIGHTS)
+    assert any(name.endswith("lora_B.weight") and weights.abs().max() > 0 for name, weights in first.items())
+    shutil.copytree(tmp_path / "observer", tmp_path / "further")
+    options = trainer_options(model, tmp_path / "observer", tmp_path / "run2") + ["--out", str(tmp_path / "further"),
+                                                                                  "--init", str(tmp_path / "first")]
+    with pytest.raises(SystemExit, match="has rank 16; train it further with --rank 16"):
+        trainer.main(options + ["--rank", "8"])
+    with pytest.raises(SystemExit, match="has no Reasoner to start from"):
+        trainer.main(options[:-1] + [str(tmp_path / "observer")])
+    trainer.main(options + ["--steps", "1", "--lr", "0"])  # no step taken: what it exports is where it started
+    further = load_file(tmp_path / "further" / FOLDER / WEIGHTS)
+    assert further.keys() == first.keys() and all(torch.equal(further[k], first[k]) for k in first)
 
 
 def test_true_answers_and_true_descriptions_imply_the_true_answer_of_every_kind_of_question():

@@ -2,6 +2,7 @@
 
     python -m model.training.monologue --observer demo              # the demo's Reasoner, into assets/demo/reasoner
     python -m model.training.monologue --observer demo --resume     # after an interruption
+    python -m model.training.monologue --observer runs/demo-observer --out runs/more --init demo  # train it further
 
 Monologues are written by construction from shapes-world questions whose decomposition is known
 (`questions.Question.steps`): the Reasoner asks the steps' questions in order (a simple question is its own one
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm import tqdm
 
 from model.checkpoint import resolve
@@ -39,7 +40,7 @@ from model.grounded import GroundedLM
 from model.lm import COMPUTE_DTYPES, compute_dtype_name
 from model.monologue import OBSERVER_TOKENS, reasoner_prompt, transcript_pieces
 from model.prompt import Turn
-from model.reasoner import ADAPTER, FOLDER, reasoner_parameters, reasoning, save_reasoner
+from model.reasoner import ADAPTER, FOLDER, WEIGHTS, reasoner_parameters, reasoner_weights, reasoning, save_reasoner
 from model.training.evaluate import greedy_replies
 from model.training.optimization import schedule_step
 from model.training.plots import plot_batches, plt, save_figure
@@ -48,7 +49,7 @@ from model.training.train_clip import resolve_device
 from model.world import questions, shapes
 
 OBSERVED_NAME = "observed.json"
-RESUME_KEYS = ("observer", "train_questions", "described_questions", "simple_share", "rank", "batch_size", "lr",
+RESUME_KEYS = ("observer", "init", "train_questions", "described_questions", "simple_share", "rank", "batch_size", "lr",
                "warmup", "seed", "compute_dtype")
 VAL_OFFSET = 900_000
 
@@ -228,6 +229,7 @@ def train(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     out_dir = Path(args.out) if args.out else resolve(args.observer)
     GroundedConfig.load(out_dir)  # the checkpoint the Reasoner joins must be there before hours of training
+    init = starting_reasoner(args.init, args.rank) if args.init else None
     run_dir = Path(args.run_dir or Path("runs") / f"monologue-{out_dir.name}")
     state_path = state_file(run_dir, args.resume)
     torch.manual_seed(args.seed)
@@ -239,6 +241,8 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{args.observer} has a Reasoner already; give the checkpoint it observes with")
     rows = prepared(model, run_dir, args)
     model.add_reasoner(args.rank)
+    if init is not None:
+        set_peft_model_state_dict(model.lm, reasoner_weights(model.lm, init), adapter_name=ADAPTER)
     params = reasoner_parameters(model.lm)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     options = {key: getattr(args, key) for key in RESUME_KEYS}
@@ -302,6 +306,17 @@ def train(args: argparse.Namespace) -> dict:
     return summary
 
 
+def starting_reasoner(checkpoint: str, rank: int) -> Path:
+    """The folder of the Reasoner `--init` names, checked before the Observer's pass: it is there, and of `rank`."""
+    folder = resolve(checkpoint) / FOLDER
+    if not (folder / WEIGHTS).is_file():
+        raise SystemExit(f"{checkpoint} has no Reasoner to start from ({FOLDER}/{WEIGHTS} missing)")
+    saved = LoraConfig.from_pretrained(str(folder)).r
+    if saved != rank:
+        raise SystemExit(f"{checkpoint}'s Reasoner has rank {saved}; train it further with --rank {saved}")
+    return folder
+
+
 def conclude(model: GroundedLM, run_dir: Path, out: Path, summary: dict, record: dict, steps: int) -> None:
     """Export the adapter of a finished run, `record` as its training.json, or say how to continue a run its time
     limit stopped."""
@@ -336,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "observer's own; another must be a copy of it)")
     p.add_argument("--run-dir", help="resumable state, the Observer's answers, curves (default: runs/monologue-<out>)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --run-dir")
+    p.add_argument("--init", help="start from this checkpoint's Reasoner (folder or preset) instead of a new adapter")
     p.add_argument("--train-questions", type=int, default=2000)
     p.add_argument("--described-questions", type=int, default=0,
                    help=f"more training monologues, of {', '.join(DESCRIBED_KINDS)} questions, in which the "
