@@ -275,7 +275,7 @@ def test_a_reasoner_trained_further_starts_from_the_one_it_names(model, tmp_path
         trainer.main(options + ["--rank", "8"])
     with pytest.raises(SystemExit, match="has no Reasoner to start from"):
         trainer.main(options[:-1] + [str(tmp_path / "observer")])
-    trainer.main(options + ["--steps", "1", "--lr", "0"])  # no step taken: what it exports is where it started
+    trainer.main(options + ["--steps", "1", "--lr", "0"])  # a step that moves nothing: it exports where it started
     further = load_file(tmp_path / "further" / FOLDER / WEIGHTS)
     assert further.keys() == first.keys() and all(torch.equal(further[k], first[k]) for k in first)
 
