@@ -124,9 +124,17 @@ def test_a_relation_reason_compares_the_places_columns_or_rows_and_a_conditional
     assert implied_answer(relation, ["On the left.", "In the centre."]) == (
         "yes", "the circle is on the left and the square is in the centre: columns 1 and 2, so the circle is to the left "
                "of the square.")
+    assert implied_answer(relation, ["On the right.", "In the centre."]) == (
+        "no", "the circle is on the right and the square is in the centre: columns 3 and 2, so the circle is to the "
+              "right of the square, not to the left of it."), "the direction the columns give, then the one asked"
     assert implied_answer(relation, ["At the top.", "In the centre."]) == (
-        "no", "the circle is at the top and the square is in the centre: columns 2 and 2, so the circle is not to the "
-              "left of the square.")
+        "no", "the circle is at the top and the square is in the centre: columns 2 and 2, so the circle is in the same "
+              "column as the square, not to the left of it.")
+    above = Question("Is the circle higher than the square?", "no", "relation",
+                     (("Where is the circle?", "bottom"), ("Where is the square?", "left")), "above")
+    assert implied_answer(above, ["At the bottom.", "On the left."]) == (
+        "no", "the circle is at the bottom and the square is on the left: rows 3 and 2, so the circle is below the "
+              "square, not above it.")
     counted = Question("How many red things are below the square?", "1", "count_where",
                        (("Where is the square?", "centre"), ("Where are the red things?", "left and bottom")), "count:below")
     assert implied_answer(counted, ["In the centre.", "On the left and at the bottom."]) == (
