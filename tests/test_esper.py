@@ -54,9 +54,13 @@ def letter_score(text: str) -> float:
 
 
 def esper_args(lm_dir, clip_dir, tmp_path, *extra):
+    """A tiny ESPER run's options, computing in fp32 on every CPU: the toy tasks' margins were measured in fp32, and
+    in bf16 (the default where a CPU has AVX512-BF16) the tiny random LM's small probabilities move enough to miss
+    them."""
     return esper.parse_args(["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--lm", str(lm_dir),
                              "--visual", f"local-dir:{clip_dir}", "--n-visual-tokens", "2", "--region-grid", "0",
-                             "--projector", "linear", "--quantize", "none", "--device", "cpu", *extra])
+                             "--projector", "linear", "--quantize", "none", "--compute-dtype", "float32",
+                             "--device", "cpu", *extra])
 
 
 @torch.no_grad()
