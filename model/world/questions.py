@@ -219,10 +219,11 @@ def implied_answer(question: Question, replies: list[str]) -> tuple[str, str] | 
             return None
         relation = question.combine
         holds = positions_relate(relation, a[0], b[0])
-        i, j = _grid_index(relation, a[0]), _grid_index(relation, b[0])
+        axis, i, j = _AXES[relation], _grid_index(relation, a[0]), _grid_index(relation, b[0])
+        not_asked = "" if holds else f", not {_RELATIONS[relation][0]} it"
         return ("yes" if holds else "no", f"{name_a} is {_POSITION_PHRASES[a[0]]} and {name_b} is "
-                f"{_POSITION_PHRASES[b[0]]}: {_AXES[relation]}s {i} and {j}, so {name_a} is "
-                f"{_order_phrase(_AXES[relation], i, j)} {name_b}{'' if holds else f', not {_RELATIONS[relation][0]} it'}.")
+                f"{_POSITION_PHRASES[b[0]]}: {axis}s {i} and {j}, so {name_a} is {_order_phrase(axis, i, j)} {name_b}"
+                f"{not_asked}.")
     raise ValueError(f"a {question.kind} question has no steps to combine")
 
 
