@@ -365,6 +365,14 @@ def test_reinforcement_scores_sampled_monologues_and_puts_the_adapter_back_with_
     assert (tmp_path / "run" / "training_curve.png").is_file()
 
 
+def test_reinforcement_learns_only_from_questions_whose_monologues_earned_different_rewards():
+    from model.training.monologue_rl import advantages
+    advantage, mixed = advantages(torch.tensor([[1., 0., 1., 1.], [1., 1., 1., 1.], [0., 0., 0., 0.]]))
+    assert mixed.tolist() == [True, False, False]
+    assert torch.allclose(advantage[0], torch.tensor([1 / 3, -1., 1 / 3, 1 / 3])), "reward minus the others' mean"
+    assert not advantage[1:].any(), "all right or all wrong: nothing to learn"
+
+
 def test_a_steps_rollouts_decoded_at_once_are_the_rollouts_decoded_one_after_another(model, colour_images):
     from model.training.monologue_rl import rollouts
     teach_reasoner(model, colour_images[0], QUESTION, "Red.", "The Observer said so.")

@@ -13,7 +13,9 @@ One step:
                times the log-probability of the Reasoner's own tokens (mean per token); plus `--kl` times the
                per-token KL (k3 estimate) to the supervised adapter the run started from. The Observer's
                answers and the prompt are context, masked out of both (the released IMMO code left them out of
-               the context instead)
+               the context instead). Only the questions whose G monologues earned different rewards are
+               scored: a group all right or all wrong has no advantage, and a Reasoner right nine times in ten
+               leaves most groups so (DAPO filters its batches likewise). A step with no such group changes nothing
 The monologue's text is tokenised again piece by piece as the supervised trainer does (`monologue_row`), so the
 policy is scored on exactly the rows it was trained on. Why not trl: its GRPO/RLOO trainers generate completions
 with the policy alone; here a completion is a dialogue whose other half comes from the Observer, the same LM with
@@ -92,14 +94,24 @@ def rollouts(model: GroundedLM, batch: list[tuple[str, int, questions.Question]]
     return records, rewards
 
 
+def advantages(reward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO's advantages (B, G) of a step's rewards (B, G), and which questions (B,) they can teach: those whose
+    monologues did not all earn the same reward (the others' advantages are all 0)."""
+    group = reward.shape[1]
+    others = (reward.sum(1, keepdim=True) - reward) / (group - 1)
+    return reward - others, reward.amax(1) > reward.amin(1)
+
+
 def plot_curves(history: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     plot_batches(axes[0], history["step"], history["reward"])
     axes[0].set(xlabel="step", ylim=(-0.02, 1.02), title="reward: final answer right")
-    plot_batches(axes[1], history["step"], history["fallback"], color="tab:red")
-    axes[1].set(xlabel="step", ylim=(-0.02, 1.02), title="fallback rate (malformed monologues)")
-    plot_batches(axes[2], history["step"], history["kl"], color="tab:green")
-    axes[2].set(xlabel="step", title="KL to the supervised Reasoner (per token)")
+    plot_batches(axes[1], history["step"], history["mixed"], color="tab:purple")
+    axes[1].set(xlabel="step", ylim=(-0.02, 1.02), title="questions learnt from (rewards differ)")
+    plot_batches(axes[2], history["step"], history["fallback"], color="tab:red")
+    axes[2].set(xlabel="step", ylim=(-0.02, 1.02), title="fallback rate (malformed monologues)")
+    plot_batches(axes[3], history["learnt_step"], history["kl"], color="tab:green")
+    axes[3].set(xlabel="step", title="KL to the supervised Reasoner (per token)")
     save_figure(fig, path)
 
 
@@ -118,7 +130,7 @@ def train(args: argparse.Namespace) -> dict:
     params = reasoner_parameters(model.lm)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     options = {key: getattr(args, key) for key in RESUME_KEYS}
-    history = {"step": [], "reward": [], "fallback": [], "kl": [], "loss": []}
+    history = {"step": [], "reward": [], "mixed": [], "fallback": [], "learnt_step": [], "kl": [], "loss": []}
     start, seconds_before = 0, 0.0
     if args.resume:
         weights, meta = load_state(state_path, reference, optimizer, options)
@@ -139,29 +151,32 @@ def train(args: argparse.Namespace) -> dict:
             batch = order[step]
             with torch.no_grad():
                 records, rewards = rollouts(model, batch, args.group, args.temperature, args.seed + 1000 * step, engine)
-            rows = [row_of(model, batch[i // args.group][2].text, record) for i, record in enumerate(records)]
             reward = torch.tensor(rewards, device=model.device).view(len(batch), args.group)          # (B, G)
-            others = (reward.sum(1, keepdim=True) - reward) / max(1, args.group - 1)
-            advantage = (reward - others).flatten()                                                   # (B * G,)
-            with torch.no_grad(), adapter_weights(model.lm, reference):
-                reference_logprobs, _ = token_logprobs(model, rows)
-            logprobs, mask = token_logprobs(model, rows)                                              # (N, T-1)
-            tokens = mask.sum(1).clamp(min=1)
-            log_ratio = reference_logprobs - logprobs
-            kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum(1) / tokens                           # k3, per token
-            policy = -(advantage * (logprobs * mask).sum(1) / tokens)
-            loss = (policy + args.kl * kl).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            advantage, mixed = advantages(reward)
             done, steps_here = step + 1, steps_here + 1
-            for key, value in (("step", done), ("reward", sum(rewards) / len(rewards)), ("loss", loss.item()),
-                               ("fallback", sum(r.fallback is not None for r in records) / len(records)),
-                               ("kl", kl.mean().item())):
+            for key, value in (("step", done), ("reward", sum(rewards) / len(rewards)),
+                               ("mixed", mixed.float().mean().item()),
+                               ("fallback", sum(r.fallback is not None for r in records) / len(records))):
                 history[key].append(value)
+            if mixed.any():
+                learnt = [k for k in range(len(records)) if mixed[k // args.group]]                   # N rows
+                rows = [row_of(model, batch[k // args.group][2].text, records[k]) for k in learnt]
+                with torch.no_grad(), adapter_weights(model.lm, reference):
+                    reference_logprobs, _ = token_logprobs(model, rows)
+                logprobs, mask = token_logprobs(model, rows)                                          # (N, T-1)
+                tokens = mask.sum(1).clamp(min=1)
+                log_ratio = reference_logprobs - logprobs
+                kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum(1) / tokens                       # k3, per token
+                policy = -(advantage.flatten()[learnt] * (logprobs * mask).sum(1) / tokens)
+                loss = (policy + args.kl * kl).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                for key, value in (("learnt_step", done), ("kl", kl.mean().item()), ("loss", loss.item())):
+                    history[key].append(value)
             elapsed = time.time() - t_start
-            bar.set_postfix(reward=f"{history['reward'][-1]:.2f}", kl=f"{history['kl'][-1]:.3f}",
+            bar.set_postfix(reward=f"{history['reward'][-1]:.2f}", mixed=f"{history['mixed'][-1]:.2f}",
                             q_s=f"{steps_here * len(batch) / elapsed:.2f}")
             out_of_time = args.time_limit is not None and elapsed >= args.time_limit * 60
             if done % args.save_every == 0 or done == args.steps or out_of_time:
@@ -175,6 +190,7 @@ def train(args: argparse.Namespace) -> dict:
     summary = {"finished": not stopped_early, "step": history["step"][-1] if history["step"] else 0,
                "options": options, "device": str(device), "seconds": round(seconds_before + time.time() - t_start, 1),
                "reward_last_10": mean_tail(history["reward"], 10), "fallback_last_10": mean_tail(history["fallback"], 10),
+               "mixed_last_10": mean_tail(history["mixed"], 10), "steps_learnt": len(history["learnt_step"]),
                "kl_last_10": mean_tail(history["kl"], 10)}
     record = ({**json.loads((folder / FOLDER / SUMMARY_NAME).read_text()), "rl": summary} if summary["finished"]
               else summary)  # the supervised run's record, with this one's

@@ -19,10 +19,11 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 80) -> None:
 
 
 def plot_batches(ax: Axes, steps: list[int], values: list[float], color: str = "tab:blue") -> None:
-    """Per-batch values, faint, and their moving mean over about a fortieth of the run on top."""
+    """Per-batch values, and their moving mean over about a fortieth of the run on top, the values then faint; a
+    run too short for a mean (under 80 batches) shows its values alone, solid."""
     steps, values = np.asarray(steps), np.asarray(values)
-    ax.plot(steps, values, alpha=0.25, color=color, label="train batch")
     window = max(1, len(values) // 40)
+    ax.plot(steps, values, alpha=0.25 if window > 1 else 1.0, color=color, label="train batch")
     if window > 1:
         ax.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"), color=color,
                 label=f"train, mean of {window}")
