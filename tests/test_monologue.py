@@ -358,10 +358,14 @@ def test_reinforcement_scores_sampled_monologues_and_puts_the_adapter_back_with_
                "--questions-per-step", "1", "--group", "2", "--pool", "4", "--save-every", "1", "--device", "cpu"]
     stopped = monologue_rl.main(options + ["--time-limit", "0"])
     assert not stopped["finished"] and stopped["step"] == 1
+    before = load_file(tmp_path / "ckpt" / FOLDER / WEIGHTS)
     summary = monologue_rl.main(options + ["--resume"])
     assert summary["finished"] and summary["step"] == 2 and 0 <= summary["fallback_last_10"] <= 1
     record = json.loads((tmp_path / "ckpt" / FOLDER / "training.json").read_text())
     assert record["step"] == 7 and record["rl"]["step"] == 2
+    assert summary["mixed_last_10"] == 0 and summary["steps_learnt"] == 0, "a perturbed tiny Reasoner is never right"
+    after = load_file(tmp_path / "ckpt" / FOLDER / WEIGHTS)
+    assert all(torch.equal(before[k], after[k]) for k in before), "no question taught anything: the adapter is as it was"
     assert (tmp_path / "run" / "training_curve.png").is_file()
 
 
