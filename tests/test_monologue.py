@@ -366,6 +366,8 @@ def test_reinforcement_scores_sampled_monologues_and_puts_the_adapter_back_with_
     assert summary["mixed_last_10"] == 0 and summary["steps_learnt"] == 0, "a perturbed tiny Reasoner is never right"
     after = load_file(tmp_path / "ckpt" / FOLDER / WEIGHTS)
     assert all(torch.equal(before[k], after[k]) for k in before), "no question taught anything: the adapter is as it was"
+    state = load_file(tmp_path / "run" / "state.safetensors")
+    assert not any(k.startswith("optim.") for k in state), "nor did the optimizer take a step (no moments kept)"
     assert (tmp_path / "run" / "training_curve.png").is_file()
 
 
