@@ -52,7 +52,8 @@ class GroundedConfig:
     better), for the CLS and the region mapping alike."""
     request_tokens: int = 0
     """LMEye's request tokens: k tokens after the text of a turn that asks about an image, through which the LM
-    looks at the image's patches (`model/perception.py`). 0: no request module (every older checkpoint)."""
+    looks at the image's patches and reads its tokens (`model/perception.py`). 0: no request module (every older
+    checkpoint)."""
     reasoner: bool = False
     """IMMO's Reasoner: a LoRA adapter on the LM, stored in `reasoner/` beside the mappings (`model/reasoner.py`).
     False: no Reasoner (every older checkpoint); the app cannot think before answering."""
@@ -105,6 +106,12 @@ class GroundedConfig:
     def tokens_per_image(self) -> int:
         """LM input positions one image takes: its CLS tokens, then its region tokens."""
         return self.n_visual_tokens + self.region_grid ** 2 * self.tokens_per_cell
+
+    @property
+    def token_groups(self) -> list[int]:
+        """For each of an image's LM tokens, what it belongs to: 0 for the CLS tokens, 1 + i for region cell i's."""
+        return [0] * self.n_visual_tokens + [1 + i // self.tokens_per_cell
+                                             for i in range(self.region_grid ** 2 * self.tokens_per_cell)]
 
     def save(self, folder: str | Path) -> None:
         """`grounded_config.json` in `folder`, written whole or not at all."""

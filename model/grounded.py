@@ -131,7 +131,7 @@ class GroundedLM(nn.Module):
         if self.ret_context is not None:  # it starts as the query it refines
             self.ret_context.query.load_state_dict(self.ret_mapping.state_dict())
         self.perception = (Perception(config.request_tokens, lm_dim, visual_dim, self.visual.n_patches,
-                                      embeddings.weight.detach().float().mean(0))
+                                      config.token_groups, embeddings.weight.detach().float().mean(0))
                            if config.request_tokens else None)
         for module in (self.input_mapping, self.region_mapping, self.ret_mapping, self.image_mapping, self.perception,
                        self.ret_context):
@@ -265,7 +265,10 @@ class GroundedLM(nn.Module):
     def visual_features(self, images: list[Image.Image]) -> torch.Tensor:
         """What the mappings read (N, 1 + region_grid^2 * cell_patches^2, visual_dim): the pooled CLS feature, then
         the region cells (each as `cell_patches`^2 pooled patches)."""
-        encoded = self.encoded(images)
+        return self.features_of(self.encoded(images))
+
+    def features_of(self, encoded: torch.Tensor) -> torch.Tensor:
+        """The encoder's output (N, 1 + n_patches, visual_dim) -> what the mappings read (`visual_features`)."""
         if not self.config.region_grid:
             return encoded[:, :1]
         cells = self.visual.regions(encoded[:, 1:], self.config.region_grid, self.config.cell_patches)
@@ -328,8 +331,24 @@ class GroundedLM(nn.Module):
     def look(self, requests: torch.Tensor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Requests (L, lm_dim), one per image -> request tokens (L, request_tokens, lm_dim) and where each
         looked (L, grid_h, grid_w)."""
-        tokens, attention = self.perception(requests, self.encoded(images)[:, 1:])       # (L, k, lm_dim), (L, P)
-        return tokens, attention.view(len(images), *self.visual.grid_size)
+        return self.look_at(requests, self.encoded(images))
+
+    def look_at(self, requests: torch.Tensor, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`look` on the images' encoder output (L, 1 + n_patches, visual_dim). Where it looked sums to 1: the
+        attention over the patches, plus what the read of the image tokens took from each region cell spread
+        over that cell's patches (the CLS tokens' share over all of them)."""
+        image_tokens = self.visual_tokens(self.features_of(encoded))                       # (L, T, lm_dim)
+        tokens, on_patches, on_tokens = self.perception(requests, encoded[:, 1:], image_tokens)  # (L, P), (L, T)
+        rows, cols = self.visual.grid_size
+        n = self.config.n_visual_tokens
+        where = on_patches + on_tokens[:, :n].sum(1, keepdim=True) / (rows * cols)          # (L, P)
+        if self.config.region_grid:
+            grid = self.config.region_grid
+            cells = on_tokens[:, n:].unflatten(1, (grid * grid, -1)).sum(-1)                 # (L, grid^2)
+            ids = torch.arange(grid * grid, dtype=torch.float, device=cells.device).view(1, 1, grid, grid)
+            owner = F.interpolate(ids, size=(rows, cols), mode="nearest").long().flatten()  # (P,): each patch's cell
+            where = where + cells[:, owner] / torch.bincount(owner, minlength=grid * grid)[owner]
+        return tokens, (where / where.sum(1, keepdim=True)).view(-1, rows, cols)
 
     def _before_look(self, segments: list[Segment]) -> tuple[int | None, torch.Tensor]:
         """A rendered prompt -> where its first `Look` is (None: no request) and the embedded prompt before it

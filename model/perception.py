@@ -5,20 +5,30 @@ two passes over the same prefix:
 
     pass 1   the LM reads the conversation up to the request tokens, then the first request token (its own
              trainable row); the last-layer hidden state there is the *request* (lm_dim,)
-    look     the request, as k queries, attends over the image's patch features (one cross-attention block);
-             the result, mapped to the LM's width, is added to the k request rows     -> (k, lm_dim)
+    look     the request, as k queries, attends over the image's patch features, then reads the image's own
+             tokens (those the LM reads where the image sits); the result is added to the k request rows
+             -> (k, lm_dim)
     pass 2   the KV cache of the prefix is kept; only the request tokens and what follows are computed
 
-    request (B, lm_dim) --query--> (B, k, D)           patches (B, P, D) + a learnt position per patch
-        -> x = q + attention(LN(q), patches)            (B, k, D), weights (B, P): where it looked
+    request (B, lm_dim) --query--> x (B, k, D)         patches (B, P, D) + a learnt position per patch
+        -> x = x + attention(LN(x), patches)            (B, k, D), weights (B, k, P): where it looked
+    image tokens (B, T, lm_dim): keys from each token, the mean of its group (the tokens of one region cell, or
+        the CLS tokens) and a learnt position per token; a learnt sink beside them, where a query finds nothing
+        -> read = softmax(q(LN(x)) . keys) @ tokens     (B, k, lm_dim), weights (B, k, T + 1)
+        -> x = x + in(read)                             (B, k, D)
         -> x = x + MLP(LN(x))                           (B, k, D)
-        -> output (zero at the start)                   (B, k, lm_dim), added to the request rows
+        -> output (zero at the start) + read            (B, k, lm_dim), added to the k request rows
 
-D is the encoder's width (visual_dim). Patch features come from any CLS-token ViT, so a FROMAGe checkpoint,
-which feeds the LM only the CLS token, gets patch-level detail this way too. The output layer starts at
-zero: a new module changes nothing but the inserted rows until it has learnt to look.
+D is the encoder's width (visual_dim). The read copies the image's tokens themselves: where a checkpoint's
+region tokens sit on its own words (the demo's cells say size, colour, shape and place), the request token
+that finds "the object on the left"'s colour token *is* that word to the frozen LM; what is computed rather
+than read (yes or no, a count) comes from the sink's share and the MLP. Patch features come from any CLS-token
+ViT, so a FROMAGe checkpoint, whose image tokens are its CLS tokens alone, gets patch-level detail this way.
+The output layer starts at zero.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -30,8 +40,10 @@ REQUEST_HEADS = 4
 
 
 class Perception(nn.Module):
-    def __init__(self, n_tokens: int, lm_dim: int, visual_dim: int, n_patches: int, row_init: torch.Tensor):
-        """`row_init` (lm_dim,): where the request rows start (the LM's mean embedding, as `[RET]`'s)."""
+    def __init__(self, n_tokens: int, lm_dim: int, visual_dim: int, n_patches: int, token_groups: list[int],
+                 row_init: torch.Tensor):
+        """`token_groups` (T,): which group each of the image's LM tokens belongs to (its region cell, or the CLS
+        tokens'); `row_init` (lm_dim,): where the request rows start (the LM's mean embedding, as `[RET]`'s)."""
         super().__init__()
         self.n_tokens = n_tokens
         self.request_rows = nn.Parameter(row_init.detach().float().expand(n_tokens, -1).clone())  # (k, lm_dim)
@@ -39,23 +51,49 @@ class Perception(nn.Module):
         self.patch_position = nn.Parameter(torch.zeros(n_patches, visual_dim))
         self.query_norm = nn.LayerNorm(visual_dim)
         self.attention = nn.MultiheadAttention(visual_dim, REQUEST_HEADS, batch_first=True)
+        self.token_norm = nn.LayerNorm(lm_dim)
+        self.token_key = nn.Linear(lm_dim, visual_dim)
+        self.group_key = nn.Linear(lm_dim, visual_dim)
+        self.token_position = nn.Parameter(torch.zeros(len(token_groups), visual_dim))
+        self.sink_key = nn.Parameter(torch.zeros(visual_dim))
+        self.sink_value = nn.Parameter(torch.zeros(lm_dim))
+        self.read_norm = nn.LayerNorm(visual_dim)
+        self.read_query = nn.Linear(visual_dim, visual_dim)
+        self.read_in = nn.Linear(lm_dim, visual_dim)
         self.mlp_norm = nn.LayerNorm(visual_dim)
         self.mlp = nn.Sequential(nn.Linear(visual_dim, 4 * visual_dim), nn.GELU(),
                                  nn.Linear(4 * visual_dim, visual_dim))
         self.output = nn.Linear(visual_dim, lm_dim)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
+        self.token_groups = token_groups
 
-    def forward(self, request: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """request (B, lm_dim), patches (B, P, visual_dim) -> the request tokens' embeddings (B, k, lm_dim) and
-        the attention over the patches (B, P), averaged over heads and tokens (each row sums to 1)."""
-        batch = request.shape[0]
-        queries = self.query(request.float()).view(batch, self.n_tokens, -1)                 # (B, k, D)
+    def forward(self, request: torch.Tensor, patches: torch.Tensor, image_tokens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """request (B, lm_dim), patches (B, P, visual_dim), image_tokens (B, T, lm_dim) -> the request tokens'
+        embeddings (B, k, lm_dim), the attention over the patches (B, P) and over the image tokens (B, T), each
+        averaged over the k tokens (and the patches' over heads); the patches' rows sum to 1, the tokens' to
+        1 less the sink's share."""
+        batch, width = request.shape[0], self.query_norm.normalized_shape[0]
+        x = self.query(request.float()).view(batch, self.n_tokens, width)                    # (B, k, D)
         keys = patches.float() + self.patch_position                                          # (B, P, D)
-        looked, weights = self.attention(self.query_norm(queries), keys, keys)               # (B, k, D), (B, k, P)
-        x = queries + looked
+        looked, patch_weights = self.attention(self.query_norm(x), keys, keys)               # (B, k, D), (B, k, P)
+        x = x + looked
+        tokens = image_tokens.float()
+        normed = self.token_norm(tokens)
+        groups = torch.tensor(self.token_groups, device=tokens.device)
+        same = (groups[:, None] == groups[None, :]).float()                                  # (T, T)
+        group_means = same / same.sum(1, keepdim=True) @ normed                               # (B, T, lm_dim)
+        keys = self.token_key(normed) + self.group_key(group_means) + self.token_position
+        keys = torch.cat([keys, self.sink_key.expand(batch, 1, -1)], 1)                       # (B, T + 1, D)
+        values = torch.cat([tokens, self.sink_value.expand(batch, 1, -1)], 1)                 # (B, T + 1, lm_dim)
+        scores = self.read_query(self.read_norm(x)) @ keys.transpose(1, 2) / math.sqrt(width)
+        token_weights = scores.softmax(-1)                                                    # (B, k, T + 1)
+        read = token_weights @ values                                                         # (B, k, lm_dim)
+        x = x + self.read_in(read)
         x = x + self.mlp(self.mlp_norm(x))
-        return self.request_rows + self.output(x), weights.mean(1)                          # (B, k, lm_dim), (B, P)
+        return (self.request_rows + self.output(x) + read, patch_weights.mean(1),
+                token_weights[..., :-1].mean(1))
 
 
 def heat_map(image: Image.Image, attention: torch.Tensor, size: int = 256) -> Image.Image:

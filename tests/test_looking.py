@@ -60,12 +60,12 @@ def test_a_share_of_the_questions_meets_other_images_with_the_answers_their_scen
 def test_every_request_token_is_pulled_to_the_answers_row_and_training_lowers_the_loss(looking, colour_images):
     targets = answer_rows(looking, ["red", "yes", "2"])
     torch.testing.assert_close(targets[1], word_row(looking, "yes"))
-    request, patches = torch.randn(3, 32), looking.encoded(colour_images)[:, 1:].detach()
+    request, encoded = torch.randn(3, 32), looking.encoded(colour_images).detach()
     params = [p for n, p in looking.perception.named_parameters() if n != "request_rows"]
     optimizer = torch.optim.Adam(params, lr=1e-2)
     losses = []
     for _ in range(30):
-        loss = looking_loss(looking, request, patches, targets)
+        loss = looking_loss(looking, request, encoded, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

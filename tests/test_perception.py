@@ -50,12 +50,23 @@ def test_request_positions_end_the_turn_that_asks_about_images(looking_model, co
                                                           tokenizer, "chat"), 6) + 2 * K
 
 
-def test_a_new_request_module_adds_only_its_rows(tiny_lm_dir, tiny_clip_dir, colour_images):
-    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, request_tokens=K), quantize="none", device="cpu")
-    tokens, attention = model.look(torch.randn(3, 32), colour_images)
+def test_a_request_that_finds_one_of_the_images_tokens_reads_that_token_itself(tiny_lm_dir, tiny_clip_dir,
+                                                                              colour_images):
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, request_tokens=K), quantize="none",
+                       device="cpu")
+    perception, found = model.perception, 3      # two CLS tokens, then one token per cell: the second cell's
+    with torch.no_grad():                                              # every query's key lies on that token alone
+        perception.read_query.weight.zero_()
+        perception.read_query.bias.fill_(1.0)
+        perception.token_position[found] = 100.0
+    tokens, where = model.look(torch.randn(3, 32), colour_images)
+    image_tokens = model.visual_tokens(model.visual_features(colour_images))            # (3, T, 32)
     assert tokens.shape == (3, K, 32)
-    assert torch.equal(tokens, model.perception.request_rows.expand(3, -1, -1)), "the output layer starts at zero"
-    assert attention.shape == (3, 4, 4)
+    expected = perception.request_rows + image_tokens[:, found:found + 1]              # the output starts at zero
+    torch.testing.assert_close(tokens, expected, atol=1e-5, rtol=1e-4)
+    cell = torch.zeros(4, 4)
+    cell[:2, 2:] = 1                                                   # the second cell: top right of a 2 x 2 grid
+    assert (where[:, cell.bool()].sum(1) > 0.45).all(), "the map shows the cell it read (and where patches drew it)"
 
 
 def test_attention_over_the_patches_is_a_map_per_image(looking_model, colour_images):

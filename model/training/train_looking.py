@@ -4,16 +4,17 @@ Trained on the answer loss alone, a new request module learns slowly: 400 steps 
 min) answered attributes 53% and existence near chance (README). The frozen LM copies words it reads from its input
 (the cell words show it), so here each of the k request tokens is pulled towards the LM's own embedding row of the
 answer word (" red", " yes", " 2", " left"), as `cell_words.py` pulls region tokens towards their object's words.
-The LM and the encoder are frozen and the request rows stay as they are, so a question's request (the LM's pass 1)
-and its image's patch features do not change while the module trains: they are computed once, kept in the run
-folder, and the module trains on them alone, thousands of steps in minutes. Questions are the simple kinds and the
+The LM, the encoder and the mappings are frozen and the request rows stay as they are, so a question's request (the
+LM's pass 1) and its image's encoder output (whence the patches and the image's own tokens) do not change while the
+module trains: they are computed once, kept in the run folder, and the module trains on them alone, thousands of
+steps in minutes. Questions are the simple kinds and the
 steps compound questions decompose into (what IMMO's Observer is asked), from the train split; half of each batch
 meets another cached image that answers it (`other_scenes`), since a module trained on 4,000 fixed pairs learns
 them by heart. Validation reports how often the tokens lie nearest the right answer among the words of its type, by
 kind. The frozen LM does not yet read these tokens as the answer (the demo's mappings taught it to describe what it
 sees): `train.py --questions --trainable perception --init <out>` then teaches it through the LM.
 
-    python -m model.training.train_looking --init demo --out runs/looking --questions 4000
+    python -m model.training.train_looking --init demo --out runs/looking --request-tokens 4
 """
 from __future__ import annotations
 
@@ -89,12 +90,13 @@ def simple_kind(kind: str, answer: str) -> str:
 
 def cached_inputs(model: GroundedLM, run_dir: Path, split: str, n: int, args: argparse.Namespace
                   ) -> dict:
-    """{"request": (N, lm_dim), "patches": (N, P, visual_dim), "kind": (N,) an index of KINDS}, and "answers" and
+    """{"request": (N, lm_dim), "encoded": (N, 1 + P, visual_dim) the encoder's output, "kind": (N,) an index of
+    KINDS}, and "answers" and
     "items" (`asked(split, n)`, whose questions they are); the tensors from the run folder when a run with the same
     inputs made them."""
     path = run_dir / CACHE_NAME.format(split=split)
     init = resolve(args.init)
-    inputs = {"format": "1", "init": str(init.resolve()), "n": str(n), "holdout": str(args.holdout),
+    inputs = {"format": "2", "init": str(init.resolve()), "n": str(n), "holdout": str(args.holdout),
               "weights": hashlib.sha256((init / WEIGHTS_NAME).read_bytes()).hexdigest(),
               "request_tokens": str(model.config.request_tokens)}
     items = asked(split, n, model.visual.image_size[0], args.holdout)
@@ -103,7 +105,7 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, n: int, args: ar
         with safe_open(path, "pt") as f:
             if f.metadata() == inputs:
                 return {**load_file(path), "answers": answers, "items": items}
-    requests, patches = [], []
+    requests, encoded = [], []
     for start in tqdm(range(0, len(items), args.cache_batch), desc=f"requests ({split})", unit="batch",
                       dynamic_ncols=True):
         batch = items[start:start + args.cache_batch]
@@ -112,8 +114,8 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, n: int, args: ar
                    for sample, text, _, _ in batch]
         requests.append(model.requests(prompts).float().cpu())
         with torch.no_grad():
-            patches.append(model.encoded([sample.image for sample, _, _, _ in batch])[:, 1:].float().cpu())
-    cache = {"request": torch.cat(requests), "patches": torch.cat(patches),
+            encoded.append(model.encoded([sample.image for sample, _, _, _ in batch]).float().cpu())
+    cache = {"request": torch.cat(requests), "encoded": torch.cat(encoded),
              "kind": torch.tensor([KINDS.index(kind) for _, _, _, kind in items])}
     run_dir.mkdir(parents=True, exist_ok=True)
     save_file(cache, path, metadata=inputs)
@@ -131,11 +133,11 @@ def answer_rows(model: GroundedLM, answers: list[str]) -> torch.Tensor:
     return torch.stack([rows[a] for a in answers])
 
 
-def looking_loss(model: GroundedLM, request: torch.Tensor, patches: torch.Tensor, targets: torch.Tensor
+def looking_loss(model: GroundedLM, request: torch.Tensor, encoded: torch.Tensor, targets: torch.Tensor
                  ) -> torch.Tensor:
     """Mean squared distance of every request token to its answer's row, in units of the table's mean squared row
     norm (as the cell-word loss)."""
-    tokens, _ = model.perception(request, patches)                                        # (B, k, lm_dim)
+    tokens, _ = model.look_at(request, encoded)                                            # (B, k, lm_dim)
     scale = model.lm.get_input_embeddings().weight.float().pow(2).sum(-1).mean()
     return (tokens - targets.unsqueeze(1)).pow(2).sum(-1).mean() / scale
 
@@ -148,7 +150,7 @@ def answered(model: GroundedLM, cache: dict, batch: int = 512) -> dict[str, floa
     rows = {t: torch.stack([words[w] for w in type_words]) for t, type_words in ANSWER_WORDS.items()}
     right = []
     for start in range(0, len(cache["answers"]), batch):
-        tokens, _ = model.perception(cache["request"][start:start + batch], cache["patches"][start:start + batch])
+        tokens, _ = model.look_at(cache["request"][start:start + batch], cache["encoded"][start:start + batch])
         for token, answer in zip(tokens.mean(1), cache["answers"][start:start + batch]):
             said = answer_type(answer)
             right.append(ANSWER_WORDS[said][int((rows[said] - token).pow(2).sum(-1).argmin())] == answer)
@@ -198,7 +200,7 @@ def pretrain(args: argparse.Namespace) -> dict:
             order = torch.cat([order, torch.randperm(len(train["answers"]), generator=generator)])
         rows, order = order[:args.batch_size], order[args.batch_size:]
         images, answers = other_scenes(train["items"], rows.tolist(), args.other_scenes, rng)
-        loss = looking_loss(model, train["request"][rows].to(device), train["patches"][images].to(device),
+        loss = looking_loss(model, train["request"][rows].to(device), train["encoded"][images].to(device),
                             torch.stack([rows_of[a] for a in answers]).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,7 +210,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             with torch.no_grad():
-                val_loss = looking_loss(model, val["request"].to(device), val["patches"].to(device),
+                val_loss = looking_loss(model, val["request"].to(device), val["encoded"].to(device),
                                         val_targets.to(device)).item()
             history["step"].append(step + 1)
             history["loss"].append(sum(losses[-args.val_every:]) / len(losses[-args.val_every:]))
@@ -234,13 +236,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--run-dir", help="the cache and the curve (default: runs/<name of --out>)")
     p.add_argument("--request-tokens", type=int, default=None, help="for a checkpoint without a request module")
-    p.add_argument("--questions", type=int, default=4000, help="simple training questions (and a quarter as many "
+    p.add_argument("--questions", type=int, default=12000, help="simple training questions (and a quarter as many "
                                                                 "compound ones' steps)")
     p.add_argument("--val-questions", type=int, default=400)
     p.add_argument("--other-scenes", type=float, default=0.5,
                    help="share of a batch whose question meets another cached image (its answer read from that "
                         "image's scene)")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--val-every", type=int, default=250)
