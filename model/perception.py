@@ -24,7 +24,8 @@ region tokens sit on its own words (the demo's cells say size, colour, shape and
 that finds "the object on the left"'s colour token *is* that word to the frozen LM; what is computed rather
 than read (yes or no, a count) comes from the sink's share and the MLP. Patch features come from any CLS-token
 ViT, so a FROMAGe checkpoint, whose image tokens are its CLS tokens alone, gets patch-level detail this way.
-The output layer starts at zero.
+The output layer starts at zero, so a new module's tokens are its rows plus what the read takes: at first a
+near-even blend of the image's own tokens, input the LM already reads.
 """
 from __future__ import annotations
 
