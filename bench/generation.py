@@ -35,7 +35,6 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from bench import synchronize
-from model.config import GroundedConfig
 from model.generate import GenerationSettings, Text, stream_reply
 from model.grounded import GroundedLM
 from model.monologue import Monologue, think
@@ -133,12 +132,13 @@ def thinking(model: GroundedLM, n: int) -> dict:
 
 
 def without_reasoner(checkpoint: str) -> str:
-    """A temporary copy of the checkpoint without its Reasoner (the same mappings and encoder)."""
-    from model.checkpoint import resolve
+    """A temporary copy of the checkpoint without its Reasoner (the same mappings and encoder: one the config names
+    relative to the checkpoint, as assets/lmeye's ../demo/clip, by its absolute path)."""
+    from model.checkpoint import read_checkpoint, resolve
     source = resolve(checkpoint)
     copy = Path(tempfile.mkdtemp(prefix="no-reasoner-")) / source.name
     shutil.copytree(source, copy, ignore=shutil.ignore_patterns("reasoner"))
-    config = GroundedConfig.load(copy)
+    config, _ = read_checkpoint(source)
     config.reasoner = False
     config.save(copy)
     return str(copy)
