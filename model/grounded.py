@@ -5,7 +5,7 @@
     (input and region mappings: a Linear, or an MLP when the config's projector is `mlp`)
     image --CLIP--> pooled (visual_dim) --image_mapping--> emb_dim, L2-normalised       (what the index stores)
     [RET] hidden state (lm_dim)          --ret_mapping---> emb_dim, L2-normalised       (the retrieval query)
-    request hidden state + image patches --perception----> request_tokens x lm_dim     (LMEye, when configured)
+    request hidden states + image ---------perception----> request_tokens x lm_dim     (LMEye, when configured)
 
 `[RET]` gets its own trainable input row (and, when the LM's head is untied, its own output row);
 the LM's embedding table and every other frozen weight stay bit-for-bit as loaded.
@@ -31,7 +31,7 @@ from model.familiarity import Familiarity
 from model.image_embedder import fingerprint, image_keys, image_vectors
 from model.images import image_key
 from model.lm import dequantized, load_lm
-from model.perception import Perception
+from model.perception import QUESTION_POSITIONS, Perception
 from model.prefix_cache import PrefixCache
 from model.reasoner import FOLDER as REASONER_FOLDER, add_reasoner, load_reasoner, reasoning, save_reasoner
 from model.prompt import (Look, Segment, Turn, count_tokens, images_in, render, render_with_target,
@@ -44,6 +44,25 @@ FEATURE_CACHE_BYTES = 256 * 2 ** 20
 PREFIX_CACHE_BYTES = 256 * 2 ** 20
 """Prompts' keys and values kept for their conversations' next turns: ~5,800 prompt tokens of SmolLM2 in fp32 (a
 one-image demo prompt is 86)."""
+
+
+def question_positions(segments: list[Segment]) -> int:
+    """How many of pass 1's last positions make a request: those of `segments` (a prompt before its first `Look`)
+    after its last image (the question and the chat template around it) and the request row, at most
+    QUESTION_POSITIONS."""
+    last = max((i for i, s in enumerate(segments) if isinstance(s, Image.Image)), default=-1)
+    return min(QUESTION_POSITIONS, 1 + sum(len(s) for s in segments[last + 1:]))
+
+
+def left_padded(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Requests of different lengths (n_i, lm_dim), each its last `length` positions at most -> (B, length, lm_dim)
+    with the request row last in every row, and the mask of real positions (B, length)."""
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)
+    for i, row in enumerate(rows):
+        n = min(length, len(row))
+        out[i, length - n:], mask[i, length - n:] = row[len(row) - n:], True
+    return out, mask
 
 
 @dataclass
@@ -328,17 +347,20 @@ class GroundedLM(nn.Module):
         return self.embed_segments(render(turns, self.tokenizer, self.config.prompt_format)).unsqueeze(0)
 
     # ---- looking (LMEye) -------------------------------------------------------------------------
-    def look(self, requests: torch.Tensor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Requests (L, lm_dim), one per image -> request tokens (L, request_tokens, lm_dim) and where each
-        looked (L, grid_h, grid_w)."""
-        return self.look_at(requests, self.encoded(images))
+    def look(self, requests: torch.Tensor, request_mask: torch.Tensor, images: list[Image.Image]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Requests (L, Q, lm_dim) with their mask (L, Q), one per image (`requests`) -> request tokens
+        (L, request_tokens, lm_dim) and where each looked (L, grid_h, grid_w)."""
+        return self.look_at(requests, request_mask, self.encoded(images))
 
-    def look_at(self, requests: torch.Tensor, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def look_at(self, requests: torch.Tensor, request_mask: torch.Tensor, encoded: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """`look` on the images' encoder output (L, 1 + n_patches, visual_dim). Where it looked sums to 1: the
         attention over the patches, plus what the read of the image tokens took from each region cell spread
         over that cell's patches (the CLS tokens' share over all of them)."""
         image_tokens = self.visual_tokens(self.features_of(encoded))                       # (L, T, lm_dim)
-        tokens, on_patches, on_tokens = self.perception(requests, encoded[:, 1:], image_tokens)  # (L, P), (L, T)
+        tokens, on_patches, on_tokens = self.perception(requests, request_mask, encoded[:, 1:],
+                                                        image_tokens)                      # (L, P), (L, T)
         rows, cols = self.visual.grid_size
         n = self.config.n_visual_tokens
         where = on_patches + on_tokens[:, :n].sum(1, keepdim=True) / (rows * cols)          # (L, P)
@@ -362,34 +384,39 @@ class GroundedLM(nn.Module):
                   ) -> tuple[torch.Tensor, list[Looked]]:
         """Pass 1 over the prompt before its first `Look`, head (T0, lm_dim), and the first request row (into
         `cache` when given, which may already hold head's first positions, and is cut back to head after):
-        -> the request tokens (L, request_tokens, lm_dim) and where each request looked."""
+        -> the request tokens (L, request_tokens, lm_dim) and where each request looked. The cache must leave
+        the question's positions (`question_positions`) to run here: they are the request."""
         probe = self.perception.request_rows[:1].to(head.dtype)                             # (1, lm_dim)
         known = 0 if cache is None else cache.get_seq_length()
         hidden, _ = self.hidden_states(torch.cat([head[known:], probe]).unsqueeze(0), past_key_values=cache)
         if cache is not None:
             cache.crop(-1)  # the request row's place: pass 2 puts the request tokens there
         images = [s.image for s in segments[first:] if isinstance(s, Look)]
-        tokens, attention = self.look(hidden[0, -1:].expand(len(images), -1), images)
+        request = hidden[:, -question_positions(segments[:first]):]                        # (1, Q, lm_dim)
+        mask = torch.ones(request.shape[:2], dtype=torch.bool, device=self.device)
+        tokens, attention = self.look(request.expand(len(images), -1, -1), mask.expand(len(images), -1), images)
         return tokens, [Looked(im, a) for im, a in zip(images, attention)]
 
     @torch.no_grad()
-    def requests(self, prompts: list[list[Segment]]) -> torch.Tensor:
-        """Pass 1 of prompts that look, as one batch: each prompt's request (B, lm_dim), the hidden state at the
-        first request row after its prompt before the first `Look` (rows right-padded: causal attention keeps a
-        row's positions its own)."""
-        heads = []
+    def requests(self, prompts: list[list[Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 1 of prompts that look, as one batch: each prompt's request, the hidden states of its question and
+        of the first request row after its prompt before the first `Look` (`question_positions`), left-padded to
+        QUESTION_POSITIONS (B, Q, lm_dim), and their mask (B, Q) (the prompts run right-padded: causal attention
+        keeps a row's positions its own)."""
+        heads, asked = [], []
         for prompt in prompts:
             first, head = self._before_look(prompt)                                         # (T_i, lm_dim)
             if first is None:
                 raise ValueError("a prompt without request positions: render it with look=True")
             heads.append(torch.cat([head, self.perception.request_rows[:1].to(head.dtype)]))
+            asked.append(question_positions(prompt[:first]))
         lengths = [len(h) for h in heads]
         inputs = torch.zeros(len(heads), max(lengths), heads[0].shape[-1], dtype=heads[0].dtype, device=self.device)
         mask = torch.zeros(inputs.shape[:2], dtype=torch.long, device=self.device)       # (B, T)
         for i, head in enumerate(heads):
             inputs[i, :len(head)], mask[i, :len(head)] = head, 1
         hidden, _ = self.hidden_states(inputs, mask)                                        # (B, T, lm_dim)
-        return hidden[torch.arange(len(heads), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return left_padded([hidden[i, n - a:n] for i, (n, a) in enumerate(zip(lengths, asked))], QUESTION_POSITIONS)
 
     def prefill(self, segments: list[Segment]) -> tuple[torch.Tensor, DynamicCache, list[Looked]]:
         """Run a rendered prompt into a new KV cache -> the last hidden state (lm_dim,), the cache and where it
@@ -398,12 +425,14 @@ class GroundedLM(nn.Module):
         The prompt's first positions come from `prefixes` when an earlier prompt started the same way (the
         conversation so far); the prompt before any request is remembered there for the next turn. With
         `Look`s (a model with a request module, `render(..., look=True)`): pass 1 runs the prompt up to them
-        and the first request row; that position's hidden state is the request. The cache is cut back to the
-        prompt before the request, and pass 2 runs only the request tokens and what follows.
+        and the first request row; the hidden states of the question and that row are the request. The cache is cut
+        back to the prompt before the request, and pass 2 runs only the request tokens and what follows.
         """
         first, head = self._before_look(segments)                                          # head: (T0, lm_dim)
-        known, cache = self.prefixes.reuse(head, limit=len(head) - (first is None))
-        if first is None:  # the last position always runs: its hidden state picks the first token
+        # the last position always runs (its hidden state picks the first token); with a request, the question's
+        known, cache = self.prefixes.reuse(head, limit=len(head) - (1 if first is None else
+                                                                    question_positions(segments[:first]) - 1))
+        if first is None:
             hidden, cache = self.hidden_states(head[known:].unsqueeze(0), past_key_values=cache)
             self.prefixes.add(head, cache)
             return hidden[0, -1], cache, []
@@ -526,18 +555,19 @@ class GroundedLM(nn.Module):
         cache.batch_repeat_interleave(n_rows)                                               # P keys per row
         return hidden[0, -1], cache
 
-    def _run_rows(self, rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Image.Image]]],
+    def _run_rows(self, rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Image.Image], int]],
                   prefix: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows of (context embeds (C_i, lm_dim) or None, rest embeds (R_i, lm_dim), rest labels (R_i,), images the
-        row looks at) after the shared `prefix` -> the rest's hidden states (B, R, lm_dim), the hidden state just
-        before each rest (B, lm_dim) and the labels (B, R), right-padded with -100. Position ids skip the
-        padding, so every row sees the positions it would have alone. Rows that look (all of them or none) get
-        their request tokens between context and rest, as `prefill` does: a request row after the context
-        (pass 1), then the request tokens and the rest (pass 2)."""
+        row looks at, its `question_positions`) after the shared `prefix` -> the rest's hidden states (B, R, lm_dim),
+        the hidden state just before each rest (B, lm_dim) and the labels (B, R), right-padded with -100. Position
+        ids skip the padding, so every row sees the positions it would have alone. Rows that look (all of them or
+        none) get their request tokens between context and rest, as `prefill` does: a request row after the
+        context (pass 1; the request is its state and the context's last, the question's), then the request
+        tokens and the rest (pass 2)."""
         n_rows, n_prefix, lm_dim, dtype = len(rows), len(prefix), rows[0][1].shape[-1], rows[0][1].dtype
-        context_lengths = [0 if context is None else len(context) for context, _, _, _ in rows]
-        look_lengths = [len(looked) * self.config.request_tokens for _, _, _, looked in rows]
-        rest_lengths = [n + len(rest) for n, (_, rest, _, _) in zip(look_lengths, rows)]
+        context_lengths = [0 if context is None else len(context) for context, _, _, _, _ in rows]
+        look_lengths = [len(looked) * self.config.request_tokens for _, _, _, looked, _ in rows]
+        rest_lengths = [n + len(rest) for n, (_, rest, _, _, _) in zip(look_lengths, rows)]
         n_context, n_rest = max(context_lengths), max(rest_lengths)
         mask = torch.zeros(n_rows, n_prefix + n_context + n_rest, dtype=torch.long, device=self.device)
         mask[:, :n_prefix] = 1
@@ -547,21 +577,24 @@ class GroundedLM(nn.Module):
         positions = (mask.cumsum(1) - 1).clamp(min=0)                                      # (B, P + C + R)
 
         before = torch.zeros(n_rows, lm_dim, dtype=dtype, device=self.device)
+        questions = [torch.zeros(0, lm_dim, dtype=dtype, device=self.device)] * n_rows  # (Q_i - 1, lm_dim) each
         cache = None
         with torch.no_grad():
             if prefix:
                 before[:], cache = self.run_prefix(prefix, n_rows)
             if n_context:
                 inputs = torch.zeros(n_rows, n_context, lm_dim, dtype=dtype, device=self.device)  # (B, C, lm_dim)
-                for i, (context, _, _, _) in enumerate(rows):
+                for i, (context, _, _, _, _) in enumerate(rows):
                     if context is not None:
                         inputs[i, :len(context)] = context
                 hidden, cache = self.hidden_states(inputs, mask[:, :n_prefix + n_context],
                                                    cache if cache is not None else DynamicCache(),
                                                    positions[:, n_prefix:n_prefix + n_context])
-                for i, c in enumerate(context_lengths):
+                for i, (c, (_, _, _, looked, asked)) in enumerate(zip(context_lengths, rows)):
                     if c:
                         before[i] = hidden[i, c - 1]
+                    if looked:
+                        questions[i] = hidden[i, max(0, c - asked + 1):c]
         inputs = torch.zeros(n_rows, n_rest, lm_dim, dtype=dtype, device=self.device)      # (B, R, lm_dim)
         labels = torch.full((n_rows, n_rest), -100, dtype=torch.long, device=self.device)
         if any(look_lengths):
@@ -570,11 +603,13 @@ class GroundedLM(nn.Module):
             hidden, cache = self.hidden_states(probe, mask[:, :end + 1], cache if cache is not None else DynamicCache(),
                                                positions[:, end:end + 1])
             cache.crop(-1)
-            looks = [(i, image) for i, (_, _, _, looked) in enumerate(rows) for image in looked]
-            tokens, _ = self.look(hidden[[i for i, _ in looks], 0], [image for _, image in looks])  # (L, k, lm_dim)
+            looks = [(i, image) for i, (_, _, _, looked, _) in enumerate(rows) for image in looked]
+            request, request_mask = left_padded([torch.cat([questions[i], hidden[i, :1]]) for i, _ in looks],
+                                                QUESTION_POSITIONS)                         # (L, Q, lm_dim)
+            tokens, _ = self.look(request, request_mask, [image for _, image in looks])     # (L, k, lm_dim)
             for i in range(n_rows):
                 inputs[i, :look_lengths[i]] = tokens[[j for j, (row, _) in enumerate(looks) if row == i]].flatten(0, 1)
-        for i, (_, rest, rest_labels, _) in enumerate(rows):
+        for i, (_, rest, rest_labels, _, _) in enumerate(rows):
             n = look_lengths[i]
             inputs[i, n:n + len(rest)], labels[i, n:n + len(rest_labels)] = rest, rest_labels
             if not n_prefix and not context_lengths[i]:
@@ -602,7 +637,7 @@ class GroundedLM(nn.Module):
         rendered = [render_with_target(e.turns, self.tokenizer, self.config.prompt_format, self.perception is not None)
                     for e in examples]
         prefix = self.shared_prefix([prompt for prompt, _ in rendered])
-        rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Image.Image]]] = []
+        rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Image.Image], int]] = []
         for example, (prompt, target) in zip(examples, rendered):
             if prefix:  # the shared opening runs once per sub-batch
                 rest = prompt[0][len(prefix):]
@@ -622,7 +657,7 @@ class GroundedLM(nn.Module):
                 else torch.tensor(s) for s in target]).to(self.device)
             rest_labels = torch.cat([torch.full((len(rest_embeds) - len(target_labels),), -100, device=self.device),
                                      target_labels])
-            rows.append((context, rest_embeds, rest_labels, looked))
+            rows.append((context, rest_embeds, rest_labels, looked, question_positions(prompt[:cut]) if looked else 0))
         predictors, label_ids, ret_hidden, ret_before = [], [], {}, {}
         looking = [i for i, row in enumerate(rows) if row[3]]
         groups = ([list(range(len(examples)))] if context_grad and not looking else

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from model.grounded import GroundedLM
+from model.grounded import GroundedLM, question_positions
+from model.perception import QUESTION_POSITIONS
 from model.prompt import Look, Turn, render
 from model.training.cell_words import word_row
 from model.training.train_looking import (CACHE_NAME, KINDS, answer_rows, answer_type, asked, looking_loss,
@@ -25,13 +26,17 @@ def test_a_batch_of_prompts_gets_the_request_each_gets_alone(looking, colour_ima
     red, green, _ = colour_images
     prompts = [render([Turn("user", [image, text])], looking.tokenizer, "chat", look=True)
                for image, text in ((red, "what colour?"), (green, "is there a large blue star in the picture?"))]
-    together = looking.requests(prompts)
-    for prompt, request in zip(prompts, together):
+    together, mask = looking.requests(prompts)
+    assert together.shape == (2, QUESTION_POSITIONS, 32) and mask.shape == (2, QUESTION_POSITIONS)
+    for prompt, request, real in zip(prompts, together, mask):
         first = next(i for i, s in enumerate(prompt) if isinstance(s, Look))
         head = torch.cat([looking.embed_segments(prompt[:first]), looking.perception.request_rows[:1]])
         with torch.no_grad():
             alone, _ = looking.hidden_states(head.unsqueeze(0))
-        torch.testing.assert_close(request, alone[0, -1], atol=1e-5, rtol=1e-4)
+        asked = question_positions(prompt[:first])
+        assert asked == 1 + sum(len(s) for s in prompt[2:first]), "the question after the image, and the request row"
+        assert real.sum() == asked and real[-asked:].all(), "left-padded: the request row last"
+        torch.testing.assert_close(request[real], alone[0, -asked:], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="render it with look=True"):
         looking.requests([render([Turn("user", [red, "what colour?"])], looking.tokenizer, "chat")])
 
@@ -60,12 +65,14 @@ def test_a_share_of_the_questions_meets_other_images_with_the_answers_their_scen
 def test_every_request_token_is_pulled_to_the_answers_row_and_training_lowers_the_loss(looking, colour_images):
     targets = answer_rows(looking, ["red", "yes", "2"])
     torch.testing.assert_close(targets[1], word_row(looking, "yes"))
-    request, encoded = torch.randn(3, 32), looking.encoded(colour_images).detach()
+    request, encoded = torch.randn(3, 5, 32), looking.encoded(colour_images).detach()
+    request_mask = torch.ones(3, 5, dtype=torch.bool)
+    request_mask[0, :2] = False
     params = [p for n, p in looking.perception.named_parameters() if n != "request_rows"]
     optimizer = torch.optim.Adam(params, lr=1e-2)
     losses = []
     for _ in range(30):
-        loss = looking_loss(looking, request, encoded, targets)
+        loss = looking_loss(looking, request, request_mask, encoded, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -88,7 +95,8 @@ def test_the_stage_trains_only_the_module_and_reuses_its_cache(tiny_lm_dir, tiny
     assert model.config.request_tokens == 2 and after["perception.output.weight"].abs().sum() > 0
     cache = tmp_path / "run" / CACHE_NAME.format(split="train")
     made = load_file(cache)
-    assert made["request"].shape == (summary["questions"]["train"], 32)
+    assert made["request"].shape == (summary["questions"]["train"], QUESTION_POSITIONS, 32)
+    assert made["request_mask"][:, -1].all(), "every request ends with its request row"
     stamp = cache.stat().st_mtime_ns
     pretrain(parse_args(argv))
     assert cache.stat().st_mtime_ns == stamp, "the same inputs: the cache is read, not made again"

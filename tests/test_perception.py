@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from model.generate import GenerationSettings, Looked, Text, stream_reply
-from model.grounded import Example, GroundedLM
+from model.grounded import Example, GroundedLM, question_positions
 from model.perception import heat_map
 from model.prompt import Look, Turn, count_tokens, render, render_with_target
 from model.training import evaluate_questions
@@ -27,6 +27,13 @@ def looking_model(tiny_lm_dir, tiny_clip_dir):
         for p in model.perception.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
+
+
+def some_requests(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n requests of 4 positions (the first of one row padding) and their mask."""
+    mask = torch.ones(n, 4, dtype=torch.bool)
+    mask[0, 0] = False
+    return torch.randn(n, 4, 32), mask
 
 
 def looks(segments) -> list[Image.Image]:
@@ -59,7 +66,7 @@ def test_a_request_that_finds_one_of_the_images_tokens_reads_that_token_itself(t
         perception.read_query.weight.zero_()
         perception.read_query.bias.fill_(1.0)
         perception.token_position[found] = 100.0
-    tokens, where = model.look(torch.randn(3, 32), colour_images)
+    tokens, where = model.look(*some_requests(3), colour_images)
     image_tokens = model.visual_tokens(model.visual_features(colour_images))            # (3, T, 32)
     assert tokens.shape == (3, K, 32)
     expected = perception.request_rows + image_tokens[:, found:found + 1]              # the output starts at zero
@@ -70,7 +77,7 @@ def test_a_request_that_finds_one_of_the_images_tokens_reads_that_token_itself(t
 
 
 def test_attention_over_the_patches_is_a_map_per_image(looking_model, colour_images):
-    _, attention = looking_model.look(torch.randn(3, 32), colour_images)
+    _, attention = looking_model.look(*some_requests(3), colour_images)
     assert attention.shape == (3, *looking_model.visual.grid_size)
     torch.testing.assert_close(attention.sum((1, 2)), torch.ones(3))
     assert not torch.allclose(attention[0], attention[2]), "each image gets its own map"
@@ -85,13 +92,25 @@ def test_prefill_reuses_the_prefix_and_equals_running_the_two_passes_whole(looki
         head = looking_model.embed_segments(segments[:first])
         probe = looking_model.perception.request_rows[:1]
         pass1, _ = looking_model.hidden_states(torch.cat([head, probe]).unsqueeze(0))
-        tokens, attention = looking_model.look(pass1[0, -1:].expand(2, -1), [red, green])
+        request = pass1[:, -question_positions(segments[:first]):].expand(2, -1, -1)    # the question and the row
+        tokens, attention = looking_model.look(request, torch.ones(request.shape[:2], dtype=torch.bool), [red, green])
         whole = torch.cat([head, looking_model.embed_segments(segments[first:], tokens)]).unsqueeze(0)
         reference, _ = looking_model.hidden_states(whole)
     torch.testing.assert_close(last, reference[0, -1])
     assert cache.get_seq_length() == whole.shape[1]
     assert [lk.image for lk in looked] == [red, green]
     torch.testing.assert_close(torch.stack([lk.attention for lk in looked]), attention)
+
+
+def test_asking_again_reads_the_question_again_though_the_prompt_is_remembered(looking_model, colour_images):
+    red = colour_images[0]
+    segments = render([Turn("user", [red, "what colour is it?"])], looking_model.tokenizer, "chat", look=True)
+    looking_model.prefixes.clear()
+    with torch.no_grad():
+        first_last, _, first_looked = looking_model.prefill(segments)
+        again_last, _, again_looked = looking_model.prefill(segments)                      # a Retry: head remembered
+    torch.testing.assert_close(again_last, first_last)
+    torch.testing.assert_close(again_looked[0].attention, first_looked[0].attention)
 
 
 def test_training_loss_equals_the_whole_sequence_and_trains_the_request_module(looking_model, colour_images):

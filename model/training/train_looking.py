@@ -90,13 +90,13 @@ def simple_kind(kind: str, answer: str) -> str:
 
 def cached_inputs(model: GroundedLM, run_dir: Path, split: str, n: int, args: argparse.Namespace
                   ) -> dict:
-    """{"request": (N, lm_dim), "encoded": (N, 1 + P, visual_dim) the encoder's output, "kind": (N,) an index of
-    KINDS}, and "answers" and
-    "items" (`asked(split, n)`, whose questions they are); the tensors from the run folder when a run with the same
-    inputs made them."""
+    """{"request": (N, Q, lm_dim) and "request_mask": (N, Q) (`GroundedLM.requests`), "encoded": (N, 1 + P,
+    visual_dim) the encoder's output, "kind": (N,) an index of KINDS}, and "answers" and "items" (`asked(split, n)`,
+    whose questions they are); the tensors from the run folder when a run with the same inputs made them. The
+    requests are kept in bf16 (half the size; the module normalises them first)."""
     path = run_dir / CACHE_NAME.format(split=split)
     init = resolve(args.init)
-    inputs = {"format": "2", "init": str(init.resolve()), "n": str(n), "holdout": str(args.holdout),
+    inputs = {"format": "3", "init": str(init.resolve()), "n": str(n), "holdout": str(args.holdout),
               "weights": hashlib.sha256((init / WEIGHTS_NAME).read_bytes()).hexdigest(),
               "request_tokens": str(model.config.request_tokens)}
     items = asked(split, n, model.visual.image_size[0], args.holdout)
@@ -105,17 +105,19 @@ def cached_inputs(model: GroundedLM, run_dir: Path, split: str, n: int, args: ar
         with safe_open(path, "pt") as f:
             if f.metadata() == inputs:
                 return {**load_file(path), "answers": answers, "items": items}
-    requests, encoded = [], []
+    requests, masks, encoded = [], [], []
     for start in tqdm(range(0, len(items), args.cache_batch), desc=f"requests ({split})", unit="batch",
                       dynamic_ncols=True):
         batch = items[start:start + args.cache_batch]
         prompts = [render([Turn("user", [sample.image, text])], model.tokenizer, model.config.prompt_format,
                           look=True)
                    for sample, text, _, _ in batch]
-        requests.append(model.requests(prompts).float().cpu())
+        request, mask = model.requests(prompts)
+        requests.append(request.to(torch.bfloat16).cpu())
+        masks.append(mask.cpu())
         with torch.no_grad():
             encoded.append(model.encoded([sample.image for sample, _, _, _ in batch]).float().cpu())
-    cache = {"request": torch.cat(requests), "encoded": torch.cat(encoded),
+    cache = {"request": torch.cat(requests), "request_mask": torch.cat(masks), "encoded": torch.cat(encoded),
              "kind": torch.tensor([KINDS.index(kind) for _, _, _, kind in items])}
     run_dir.mkdir(parents=True, exist_ok=True)
     save_file(cache, path, metadata=inputs)
@@ -133,11 +135,11 @@ def answer_rows(model: GroundedLM, answers: list[str]) -> torch.Tensor:
     return torch.stack([rows[a] for a in answers])
 
 
-def looking_loss(model: GroundedLM, request: torch.Tensor, encoded: torch.Tensor, targets: torch.Tensor
-                 ) -> torch.Tensor:
+def looking_loss(model: GroundedLM, request: torch.Tensor, request_mask: torch.Tensor, encoded: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
     """Mean squared distance of every request token to its answer's row, in units of the table's mean squared row
     norm (as the cell-word loss)."""
-    tokens, _ = model.look_at(request, encoded)                                            # (B, k, lm_dim)
+    tokens, _ = model.look_at(request, request_mask, encoded)                              # (B, k, lm_dim)
     scale = model.lm.get_input_embeddings().weight.float().pow(2).sum(-1).mean()
     return (tokens - targets.unsqueeze(1)).pow(2).sum(-1).mean() / scale
 
@@ -150,7 +152,8 @@ def answered(model: GroundedLM, cache: dict, batch: int = 512) -> dict[str, floa
     rows = {t: torch.stack([words[w] for w in type_words]) for t, type_words in ANSWER_WORDS.items()}
     right = []
     for start in range(0, len(cache["answers"]), batch):
-        tokens, _ = model.look_at(cache["request"][start:start + batch], cache["encoded"][start:start + batch])
+        tokens, _ = model.look_at(cache["request"][start:start + batch], cache["request_mask"][start:start + batch],
+                                  cache["encoded"][start:start + batch])
         for token, answer in zip(tokens.mean(1), cache["answers"][start:start + batch]):
             said = answer_type(answer)
             right.append(ANSWER_WORDS[said][int((rows[said] - token).pow(2).sum(-1).argmin())] == answer)
@@ -200,8 +203,8 @@ def pretrain(args: argparse.Namespace) -> dict:
             order = torch.cat([order, torch.randperm(len(train["answers"]), generator=generator)])
         rows, order = order[:args.batch_size], order[args.batch_size:]
         images, answers = other_scenes(train["items"], rows.tolist(), args.other_scenes, rng)
-        loss = looking_loss(model, train["request"][rows].to(device), train["encoded"][images].to(device),
-                            torch.stack([rows_of[a] for a in answers]).to(device))
+        loss = looking_loss(model, train["request"][rows].to(device), train["request_mask"][rows].to(device),
+                            train["encoded"][images].to(device), torch.stack([rows_of[a] for a in answers]).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -210,8 +213,8 @@ def pretrain(args: argparse.Namespace) -> dict:
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             with torch.no_grad():
-                val_loss = looking_loss(model, val["request"].to(device), val["encoded"].to(device),
-                                        val_targets.to(device)).item()
+                val_loss = looking_loss(model, val["request"].to(device), val["request_mask"].to(device),
+                                        val["encoded"].to(device), val_targets.to(device)).item()
             history["step"].append(step + 1)
             history["loss"].append(sum(losses[-args.val_every:]) / len(losses[-args.val_every:]))
             history["val_loss"].append(val_loss)
