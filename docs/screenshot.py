@@ -3,12 +3,15 @@
     python app.py &                                   # the demo, on http://127.0.0.1:7860
     python -m docs.screenshot --out docs/screenshot.png
     python -m docs.screenshot --monologue --out docs/monologue.png
+    python app.py --checkpoint assets/lmeye &        # the demo with LMEye's request module
+    python -m docs.screenshot --looking --out docs/looked.png
 
 It sends the chat's messages in one conversation, with the app's default settings, and captures the
 whole page once every reply is complete: a picture requested and shown inline, an uploaded scene
 described, a photograph (scikit-image's sample cat) answered with the note that the demo was trained on
 another kind of image, and another picture asked for like the second of them (the upload). With `--monologue`: "Think before answering" on, a compound question about an uploaded
-scene, and the inner monologue opened above the answer.
+scene, and the inner monologue opened above the answer. With `--looking`: a question about an uploaded scene and a
+follow-up about the same scene, each answer with where the model looked first.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ MESSAGES = (("Find an image of a large blue circle in the centre.", None),
             ("And what is in this one?", cat_photograph()),
             ("Show me another picture like the second one.", None))
 MONOLOGUE = (("Are the cross and the star the same size?", ROOT / "assets" / "examples" / "two-shapes.png"),)
+LOOKING = (("What shape is on the left?", ROOT / "assets" / "examples" / "two-shapes.png"),
+           ("And what colour is the shape on the right?", None))
 
 
 def main() -> None:
@@ -39,7 +44,10 @@ def main() -> None:
     p.add_argument("--url", default="http://127.0.0.1:7860/")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshot.png")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for each reply")
-    p.add_argument("--monologue", action="store_true", help="think before answering, and show the monologue")
+    scenario = p.add_mutually_exclusive_group()
+    scenario.add_argument("--monologue", action="store_true", help="think before answering, and show the monologue")
+    scenario.add_argument("--looking", action="store_true",
+                          help="questions about an upload, for an app whose checkpoint looks first (LMEye)")
     args = p.parse_args()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -48,7 +56,7 @@ def main() -> None:
         page.wait_for_selector("#message textarea")
         if args.monologue:
             page.locator("#monologue input[type=checkbox]").check()
-        for text, image in MONOLOGUE if args.monologue else MESSAGES:
+        for text, image in MONOLOGUE if args.monologue else LOOKING if args.looking else MESSAGES:
             shown = page.locator("#chatbot .message.bot").count()
             if image is not None:
                 page.locator("#message input[type=file]").set_input_files(str(image))

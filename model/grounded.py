@@ -82,6 +82,18 @@ class Looked:
     attention: torch.Tensor
 
 
+@dataclass(frozen=True)
+class TrainingRow:
+    """One conversation as `forward` runs it: the context (C, lm_dim) read without gradient, or None; the rest
+    (R, lm_dim) with its labels (R,), -100 where nothing is predicted; the images its request tokens look at, and
+    its `question_positions` (0 when it does not look)."""
+    context: torch.Tensor | None
+    rest: torch.Tensor
+    labels: torch.Tensor
+    looked: list[Image.Image]
+    asked: int
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor
@@ -555,19 +567,16 @@ class GroundedLM(nn.Module):
         cache.batch_repeat_interleave(n_rows)                                               # P keys per row
         return hidden[0, -1], cache
 
-    def _run_rows(self, rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Image.Image], int]],
-                  prefix: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows of (context embeds (C_i, lm_dim) or None, rest embeds (R_i, lm_dim), rest labels (R_i,), images the
-        row looks at, its `question_positions`) after the shared `prefix` -> the rest's hidden states (B, R, lm_dim),
-        the hidden state just before each rest (B, lm_dim) and the labels (B, R), right-padded with -100. Position
-        ids skip the padding, so every row sees the positions it would have alone. Rows that look (all of them or
-        none) get their request tokens between context and rest, as `prefill` does: a request row after the
-        context (pass 1; the request is its state and the context's last, the question's), then the request
-        tokens and the rest (pass 2)."""
-        n_rows, n_prefix, lm_dim, dtype = len(rows), len(prefix), rows[0][1].shape[-1], rows[0][1].dtype
-        context_lengths = [0 if context is None else len(context) for context, _, _, _, _ in rows]
-        look_lengths = [len(looked) * self.config.request_tokens for _, _, _, looked, _ in rows]
-        rest_lengths = [n + len(rest) for n, (_, rest, _, _, _) in zip(look_lengths, rows)]
+    def _run_rows(self, rows: list[TrainingRow], prefix: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows after the shared `prefix` -> the rest's hidden states (B, R, lm_dim), the hidden state just before
+        each rest (B, lm_dim) and the labels (B, R), right-padded with -100. Position ids skip the padding, so every
+        row sees the positions it would have alone. Rows that look (all of them or none) get their request tokens
+        between context and rest, as `prefill` does: a request row after the context (pass 1; the request is its
+        state and the context's last, the question's), then the request tokens and the rest (pass 2)."""
+        n_rows, n_prefix, lm_dim, dtype = len(rows), len(prefix), rows[0].rest.shape[-1], rows[0].rest.dtype
+        context_lengths = [0 if row.context is None else len(row.context) for row in rows]
+        look_lengths = [len(row.looked) * self.config.request_tokens for row in rows]
+        rest_lengths = [n + len(row.rest) for n, row in zip(look_lengths, rows)]
         n_context, n_rest = max(context_lengths), max(rest_lengths)
         mask = torch.zeros(n_rows, n_prefix + n_context + n_rest, dtype=torch.long, device=self.device)
         mask[:, :n_prefix] = 1
@@ -584,17 +593,17 @@ class GroundedLM(nn.Module):
                 before[:], cache = self.run_prefix(prefix, n_rows)
             if n_context:
                 inputs = torch.zeros(n_rows, n_context, lm_dim, dtype=dtype, device=self.device)  # (B, C, lm_dim)
-                for i, (context, _, _, _, _) in enumerate(rows):
-                    if context is not None:
-                        inputs[i, :len(context)] = context
+                for i, row in enumerate(rows):
+                    if row.context is not None:
+                        inputs[i, :len(row.context)] = row.context
                 hidden, cache = self.hidden_states(inputs, mask[:, :n_prefix + n_context],
                                                    cache if cache is not None else DynamicCache(),
                                                    positions[:, n_prefix:n_prefix + n_context])
-                for i, (c, (_, _, _, looked, asked)) in enumerate(zip(context_lengths, rows)):
+                for i, (c, row) in enumerate(zip(context_lengths, rows)):
                     if c:
                         before[i] = hidden[i, c - 1]
-                    if looked:
-                        questions[i] = hidden[i, max(0, c - asked + 1):c]
+                    if row.looked:
+                        questions[i] = hidden[i, max(0, c - row.asked + 1):c]
         inputs = torch.zeros(n_rows, n_rest, lm_dim, dtype=dtype, device=self.device)      # (B, R, lm_dim)
         labels = torch.full((n_rows, n_rest), -100, dtype=torch.long, device=self.device)
         if any(look_lengths):
@@ -603,15 +612,15 @@ class GroundedLM(nn.Module):
             hidden, cache = self.hidden_states(probe, mask[:, :end + 1], cache if cache is not None else DynamicCache(),
                                                positions[:, end:end + 1])
             cache.crop(-1)
-            looks = [(i, image) for i, (_, _, _, looked, _) in enumerate(rows) for image in looked]
+            looks = [(i, image) for i, row in enumerate(rows) for image in row.looked]
             request, request_mask = left_padded([torch.cat([questions[i], hidden[i, :1]]) for i, _ in looks],
                                                 QUESTION_POSITIONS)                         # (L, Q, lm_dim)
             tokens, _ = self.look(request, request_mask, [image for _, image in looks])     # (L, k, lm_dim)
             for i in range(n_rows):
                 inputs[i, :look_lengths[i]] = tokens[[j for j, (row, _) in enumerate(looks) if row == i]].flatten(0, 1)
-        for i, (_, rest, rest_labels, _, _) in enumerate(rows):
+        for i, row in enumerate(rows):
             n = look_lengths[i]
-            inputs[i, n:n + len(rest)], labels[i, n:n + len(rest_labels)] = rest, rest_labels
+            inputs[i, n:n + len(row.rest)], labels[i, n:n + len(row.labels)] = row.rest, row.labels
             if not n_prefix and not context_lengths[i]:
                 labels[i, 0] = -100  # nothing before a row's first token predicts it
         hidden, _ = self.hidden_states(inputs, mask, cache, positions[:, n_prefix + n_context:])  # (B, R, lm_dim)
@@ -637,7 +646,7 @@ class GroundedLM(nn.Module):
         rendered = [render_with_target(e.turns, self.tokenizer, self.config.prompt_format, self.perception is not None)
                     for e in examples]
         prefix = self.shared_prefix([prompt for prompt, _ in rendered])
-        rows: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[Image.Image], int]] = []
+        rows: list[TrainingRow] = []
         for example, (prompt, target) in zip(examples, rendered):
             if prefix:  # the shared opening runs once per sub-batch
                 rest = prompt[0][len(prefix):]
@@ -657,14 +666,15 @@ class GroundedLM(nn.Module):
                 else torch.tensor(s) for s in target]).to(self.device)
             rest_labels = torch.cat([torch.full((len(rest_embeds) - len(target_labels),), -100, device=self.device),
                                      target_labels])
-            rows.append((context, rest_embeds, rest_labels, looked, question_positions(prompt[:cut]) if looked else 0))
+            rows.append(TrainingRow(context, rest_embeds, rest_labels, looked,
+                                    question_positions(prompt[:cut]) if looked else 0))
         predictors, label_ids, ret_hidden, ret_before = [], [], {}, {}
-        looking = [i for i, row in enumerate(rows) if row[3]]
+        looking = [i for i, row in enumerate(rows) if row.looked]
         groups = ([list(range(len(examples)))] if context_grad and not looking else
                   [[i for i in looking if len(examples[i].turns) == 2],
                    [i for i in looking if len(examples[i].turns) > 2],
-                   [i for i, e in enumerate(examples) if e.turns[-2].images and not rows[i][3]],
-                   [i for i, e in enumerate(examples) if not e.turns[-2].images and not rows[i][3]]])
+                   [i for i, e in enumerate(examples) if e.turns[-2].images and not rows[i].looked],
+                   [i for i, e in enumerate(examples) if not e.turns[-2].images and not rows[i].looked]])
         for group in groups:
             if group:
                 hidden, before, labels = self._run_rows([rows[i] for i in group], prefix)  # (G, R, lm_dim) ...

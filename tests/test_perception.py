@@ -189,6 +189,9 @@ def test_the_question_evaluation_writes_rows_plots_and_where_it_looked(looking_m
                                     "--out", str(out)])
     assert set(rows["tiny"]["splits"]) == {"test", "holdout"}
     assert set(rows["tiny"]["splits"]["test"]) == {"attribute", "count"}
+    for split in rows["tiny"]["splits"].values():
+        for kind in split.values():  # every wrong answer is kept, and only those
+            assert len(kind["mistakes"]) == round(kind["n"] * (1 - kind["accuracy"]))
     assert json.loads(out.read_text())["tiny"]["request_tokens"] == K
     for picture in (out.with_suffix(".png"), out.with_name("questions_looked_tiny.png")):
         assert picture.read_bytes()[:4] == b"\x89PNG"

@@ -35,7 +35,8 @@ SPLITS = ("test", "holdout")
 
 
 def accuracy(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: int, batch_size: int) -> dict:
-    """{kind: {"accuracy", "n", "examples"}} for `per_kind` questions of each kind."""
+    """{kind: {"accuracy", "n", "examples", "mistakes"}} for `per_kind` questions of each kind: the first five
+    asked, and every one answered wrong (what the model gets wrong is what to look at next)."""
     image_size = model.visual.image_size[0]
     result = {}
     for kind in kinds:
@@ -43,10 +44,10 @@ def accuracy(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: in
                  for i in range(per_kind)]
         replies = greedy_replies(model, [[Turn("user", [s.image, q.text])] for s, q in asked], max_new_tokens=12,
                                  batch_size=batch_size, desc=f"{kind} ({split})")
+        answered = [{"question": q.text, "answer": q.answer, "reply": r.text} for (_, q), r in zip(asked, replies)]
         right = [questions.is_right(r.text, q) for (_, q), r in zip(asked, replies)]
-        result[kind] = {"accuracy": sum(right) / len(right), "n": len(right),
-                        "examples": [{"question": q.text, "answer": q.answer, "reply": r.text}
-                                     for (_, q), r in list(zip(asked, replies))[:5]]}
+        result[kind] = {"accuracy": sum(right) / len(right), "n": len(right), "examples": answered[:5],
+                        "mistakes": [a for a, ok in zip(answered, right) if not ok]}
     return result
 
 

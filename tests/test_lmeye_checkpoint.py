@@ -1,0 +1,61 @@
+"""The bundled LMEye checkpoint (assets/lmeye) on its shipped weights: the demo with a request module that reads
+the question, then the image. It loads offline, answers fixed test questions of each simple kind through its
+request module, and looks where the question points. SmolLM2 in 4 bits on the CPU.
+
+The thresholds are the counts the shipped weights get on these fixed questions, less a margin, in line with the
+rates `python -m model.training.evaluate_questions --checkpoint assets/lmeye` measured on 100 a kind (README:
+Asking the image)."""
+import json
+
+import pytest
+
+from model.checkpoint import ASSETS
+from model.generate import GenerationSettings, Looked, stream_reply
+from model.grounded import GroundedLM
+from model.prompt import Turn
+from model.training.evaluate import greedy_replies
+from model.training.evaluate_questions import QUESTION_OFFSET
+from model.training.train import SUMMARY_NAME
+from model.world import questions, shapes
+
+LMEYE = ASSETS / "lmeye"
+ASKED = 20  # questions of each kind, the evaluation's first
+# On these questions the shipped weights answer: attribute 20, existence 15, count 16, location 19 of 20.
+RIGHT = {"attribute": 18, "existence": 13, "count": 14, "location": 17}
+
+
+@pytest.fixture(scope="module")
+def lmeye():
+    return GroundedLM.from_pretrained(LMEYE, device="cpu")
+
+
+def test_it_is_the_demo_with_a_request_module_trained_without_the_holdout(lmeye):
+    assert lmeye.perception is not None and lmeye.config.request_tokens == 4
+    assert lmeye.visual.source == f"local-dir:{(ASSETS / 'demo' / 'clip').resolve()}"
+    summary = json.loads((LMEYE / SUMMARY_NAME).read_text())
+    assert summary["options"]["trainable"] == "perception" and summary["holdout_kept_out"]
+
+
+@pytest.mark.parametrize("kind", questions.SIMPLE_KINDS)
+def test_it_answers_test_questions_of_each_kind(lmeye, kind):
+    asked = [questions.question("test", QUESTION_OFFSET + i, lmeye.visual.image_size[0], True, (kind,))
+             for i in range(ASKED)]
+    replies = greedy_replies(lmeye, [[Turn("user", [s.image, q.text])] for s, q in asked], max_new_tokens=12)
+    outcomes = [(q.text, q.answer, r.text, questions.is_right(r.text, q)) for (_, q), r in zip(asked, replies)]
+    assert sum(right for *_, right in outcomes) >= RIGHT[kind], outcomes
+
+
+def test_it_looks_at_the_side_the_question_names(lmeye):
+    """The same two-object scene asked about its left and its right object: most of where it looked lies on the
+    side named (the shipped weights: 72% and 76%)."""
+    scene = next(s for s in (shapes.sample("test", i, lmeye.visual.image_size[0]) for i in range(200))
+                 if {o.position for o in s.scene.objects} == {"left", "right"})
+    weight = {}
+    for side in ("left", "right"):
+        turns = [Turn("user", [scene.image, f"What colour is the shape on the {side}?"])]
+        looked = [e for e in stream_reply(lmeye, turns, GenerationSettings(max_new_tokens=4)) if isinstance(e, Looked)]
+        assert len(looked) == 1
+        columns = looked[0].attention.sum(0)                                               # (grid_w,)
+        half = len(columns) // 2
+        weight[side] = (columns[:half].sum().item(), columns[-half:].sum().item())       # (left half, right half)
+    assert weight["left"][0] > weight["left"][1] and weight["right"][1] > weight["right"][0], weight
