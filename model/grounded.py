@@ -617,7 +617,7 @@ class GroundedLM(nn.Module):
                                                 QUESTION_POSITIONS)                         # (L, Q, lm_dim)
             tokens, _ = self.look(request, request_mask, [image for _, image in looks])     # (L, k, lm_dim)
             for i in range(n_rows):
-                inputs[i, :look_lengths[i]] = tokens[[j for j, (row, _) in enumerate(looks) if row == i]].flatten(0, 1)
+                inputs[i, :look_lengths[i]] = tokens[[j for j, (owner, _) in enumerate(looks) if owner == i]].flatten(0, 1)
         for i, row in enumerate(rows):
             n = look_lengths[i]
             inputs[i, n:n + len(row.rest)], labels[i, n:n + len(row.labels)] = row.rest, row.labels
