@@ -192,6 +192,8 @@ class Reply:
         """Read the prompt -> the last hidden state (lm_dim,), the cache and where the model looked."""
         last, cache, looked = self.model.prefill(self.segments)
         self.state = last
+        if not looked:  # the look gate may decline: its request tokens were never read
+            self.prompt_tokens = count_tokens(self.segments, self.model.config.tokens_per_image)
         return last, cache, list(looked)
 
     def next_token(self, logits: torch.Tensor) -> int | None:

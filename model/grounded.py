@@ -162,7 +162,8 @@ class GroundedLM(nn.Module):
         if self.ret_context is not None:  # it starts as the query it refines
             self.ret_context.query.load_state_dict(self.ret_mapping.state_dict())
         self.perception = (Perception(config.request_tokens, lm_dim, visual_dim, self.visual.n_patches,
-                                      config.token_groups, embeddings.weight.detach().float().mean(0))
+                                      config.token_groups, embeddings.weight.detach().float().mean(0),
+                                      config.look_gate)
                            if config.request_tokens else None)
         for module in (self.input_mapping, self.region_mapping, self.ret_mapping, self.image_mapping, self.perception,
                        self.ret_context):
@@ -193,7 +194,7 @@ class GroundedLM(nn.Module):
                         compute_dtype: str | None = None, request_tokens: int | None = None,
                         dequantize: bool = False, tokens_per_cell: int | None = None,
                         cell_patches: int | None = None, ret_output_row: bool = False,
-                        ret_context: bool = False) -> "GroundedLM":
+                        ret_context: bool = False, look_gate: bool = False) -> "GroundedLM":
         """A checkpoint folder or preset, loaded as it was trained unless `quantize` / `compute_dtype` say
         otherwise; `dequantize` dequantises a 4-bit LM once (`lm.dequantized`: for batches), before the Reasoner's
         adapter goes on it. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
@@ -201,7 +202,8 @@ class GroundedLM(nn.Module):
         any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module, and a
         new `tokens_per_cell` or `cell_patches` a new, untrained region mapping. `ret_output_row` gives `[RET]` an
         output row of its own, a copy of its row (so nothing is emitted differently until it is fitted), and
-        `ret_context` a new module through which queries point at earlier images (none does until it is trained)."""
+        `ret_context` a new module through which queries point at earlier images (none does until it is trained), and
+        `look_gate` a request module without one a new, untrained look gate (`train_look_gate.py` fits it)."""
         folder = resolve(folder_or_preset)
         config, weights = read_checkpoint(folder)
         recut = tokens_per_cell is not None and tokens_per_cell != config.tokens_per_cell
@@ -211,7 +213,8 @@ class GroundedLM(nn.Module):
                                                  ("region_positions", recut),
                                                  ("perception.", config.request_tokens == 0 and request_tokens),
                                                  ("ret_output", ret_output_row and not config.ret_output_row),
-                                                 ("ret_context.", ret_context and not config.ret_context))
+                                                 ("ret_context.", ret_context and not config.ret_context),
+                                                 ("perception.gate.", look_gate and not config.look_gate))
                       if new)  # modules the checkpoint lacks (or has in another shape) and gets, untrained
         if recut or reread:
             weights = {k: v for k, v in weights.items() if not k.startswith(grown)}
@@ -225,6 +228,7 @@ class GroundedLM(nn.Module):
         config.request_tokens = request_tokens or config.request_tokens
         config.ret_output_row = ret_output_row or config.ret_output_row
         config.ret_context = ret_context or config.ret_context
+        config.look_gate = look_gate or config.look_gate
         model = cls(config, quantize, device, compute_dtype)
         expected = model.trainable_state_dict()
         problems = [f"missing {k}" for k in expected if k not in weights and not k.startswith(grown)]
@@ -396,18 +400,24 @@ class GroundedLM(nn.Module):
                   ) -> tuple[torch.Tensor, list[Looked]]:
         """Pass 1 over the prompt before its first `Look`, head (T0, lm_dim), and the first request row (into
         `cache` when given, which may already hold head's first positions, and is cut back to head after):
-        -> the request tokens (L, request_tokens, lm_dim) and where each request looked. The cache must leave
-        the question's positions (`question_positions`) to run here: they are the request."""
+        -> the embedded rest of the prompt, the request tokens (L, request_tokens, lm_dim) in place of its `Look`s,
+        and where each request looked; or the rest without them, looking nowhere, where the look gate finds that a
+        turn without an image of its own does not ask about the earlier one. The cache must leave the question's
+        positions (`question_positions`) to run here: they are the request."""
         probe = self.perception.request_rows[:1].to(head.dtype)                             # (1, lm_dim)
         known = 0 if cache is None else cache.get_seq_length()
         hidden, _ = self.hidden_states(torch.cat([head[known:], probe]).unsqueeze(0), past_key_values=cache)
         if cache is not None:
             cache.crop(-1)  # the request row's place: pass 2 puts the request tokens there
-        images = [s.image for s in segments[first:] if isinstance(s, Look)]
+        looks = [s for s in segments[first:] if isinstance(s, Look)]
+        if (self.perception.gate is not None and all(s.earlier for s in looks)
+                and self.perception.asks_about_image(hidden[:, -1]).item() <= 0):
+            return self.embed_segments([s for s in segments[first:] if not isinstance(s, Look)]), []
         request = hidden[:, -question_positions(segments[:first]):]                        # (1, Q, lm_dim)
         mask = torch.ones(request.shape[:2], dtype=torch.bool, device=self.device)
-        tokens, attention = self.look(request.expand(len(images), -1, -1), mask.expand(len(images), -1), images)
-        return tokens, [Looked(im, a) for im, a in zip(images, attention)]
+        tokens, attention = self.look(request.expand(len(looks), -1, -1), mask.expand(len(looks), -1),
+                                      [s.image for s in looks])
+        return self.embed_segments(segments[first:], tokens), [Looked(s.image, a) for s, a in zip(looks, attention)]
 
     @torch.no_grad()
     def requests(self, prompts: list[list[Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,7 +448,8 @@ class GroundedLM(nn.Module):
         conversation so far); the prompt before any request is remembered there for the next turn. With
         `Look`s (a model with a request module, `render(..., look=True)`): pass 1 runs the prompt up to them
         and the first request row; the hidden states of the question and that row are the request. The cache is cut
-        back to the prompt before the request, and pass 2 runs only the request tokens and what follows.
+        back to the prompt before the request, and pass 2 runs only the request tokens and what follows (what follows
+        alone where the look gate finds that the turn does not ask about the earlier image).
         """
         first, head = self._before_look(segments)                                          # head: (T0, lm_dim)
         # the last position always runs (its hidden state picks the first token); with a request, the question's
@@ -448,10 +459,9 @@ class GroundedLM(nn.Module):
             hidden, cache = self.hidden_states(head[known:].unsqueeze(0), past_key_values=cache)
             self.prefixes.add(head, cache)
             return hidden[0, -1], cache, []
-        tokens, looked = self._pass_one(segments, first, head, cache)
+        rest, looked = self._pass_one(segments, first, head, cache)
         self.prefixes.add(head, cache)
-        hidden, cache = self.hidden_states(self.embed_segments(segments[first:], tokens).unsqueeze(0),
-                                           past_key_values=cache)
+        hidden, cache = self.hidden_states(rest.unsqueeze(0), past_key_values=cache)
         return hidden[0, -1], cache, looked
 
     def embed_prompt(self, segments: list[Segment]) -> tuple[torch.Tensor, list[Looked]]:
@@ -460,8 +470,8 @@ class GroundedLM(nn.Module):
         first, head = self._before_look(segments)
         if first is None:
             return head, []
-        tokens, looked = self._pass_one(segments, first, head, None)
-        return torch.cat([head, self.embed_segments(segments[first:], tokens)]), looked
+        rest, looked = self._pass_one(segments, first, head, None)
+        return torch.cat([head, rest]), looked
 
     # ---- the LM ---------------------------------------------------------------------------------
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -11,6 +11,10 @@ two passes over the same prefix:
              is added to the k request rows -> (k, lm_dim)
     pass 2   the KV cache of the prefix is kept; only the request tokens and what follows are computed
 
+A turn without an image of its own asks about the conversation's latest image, or for something else (a picture);
+a checkpoint with a look gate reads which from the request row's pass-1 state (`Perception.asks_about_image`) and,
+for something else, runs pass 2 without the request tokens: the prompt a model without the module reads.
+
     request (B, Q, lm_dim), its mask (B, Q) -> LN -> s
         -> x = q(s[:, -1])                              (B, k, D): the request row's state
         -> x = x + attention(LN(x), s)                  (B, k, D): the question's words
@@ -52,9 +56,10 @@ the chat template's and the request row's (at most 11 of 1,500 existence questio
 
 class Perception(nn.Module):
     def __init__(self, n_tokens: int, lm_dim: int, visual_dim: int, n_patches: int, token_groups: list[int],
-                 row_init: torch.Tensor):
+                 row_init: torch.Tensor, gate: bool = False):
         """`token_groups` (T,): which group each of the image's LM tokens belongs to (its region cell, or the CLS
-        tokens'); `row_init` (lm_dim,): where the request rows start (the LM's mean embedding, as `[RET]`'s)."""
+        tokens'); `row_init` (lm_dim,): where the request rows start (the LM's mean embedding, as `[RET]`'s);
+        `gate`: a look gate (`asks_about_image`)."""
         super().__init__()
         self.n_tokens = n_tokens
         self.request_rows = nn.Parameter(row_init.detach().float().expand(n_tokens, -1).clone())  # (k, lm_dim)
@@ -81,6 +86,14 @@ class Perception(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
         self.token_groups = token_groups
+        self.gate = nn.Sequential(nn.LayerNorm(lm_dim), nn.Linear(lm_dim, 1)) if gate else None
+
+    def asks_about_image(self, row_state: torch.Tensor) -> torch.Tensor:
+        """The request row's pass-1 state (B, lm_dim) of turns without an image of their own -> the gate's logit
+        (B,) that the turn asks about the conversation's latest image (> 0: look at it) rather than for something
+        else, such as a picture. A linear probe, fitted after the module on pass 1's states (`train_look_gate.py`):
+        the row has read the whole turn, and a request for a picture reads differently from a question."""
+        return self.gate(row_state.float()).squeeze(-1)
 
     def forward(self, request: torch.Tensor, request_mask: torch.Tensor, patches: torch.Tensor,
                 image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,8 +17,11 @@ from transformers import PreTrainedTokenizerBase
 
 @dataclass(frozen=True, eq=False)
 class Look:
-    """Where the request tokens that look at `image` go (LMEye): after the user's text, before the reply."""
+    """Where the request tokens that look at `image` go (LMEye): after the user's text, before the reply.
+    `earlier`: the turn has no image of its own and the image is the conversation's latest, which a checkpoint
+    with a look gate looks at only if the turn asks about it (`GroundedLM.prefill`)."""
     image: Image.Image
+    earlier: bool = False
 
 
 Part = Union[str, Image.Image]
@@ -83,9 +86,9 @@ def _render_text(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_f
 
 
 def _segments(text: str, images: list[Image.Image], tokenizer: PreTrainedTokenizerBase,
-              looked: list[Image.Image] = ()) -> list[Segment]:
+              looked: list[Image.Image] = (), earlier: bool = False) -> list[Segment]:
     """Split rendered text at the markers: token runs, then each `_IMAGE` as its image and each `_LOOK` as a
-    `Look` at the next of `looked`."""
+    `Look` at the next of `looked` (at an earlier turn's image: `earlier`)."""
     pieces = re.split(f"([{_IMAGE}{_LOOK}])", text)
     if pieces.count(_IMAGE) != len(images) or pieces.count(_LOOK) != len(looked):
         raise ValueError("the text of a turn contains a reserved character (U+E000 or U+E001)")
@@ -95,7 +98,7 @@ def _segments(text: str, images: list[Image.Image], tokenizer: PreTrainedTokeniz
         if piece == _IMAGE:
             segments.append(next(images_left))
         elif piece == _LOOK:
-            segments.append(Look(next(looks_left)))
+            segments.append(Look(next(looks_left), earlier))
         elif piece:
             segments.append(tokenizer(piece, add_special_tokens=False).input_ids)
     return segments
@@ -107,7 +110,7 @@ def render(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format:
     (`looked_at`) ends the user's turn."""
     looked = looked_at(turns) if look else []
     text = _render_text(turns, tokenizer, prompt_format, generation_prompt=True, looks=len(looked))
-    return _segments(text, images_in(turns), tokenizer, looked)
+    return _segments(text, images_in(turns), tokenizer, looked, earlier=bool(looked) and not turns[-1].images)
 
 
 def render_with_target(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format: str,
@@ -130,7 +133,7 @@ def render_with_target(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, pr
     else:
         target = " " + _content(turns[-1]) + (tokenizer.eos_token or "\n")
     history_images = [im for t in turns[:-1] for im in t.images]
-    return (_segments(prompt, history_images, tokenizer, looked),
+    return (_segments(prompt, history_images, tokenizer, looked, earlier=bool(looked) and not turns[-2].images),
             _segments(target, turns[-1].images, tokenizer))
 
 

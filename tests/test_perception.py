@@ -11,7 +11,7 @@ from model.generate import GenerationSettings, Looked, Text, stream_reply
 from model.grounded import Example, GroundedLM, question_positions
 from model.perception import heat_map
 from model.prompt import Look, Turn, count_tokens, render, render_with_target
-from model.training import evaluate_questions
+from model.training import evaluate_questions, train_look_gate
 from model.training.evaluate import greedy_replies
 
 K = 3
@@ -152,6 +152,85 @@ def test_the_reply_shows_where_it_looked_first_unless_switched_off(looking_model
     assert not any(isinstance(e, Looked) for e in off)
     text_only = list(stream_reply(looking_model, [Turn("user", ["hello there"])], GenerationSettings(max_new_tokens=3)))
     assert not any(isinstance(e, Looked) for e in text_only), "no image in the conversation: nothing to ask"
+
+
+@pytest.fixture(scope="module")
+def gated_model(tiny_lm_dir, tiny_clip_dir):
+    """A tiny model with a request module and a look gate whose decision is its bias alone (set per test)."""
+    torch.manual_seed(1)
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, request_tokens=K, look_gate=True),
+                       quantize="none", device="cpu")
+    with torch.no_grad():
+        model.perception.output.weight.normal_(std=0.05)
+        model.perception.gate[1].weight.zero_()
+    return model
+
+
+def gate_says(model: GroundedLM, looks: bool) -> None:
+    with torch.no_grad():
+        model.perception.gate[1].bias.fill_(10.0 if looks else -10.0)
+
+
+def test_a_turn_without_its_own_image_looks_only_where_the_gate_says_it_asks_about_the_earlier_one(gated_model,
+                                                                                                   colour_images):
+    red, green, _ = colour_images
+    tokenizer = gated_model.tokenizer
+    follow_up = [Turn("user", [red, "describe the image."]), Turn("assistant", ["red."]),
+                 Turn("user", ["show me a picture of a green one."])]
+    with_image = [Turn("user", [green, "show me a picture of a green one."])]
+    gate_says(gated_model, False)
+    gated_model.prefixes.clear()
+    with torch.no_grad():
+        last, cache, looked = gated_model.prefill(render(follow_up, tokenizer, "chat", look=True))
+        unlooked = gated_model.embed_segments(render(follow_up, tokenizer, "chat"))
+        reference, _ = gated_model.hidden_states(unlooked.unsqueeze(0))
+        batched, batched_looked = gated_model.embed_prompt(render(follow_up, tokenizer, "chat", look=True))
+        _, _, own_looked = gated_model.prefill(render(with_image, tokenizer, "chat", look=True))
+    assert looked == [] and batched_looked == [], "declined: nowhere looked"
+    torch.testing.assert_close(last, reference[0, -1])  # the prompt read is the one without request tokens
+    assert cache.get_seq_length() == len(unlooked)
+    torch.testing.assert_close(batched, unlooked)
+    assert [lk.image for lk in own_looked] == [green], "a turn with its own image always looks"
+    events = list(stream_reply(gated_model, follow_up, GenerationSettings(max_new_tokens=3)))
+    assert not any(isinstance(e, Looked) for e in events)
+    assert events[-1].stats["prompt_tokens"] == count_tokens(render(follow_up, tokenizer, "chat"),
+                                                                 gated_model.config.tokens_per_image)
+
+    gate_says(gated_model, True)
+    events = list(stream_reply(gated_model, follow_up, GenerationSettings(max_new_tokens=3)))
+    assert isinstance(events[0], Looked) and events[0].image is red
+
+
+def test_the_look_gate_is_fitted_on_questions_and_requests_and_goes_onto_the_checkpoint(tiny_lm_dir, tiny_clip_dir,
+                                                                                        tmp_path, colour_images):
+    looking = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, request_tokens=K),
+                         quantize="none", device="cpu")
+    looking.save_pretrained(tmp_path / "looking")
+    (tmp_path / "looking" / "training.json").write_text("{}")  # the question training's summary: kept
+    summary = train_look_gate.fit(train_look_gate.parse_args([
+        "--init", str(tmp_path / "looking"), "--out", str(tmp_path / "looking"), "--run-dir",
+        str(tmp_path / "run"), "--conversations", "16", "--val-conversations", "8", "--steps", "40",
+        "--val-every", "20", "--cache-batch", "8", "--device", "cpu"]))
+    history = summary["history"]
+    assert history["loss"][-1] < history["loss"][0]
+    assert set(summary["val"]) == {*train_look_gate.KINDS, "all"}
+    gated = GroundedLM.from_pretrained(tmp_path / "looking", quantize="none")
+    assert gated.config.look_gate and (tmp_path / "looking" / "training.json").read_text() == "{}"
+    assert (tmp_path / "looking" / train_look_gate.CURVE_NAME).read_bytes()[:4] == b"\x89PNG"
+    for name, value in looking.perception.state_dict().items():  # the module is as it was: only the gate is new
+        assert torch.equal(gated.perception.state_dict()[name], value)
+    # the decisions fitted are the app's: a conversation looks in `prefill` exactly where the gate's state says
+    for index in range(4):
+        turns, kind = train_look_gate.conversation("train", index, 32, True)
+        assert not turns[-1].images and turns[-2].role == "assistant"
+        assert (kind == "question") == (index % 2 == 0)
+        segments = render(turns, gated.tokenizer, "chat", look=True)
+        state = train_look_gate.row_states(gated, [(turns, kind)], 1, "test")
+        with torch.no_grad():
+            _, _, looked = gated.prefill(segments)
+        assert bool(looked) == bool(gated.perception.asks_about_image(state).item() > 0)
+    assert train_look_gate.conversation("val", 3, 32, True)[0][-1].text == \
+        train_look_gate.conversation("val", 3, 32, True)[0][-1].text
 
 
 def test_a_checkpoint_gains_a_request_module_and_keeps_it(tiny_lm_dir, tiny_clip_dir, tmp_path, colour_images):

@@ -18,6 +18,8 @@ with what the model already does, so that learning to look costs it nothing it c
     2  descriptions                         [image, "Describe the image."]                   -> the plain caption
     2  requests after a described image     [image, ...] -> caption, ["Show me ..."]         -> "[RET]"
 Answers are short (`questions.reply_text`); only the reply is trained (the caption loss covers the last turn).
+The simple questions are of each of `questions.SIMPLE_KINDS` alike, unless `ask_more` names kinds to ask twice as
+often (`train.py --ask-more`: the kinds a module still gets wrong).
 
 Both are pure functions of (seed, step): a resumed run sees exactly the batches an uninterrupted one would have.
 """
@@ -138,8 +140,12 @@ class Conversations:
 class QuestionConversations:
     """Stage-2 conversations about the scenes of one split of the shapes world (see the module's docstring)."""
 
-    def __init__(self, split: str, scenes: int, image_size: int, holdout: bool, seed: int = 0):
+    def __init__(self, split: str, scenes: int, image_size: int, holdout: bool, seed: int = 0,
+                 ask_more: tuple[str, ...] = ()):
+        if not set(ask_more) <= set(questions.SIMPLE_KINDS):
+            raise ValueError(f"ask_more names simple kinds ({', '.join(questions.SIMPLE_KINDS)}), got {ask_more}")
         self.split, self.scenes, self.image_size, self.holdout, self.seed = split, scenes, image_size, holdout, seed
+        self.simple_kinds = questions.SIMPLE_KINDS + tuple(ask_more)  # `questions.ask` draws one of the list
 
     def batch(self, step: int, size: int) -> list[Example]:
         if size < 8:
@@ -169,7 +175,7 @@ class QuestionConversations:
         share = size // 8
         examples = []
         for _ in range(size - 4 * share):
-            sample, q = asked(questions.SIMPLE_KINDS)
+            sample, q = asked(self.simple_kinds)
             examples.append(Example(answered([sample.image, q.text], q.answer)))
         for _ in range(share):
             sample, q = asked(questions.COMPOUND_KINDS)
@@ -178,7 +184,7 @@ class QuestionConversations:
             text, answer = rng.choice(q.steps)
             examples.append(Example(answered([sample.image, text], answer)))
         for _ in range(share):
-            sample, q = asked(questions.SIMPLE_KINDS)
+            sample, q = asked(self.simple_kinds)
             examples.append(Example(described(sample) + answered([q.text], q.answer)))
         for _ in range(share):
             examples.append(Example(described(scene())))

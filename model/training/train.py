@@ -45,6 +45,7 @@ from model.checkpoint import resolve
 from model.files import write_atomically
 from model.config import CONFIG_NAME, PROJECTORS, WEIGHTS_NAME, GroundedConfig
 from model.world.data import ShapesDataset, TsvCaptionDataset
+from model.world.questions import SIMPLE_KINDS
 from model.grounded import Example, GroundedLM
 from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_name, dequantized
 from model.training.cell_words import cell_word_loss
@@ -65,12 +66,12 @@ CURVE_NAME = "training_curve.png"
 SUMMARY_NAME = "training.json"
 RESUME_KEYS = ("lm", "visual", "n_visual_tokens", "region_grid", "projector", "emb_dim", "batch_size", "lr", "warmup",
                "seed", "tsv", "holdout", "val_size", "init", "quantize", "questions", "request_tokens", "trainable",
-               "tokens_per_cell", "cls_dropout", "cell_words", "context_every")
+               "tokens_per_cell", "cls_dropout", "cell_words", "context_every", "ask_more")
 """Options a resumed run must share with the run it continues: they shape the weights or the data order."""
 LATER_OPTIONS = {"questions": False, "request_tokens": 0, "trainable": "all", "candidates": 0, "tokens_per_cell": 1,
                  "cls_dropout": 0.0, "cell_words": 0.0, "context_every": CONTEXT_EVERY, "described_questions": 0,
                  "candidate_positions": 1, "first_sentence": False, "repeat_cost": 0.0, "after_cost": 0.0,
-                 "sentence_end": False, "proposals": 0, "place": None}
+                 "sentence_end": False, "proposals": 0, "place": None, "ask_more": []}
 """Options added after state files were first written: a state without them comes from a run that had these."""
 TRAINABLE = {"all": ("input_mapping.", "region_mapping.", "region_positions", "ret_mapping.", "image_mapping.",
                      "ret_embedding", "ret_output", "logit_scale", "perception."),
@@ -194,11 +195,12 @@ def plot_curves(history: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
+def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict, summary_name: str = SUMMARY_NAME,
+           curve_name: str = CURVE_NAME) -> None:
     """The checkpoint into `out`, file by file (its mappings, and the Reasoner's adapter or the familiarity
-    statistics it carries from `--init`): whatever else `out` holds (the demo's clip/) stays. An encoder
-    folder inside `out` or beside it (assets/demo/clip for assets/lmeye) is named relative to it, so the two
-    move together."""
+    statistics it carries from `--init`), with the run's summary and curve under their names: whatever else `out`
+    holds (the demo's clip/, an earlier stage's summary under another name) stays. An encoder folder inside `out`
+    or beside it (assets/demo/clip for assets/lmeye) is named relative to it, so the two move together."""
     checkpoint = run_dir / "checkpoint"
     model.save_pretrained(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,12 +210,12 @@ def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict) -> None:
         config.visual = LOCAL_DIR + Path(os.path.relpath(encoder, out.resolve())).as_posix()
     copies = {out / path.relative_to(checkpoint): path for path in checkpoint.rglob("*")
               if path.is_file() and path.name != CONFIG_NAME}
-    copies[out / CURVE_NAME] = run_dir / CURVE_NAME
+    copies[out / curve_name] = run_dir / curve_name
     for target, source in copies.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
     config.save(out)
-    write_atomically(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    write_atomically(out / summary_name, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
 def state_file(run_dir: Path, resume: bool) -> Path:
@@ -332,7 +334,8 @@ def train(args: argparse.Namespace) -> dict:
     n_val_batches = max(1, args.val_size // args.batch_size)
     if args.questions:
         image_size = model.visual.image_size[0]
-        train_data = QuestionConversations("train", TRAIN_SCENES, image_size, args.holdout, args.seed)
+        train_data = QuestionConversations("train", TRAIN_SCENES, image_size, args.holdout, args.seed,
+                                           tuple(args.ask_more))
         val_data = QuestionConversations("val", VAL_SCENES, image_size, args.holdout, args.seed + 1)
         val_batches = [val_data.batch(i, args.batch_size) for i in range(n_val_batches)]
     else:
@@ -432,6 +435,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--questions", action="store_true",
                    help="LMEye's stage 2: shapes-world questions, mixed with descriptions and requests "
                         "(model/training/conversations.py)")
+    p.add_argument("--ask-more", nargs="+", choices=SIMPLE_KINDS, default=[],
+                   help="with --questions: simple kinds asked twice as often as the others in training (the kinds a "
+                        "module still gets wrong); validation asks every kind alike, as before")
     p.add_argument("--request-tokens", type=int, default=None,
                    help="LMEye's request tokens: a model (or --init checkpoint) without a request module gets one "
                         "of this many tokens, untrained")
@@ -478,6 +484,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.questions and args.tsv:
         p.error("--questions trains on the shapes world: leave out --tsv")
+    if args.ask_more and not args.questions:
+        p.error("--ask-more weighs the questions of --questions")
     if args.region_grid is None and args.init is None:
         args.region_grid = DEMO.region_grid
     if args.tokens_per_cell is None and args.init is None:

@@ -411,8 +411,8 @@ ASKERS = {"attribute": attribute, "existence": existence, "count": count, "locat
 
 
 def ask(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = KINDS, holdout: bool = False) -> Question:
-    """A question of one of `kinds` about `scene` (kinds the scene cannot support are skipped: a comparison
-    needs two objects that can be named apart)."""
+    """A question of one of `kinds` about `scene`, each as likely as the times it is listed (kinds the scene cannot
+    support are skipped: a comparison needs two objects that can be named apart)."""
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
         raise ValueError(f"kinds must be some of {KINDS}, got {kinds}")
