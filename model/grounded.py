@@ -47,11 +47,12 @@ one-image demo prompt is 86)."""
 
 
 def question_positions(segments: list[Segment]) -> int:
-    """How many of pass 1's last positions make a request: those of `segments` (a prompt before its first `Look`)
-    after its last image (the question and the chat template around it) and the request row, at most
-    QUESTION_POSITIONS."""
-    last = max((i for i, s in enumerate(segments) if isinstance(s, Image.Image)), default=-1)
-    return min(QUESTION_POSITIONS, 1 + sum(len(s) for s in segments[last + 1:]))
+    """How many of pass 1's last positions make a request: the last token run of `segments` (a prompt before its
+    first `Look`), which is the question (`render` splits the runs where the text of a turn that looks starts, so a
+    text-only follow-up's request holds its own words, not the turns before it; after an image, the text after
+    it), and the request row, at most QUESTION_POSITIONS."""
+    last = segments[-1] if segments else None
+    return min(QUESTION_POSITIONS, 1 + (len(last) if isinstance(last, list) else 0))
 
 
 def left_padded(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,9 @@ A turn that asks about an image ends with k request tokens (`Look` in the render
 two passes over the same prefix:
 
     pass 1   the LM reads the conversation up to the request tokens, then the first request token (its own
-             trainable row); the last-layer hidden states of the question (the positions after the image, at
-             most QUESTION_POSITIONS, the request row's last) are the *request* (Q, lm_dim)
+             trainable row); the last-layer hidden states of the question (the turn's text after its image, all
+             of it in a text-only turn; at most QUESTION_POSITIONS, the request row's last) are the *request*
+             (Q, lm_dim)
     look     the request row's state, as k queries, reads the question, attends over the image's patch
              features, then reads the image's own tokens (those the LM reads where the image sits); the result
              is added to the k request rows -> (k, lm_dim)

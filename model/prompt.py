@@ -29,6 +29,7 @@ Segment = Union[list[int], Image.Image, Look]
 ROLES = ("user", "assistant")
 _IMAGE = "\uE000"  # private-use characters: mark where an image and a look go in rendered text
 _LOOK = "\uE001"
+_ASK = "\uE002"  # and where the text of a turn that looks starts: its last token run is the question
 REQUESTS = ("Show me a picture of {}.", "Find an image of {}.", "Can you show me {}?", "Show me {}.",
             "I would like to see {}.", "Do you have a picture of {}?")
 """How a user asks for a picture; training rotates them, text search uses the first."""
@@ -70,28 +71,37 @@ def looked_at(turns: list[Turn]) -> list[Image.Image]:
 
 
 def _content(turn: Turn, looks: int = 0) -> str:
-    return "".join(_IMAGE if isinstance(p, Image.Image) else p for p in turn.parts) + _LOOK * looks
+    text = "".join(_IMAGE if isinstance(p, Image.Image) else p for p in turn.parts)
+    return _ASK + text + _LOOK * looks if looks else text
+
+
+def _qa_line(role: str, content: str) -> str:
+    """FROMAGe's dialogue line; `_ASK` goes before "Q: ", where splitting the text changes no token (after it,
+    the question's first word would lose the space it is tokenized with)."""
+    marker = _ASK if content.startswith(_ASK) else ""
+    return marker + ("Q: " if role == "user" else "A: ") + content.removeprefix(_ASK) + "\n"
 
 
 def _render_text(turns: list[Turn], tokenizer: PreTrainedTokenizerBase, prompt_format: str,
                  generation_prompt: bool, looks: int = 0) -> str:
-    """The conversation as one string, with `_IMAGE` where each image goes (in order) and `looks` times `_LOOK`
-    at the end of the last turn's content."""
+    """The conversation as one string, with `_IMAGE` where each image goes (in order); with `looks`, `_ASK` where
+    the last turn's text starts and `looks` times `_LOOK` at the end of its content."""
     contents = [_content(t, looks if i == len(turns) - 1 else 0) for i, t in enumerate(turns)]
     if prompt_format == "chat" and tokenizer.chat_template:
         messages = [{"role": t.role, "content": content} for t, content in zip(turns, contents)]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    lines = [("Q: " if t.role == "user" else "A: ") + content + "\n" for t, content in zip(turns, contents)]
+    lines = [_qa_line(t.role, content) for t, content in zip(turns, contents)]
     return (tokenizer.bos_token or "") + "".join(lines) + ("A:" if generation_prompt else "")
 
 
 def _segments(text: str, images: list[Image.Image], tokenizer: PreTrainedTokenizerBase,
               looked: list[Image.Image] = (), earlier: bool = False) -> list[Segment]:
     """Split rendered text at the markers: token runs, then each `_IMAGE` as its image and each `_LOOK` as a
-    `Look` at the next of `looked` (at an earlier turn's image: `earlier`)."""
-    pieces = re.split(f"([{_IMAGE}{_LOOK}])", text)
-    if pieces.count(_IMAGE) != len(images) or pieces.count(_LOOK) != len(looked):
-        raise ValueError("the text of a turn contains a reserved character (U+E000 or U+E001)")
+    `Look` at the next of `looked` (at an earlier turn's image: `earlier`); `_ASK` splits a run in two."""
+    pieces = re.split(f"([{_IMAGE}{_LOOK}{_ASK}])", text)
+    if (pieces.count(_IMAGE) != len(images) or pieces.count(_LOOK) != len(looked)
+            or pieces.count(_ASK) != (1 if looked else 0)):
+        raise ValueError("the text of a turn contains a reserved character (U+E000 to U+E002)")
     images_left, looks_left = iter(images), iter(looked)
     segments: list[Segment] = []
     for piece in pieces:
@@ -99,7 +109,7 @@ def _segments(text: str, images: list[Image.Image], tokenizer: PreTrainedTokeniz
             segments.append(next(images_left))
         elif piece == _LOOK:
             segments.append(Look(next(looks_left), earlier))
-        elif piece:
+        elif piece and piece != _ASK:
             segments.append(tokenizer(piece, add_special_tokens=False).input_ids)
     return segments
 

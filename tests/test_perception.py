@@ -57,6 +57,28 @@ def test_request_positions_end_the_turn_that_asks_about_images(looking_model, co
                                                           tokenizer, "chat"), 6) + 2 * K
 
 
+def tokens_and_images(segments) -> list:
+    """A rendered prompt as its tokens and images in order, its request positions left out."""
+    return [x for s in segments if not isinstance(s, Look) for x in (s if isinstance(s, list) else [s])]
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "qa"])
+def test_a_requests_question_is_the_turns_own_text_and_marking_it_changes_no_token(looking_model, colour_images,
+                                                                                   prompt_format):
+    red, green, _ = colour_images
+    tokenizer = looking_model.tokenizer
+    after_a_question = [Turn("user", [red, "where is it?"]), Turn("assistant", ["on the left."]),
+                        Turn("user", ["what colour is it?"])]
+    with_image = [Turn("user", ["compare", green, "which is warmer?"])]
+    line = "Q: " if prompt_format == "qa" else ""  # FROMAGe's dialogue marks the line, not the words after "Q: "
+    for turns, question in ((after_a_question, line + "what colour is it?"), (with_image, "which is warmer?")):
+        looking = render(turns, tokenizer, prompt_format, look=True)
+        first = next(i for i, s in enumerate(looking) if isinstance(s, Look))
+        assert looking[first - 1] == tokenizer(question, add_special_tokens=False).input_ids
+        assert question_positions(looking[:first]) == len(looking[first - 1]) + 1, "its words and the request row"
+        assert tokens_and_images(looking) == tokens_and_images(render(turns, tokenizer, prompt_format))
+
+
 def test_a_request_that_finds_one_of_the_images_tokens_reads_that_token_itself(tiny_lm_dir, tiny_clip_dir,
                                                                               colour_images):
     model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, request_tokens=K), quantize="none",

@@ -33,7 +33,7 @@ from model.config import GroundedConfig
 from model.grounded import GroundedLM
 from model.prompt import Turn, render
 from model.training.conversations import ORDINALS, caption_turns, context_request, retrieval_turns
-from model.training.plots import plt, save_figure
+from model.training.plots import plot_fit
 from model.training.train import TRAIN_SCENES, VAL_SCENES, add_stage_options, export, stage_summary
 from model.training.train_clip import resolve_device
 from model.world import questions, shapes
@@ -43,7 +43,8 @@ CURVE_NAME = "look_gate.png"
 KINDS = ("question", "new picture", "another like")
 """What the last turn asks: about the latest image (the gate should look), for a new picture, for another like
 an earlier one (it should not). Questions are half of the conversations, each kind of request a quarter."""
-SCENES = {"train": TRAIN_SCENES, "val": VAL_SCENES}
+SCENES = {"train": TRAIN_SCENES, "val": VAL_SCENES, "test": VAL_SCENES}
+"""The scenes each split's conversations draw from (the test split's for the checkpoint's test)."""
 
 
 def conversation(split: str, index: int, image_size: int, holdout: bool, seed: int = 0) -> tuple[list[Turn], str]:
@@ -84,19 +85,6 @@ def accuracy(model: GroundedLM, states: torch.Tensor, kinds: list[str]) -> dict[
     right = looks == torch.tensor([kind == "question" for kind in kinds])
     by_kind = {k: right[[i for i, kind in enumerate(kinds) if kind == k]].float().mean().item() for k in KINDS}
     return {**by_kind, "all": right.float().mean().item()}
-
-
-def plot(history: dict, path: Path) -> None:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax_loss.plot(history["step"], history["loss"], label="train")
-    ax_loss.plot(history["step"], history["val_loss"], label="val")
-    ax_loss.set(xlabel="step", ylabel="binary cross-entropy", yscale="log", title="the look gate")
-    ax_loss.legend()
-    for kind in history["val"][0]:
-        ax_acc.plot(history["step"], [v[kind] for v in history["val"]], label=kind, lw=2.5 if kind == "all" else 1.2)
-    ax_acc.set(xlabel="step", ylabel="decides as it should", ylim=(0, 1.02), title="validation, by what is asked")
-    ax_acc.legend(fontsize=8)
-    save_figure(fig, path)
 
 
 def fit(args: argparse.Namespace) -> dict:
@@ -143,7 +131,8 @@ def fit(args: argparse.Namespace) -> dict:
                        "  ".join(f"{k} {100 * v:.1f}" for k, v in history["val"][-1].items()))
     run_dir = Path(args.run_dir or Path("runs") / f"{Path(args.out).name}-look-gate")
     run_dir.mkdir(parents=True, exist_ok=True)
-    plot(history, run_dir / CURVE_NAME)
+    plot_fit(history, run_dir / CURVE_NAME, ("train", "binary cross-entropy", "the look gate"),
+             ("decides as it should", "validation, by what is asked"))
     summary = stage_summary(args, checkpoint, conversations={k: len(v) for k, v in data.items()},
                             cache_seconds=round(cache_seconds, 1), fit_seconds=round(time.time() - t_fit, 1),
                             history=history, train=accuracy(model, states["train"], kinds["train"]),

@@ -34,7 +34,7 @@ from model.grounded import GroundedLM
 from model.prompt import Turn, render
 from model.training.cell_words import WORDS, word_row
 from model.training.optimization import param_groups, schedule_step
-from model.training.plots import plt, save_figure
+from model.training.plots import plot_fit
 from model.training.train import CURVE_NAME, add_stage_options, conclude, stage_summary
 from model.training.train_clip import resolve_device
 from model.world import questions, shapes
@@ -163,19 +163,6 @@ def answered(model: GroundedLM, cache: dict, batch: int = 512) -> dict[str, floa
     return {**by_kind, "all": right.float().mean().item()}
 
 
-def plot(history: dict, path: Path) -> None:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax_loss.plot(history["step"], history["loss"], label="train (mean of the steps between)")
-    ax_loss.plot(history["step"], history["val_loss"], label="val")
-    ax_loss.set(xlabel="step", ylabel="loss", yscale="log", title="request tokens to the answer's word")
-    ax_loss.legend()
-    for kind in history["val"][0]:
-        ax_acc.plot(history["step"], [v[kind] for v in history["val"]], label=kind, lw=2.5 if kind == "all" else 1.2)
-    ax_acc.set(xlabel="step", ylabel="nearest word is the answer", ylim=(0, 1.02), title="validation, by kind")
-    ax_acc.legend(fontsize=8)
-    save_figure(fig, path)
-
-
 def pretrain(args: argparse.Namespace) -> dict:
     """A request module on `--init`'s checkpoint (its own, or a new one of `--request-tokens`) trained on the loss
     alone, on cached requests."""
@@ -223,7 +210,9 @@ def pretrain(args: argparse.Namespace) -> dict:
             tqdm.write(f"step {step + 1}  loss {history['loss'][-1]:.4f}  val {val_loss:.4f}  " +
                        "  ".join(f"{k} {100 * v:.1f}" for k, v in history["val"][-1].items()))
     run_dir.mkdir(parents=True, exist_ok=True)
-    plot(history, run_dir / CURVE_NAME)
+    plot_fit(history, run_dir / CURVE_NAME, ("train (mean of the steps between)", "loss",
+                                             "request tokens to the answer's word"),
+             ("nearest word is the answer", "validation, by kind"))
     summary = stage_summary(args, init, questions={"train": len(train["answers"]), "val": len(val_targets)},
                             cache_seconds=round(cache_seconds, 1), fit_seconds=round(time.time() - t_fit, 1),
                             history=history, answered_val=history["val"][-1])
