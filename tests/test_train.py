@@ -1,7 +1,9 @@
 """Stage-2 training: conversations in the app's own form, losses that fall, checkpoints that load, resume."""
 import json
 import math
+import random
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from model.prompt import REQUESTS, render_with_target, request_phrase
 from model.training.conversations import CONTEXT_EVERY, INSTRUCTIONS, Conversations, QuestionConversations, sentence
 from model.training.train import (LATER_OPTIONS, STATE_FORMAT, STATE_NAME, TRAINABLE, holdout_kept_out, load_state,
                                   main, optimizer_for, parse_args, read_state, run_options, validate)
-from model.world import shapes
+from model.world import questions, shapes
 from model.world.questions import reply_answer
 from model.world.data import ShapesDataset, TsvCaptionDataset
 
@@ -275,6 +277,19 @@ def test_question_batches_ask_about_images_and_keep_describing_and_retrieving():
     assert len(requests) == 2 and all(e.turns[-1].text == "[RET]" and e.turns[0].images for e in requests)
     again = QuestionConversations("train", 1000, 32, holdout=True, seed=0).batch(3, 16)
     assert [e.turns[-1].text for e in again] == [e.turns[-1].text for e in batch]
+
+
+def test_asking_more_of_some_kinds_asks_them_twice_as_often_and_names_only_simple_kinds():
+    rng = random.Random(0)
+    scenes = [shapes.sample("train", i, 32).scene for i in range(600)]
+    kinds = Counter(questions.ask(scene, rng, questions.SIMPLE_KINDS + ("existence", "count")).kind
+                    for scene in scenes for _ in range(4))
+    assert kinds["existence"] > 1.6 * kinds["attribute"] and kinds["count"] > 1.6 * kinds["location"], kinds
+    plain = QuestionConversations("train", 1000, 32, holdout=True, seed=0).batch(3, 16)
+    more = QuestionConversations("train", 1000, 32, holdout=True, seed=0, ask_more=("existence", "count")).batch(3, 16)
+    assert [len(e.turns) for e in more] == [len(e.turns) for e in plain], "the same mix of conversations"
+    with pytest.raises(ValueError, match="simple kinds"):
+        QuestionConversations("train", 1000, 32, holdout=True, ask_more=("compare",))
 
 
 def test_stage_two_trains_the_request_module_alone_and_its_ablation_the_input_mappings(tiny_lm_dir, tiny_clip_dir,
