@@ -29,7 +29,9 @@ Segment = Union[list[int], Image.Image, Look]
 ROLES = ("user", "assistant")
 _IMAGE = "\uE000"  # private-use characters: mark where an image and a look go in rendered text
 _LOOK = "\uE001"
-_ASK = "\uE002"  # and where the text of a turn that looks starts: its last token run is the question
+_ASK = "\uE002"  # and where the text of a turn that looks starts: its last token run is the question. Splitting
+# there changes no token of a text that opens with a non-space (the app strips messages); one that opens with
+# spaces has them tokenized apart from the template's newline.
 REQUESTS = ("Show me a picture of {}.", "Find an image of {}.", "Can you show me {}?", "Show me {}.",
             "I would like to see {}.", "Do you have a picture of {}?")
 """How a user asks for a picture; training rotates them, text search uses the first."""
