@@ -68,20 +68,20 @@ def conversation(split: str, index: int, image_size: int, holdout: bool, seed: i
 
 
 def row_states(model: GroundedLM, items: list[tuple[list[Turn], str]], batch: int, desc: str) -> torch.Tensor:
-    """The request row's pass-1 state of each conversation (N, lm_dim), in fp32 on the CPU."""
+    """The request row's pass-1 state of each conversation (N, lm_dim), in fp32 on the model's device."""
     states = []
     for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch", dynamic_ncols=True):
         prompts = [render(turns, model.tokenizer, model.config.prompt_format, look=True)
                    for turns, _ in items[start:start + batch]]
         request, _ = model.requests(prompts)                                              # (B, Q, lm_dim)
-        states.append(request[:, -1].float().cpu())                                       # the row is the last
+        states.append(request[:, -1].float())                                             # the row is the last
     return torch.cat(states)
 
 
 def accuracy(model: GroundedLM, states: torch.Tensor, kinds: list[str]) -> dict[str, float]:
     """By kind (and "all"): how often the gate decides as it should (look for a question, not for a request)."""
     with torch.no_grad():
-        looks = model.perception.asks_about_image(states.to(model.device)).cpu() > 0
+        looks = model.perception.asks_about_image(states).cpu() > 0
     right = looks == torch.tensor([kind == "question" for kind in kinds])
     by_kind = {k: right[[i for i, kind in enumerate(kinds) if kind == k]].float().mean().item() for k in KINDS}
     return {**by_kind, "all": right.float().mean().item()}
@@ -103,7 +103,8 @@ def fit(args: argparse.Namespace) -> dict:
             for split, n in (("train", args.conversations), ("val", args.val_conversations))}
     states = {split: row_states(model, items, args.cache_batch, f"pass 1 ({split})") for split, items in data.items()}
     kinds = {split: [kind for _, kind in items] for split, items in data.items()}
-    targets = {split: torch.tensor([float(kind == "question") for kind in k]) for split, k in kinds.items()}
+    targets = {split: torch.tensor([float(kind == "question") for kind in k], device=device)
+               for split, k in kinds.items()}
     cache_seconds = time.time() - t_start
     for p in model.parameters():
         p.requires_grad_(False)
