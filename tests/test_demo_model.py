@@ -185,13 +185,13 @@ def test_the_demos_reasoner_questions_its_observer_and_concludes_what_the_answer
     (or, where they do not say, one that says it is a guess). Whether that answer is right is the Observer's
     part (README: IMMO)."""
     from model.monologue import Monologue, think
-    from model.training.evaluate_monologue import of_kind
+    from model.training.evaluate_questions import first_questions
     from model.training.monologue import GUESS, conclusion
     from model.world import questions
 
     stepped, concluded = [], []
     for kind in questions.COMPOUND_KINDS:
-        for sample, q in of_kind("test", kind, 3, demo.visual.image_size[0]):
+        for sample, q in first_questions("test", kind, 3, demo.visual.image_size[0]):
             record = Monologue()
             list(think(demo, [Turn("user", [sample.image, q.text])], record=record))
             assert record.fallback is None, record.lines

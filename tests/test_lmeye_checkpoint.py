@@ -16,7 +16,7 @@ from model.generate import GenerationSettings, Looked, stream_reply
 from model.grounded import GroundedLM
 from model.prompt import Turn, render
 from model.training.evaluate import greedy_replies
-from model.training.evaluate_questions import QUESTION_OFFSET
+from model.training.evaluate_questions import first_questions
 from model.training.train_look_gate import conversation
 from model.training.train import SUMMARY_NAME
 from model.world import questions, shapes
@@ -41,8 +41,7 @@ def test_it_is_the_demo_with_a_request_module_trained_without_the_holdout(lmeye)
 
 @pytest.mark.parametrize("kind", questions.SIMPLE_KINDS)
 def test_it_answers_test_questions_of_each_kind(lmeye, kind):
-    asked = [questions.question("test", QUESTION_OFFSET + i, lmeye.visual.image_size[0], True, (kind,))
-             for i in range(ASKED)]
+    asked = first_questions("test", kind, ASKED, lmeye.visual.image_size[0])
     replies = greedy_replies(lmeye, [[Turn("user", [s.image, q.text])] for s, q in asked], max_new_tokens=12)
     outcomes = [(q.text, q.answer, r.text, questions.is_right(r.text, q)) for (_, q), r in zip(asked, replies)]
     assert sum(right for *_, right in outcomes) >= RIGHT[kind], outcomes

@@ -38,6 +38,22 @@ def test_answers_follow_from_the_scene():
     assert {q.answer for q in asked("existence")} == {"yes", "no"}
 
 
+def test_the_binding_drill_asks_for_one_objects_colour_and_shape_and_is_not_a_kind():
+    pairs = {(o.colour, o.shape) for o in SCENE.objects}
+    drilled = asked("binding")
+    assert {q.answer for q in drilled} == {"yes", "no"} and {q.kind for q in drilled} == {"binding"}
+    for q in drilled:
+        words = q.text.rstrip("?").split()
+        colour = next(w for w in words if w in shapes.COLOURS)
+        shape = next(w for w in words if w in shapes.SHAPES)
+        assert q.answer == ("yes" if (colour, shape) in pairs else "no"), q
+        assert colour in {o.colour for o in SCENE.objects} and shape in {o.shape for o in SCENE.objects}, \
+            "an absent pair is a colour and a shape the scene has, on two objects"
+    alone = Scene((RED_CIRCLE,), "grey")
+    assert all(ask(alone, random.Random(i), ("binding",)).kind == "attribute" for i in range(20)), "nothing to mix"
+    assert "binding" not in KINDS
+
+
 def test_a_simple_question_is_answered_on_any_scene_that_says_its_answer():
     for i in range(300):
         sample, q = question("train", i, 64, True, SIMPLE_KINDS)
@@ -94,7 +110,7 @@ def test_questions_are_a_pure_function_of_the_split_and_index_and_cover_every_ki
 def test_with_holdout_no_question_names_a_held_out_pair():
     held = [f"{colour} {shape}" for shape, colour in shapes.HOLDOUT_PAIRS]
     for i in range(400):
-        sample, q = question("train", i, image_size=32, holdout=True, kinds=("existence", "count"))
+        sample, q = question("train", i, image_size=32, holdout=True, kinds=("existence", "count", "binding"))
         assert not any(pair in q.text for pair in held), q.text
     texts = [question("holdout", i, image_size=32, holdout=True, kinds=("existence",))[1].text for i in range(100)]
     assert any(pair in t for t in texts for pair in held), "the hold-out split asks about its own pairs"
@@ -168,3 +184,10 @@ def test_an_attribute_or_location_reason_says_the_answer_it_read():
     asked = next(q for i in range(400) if (q := ask(scene, random.Random(i), ("location",))).text == "Where is the circle?")
     assert implied_answer(asked, ["On the left."]) == ("left", "The Observer said the circle is on the left."), \
         "a direct answer is read the same way"
+
+
+def test_the_evaluation_asks_only_questions_of_the_kind_it_scores():
+    from model.training.evaluate_questions import first_questions
+    for kind in ("binding", "compare"):
+        asked = first_questions("test", kind, 30, 32)
+        assert len(asked) == 30 and {q.kind for _, q in asked} == {kind}, "a scene that cannot support it is skipped"

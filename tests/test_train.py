@@ -279,7 +279,7 @@ def test_question_batches_ask_about_images_and_keep_describing_and_retrieving():
     assert [e.turns[-1].text for e in again] == [e.turns[-1].text for e in batch]
 
 
-def test_asking_more_of_some_kinds_asks_them_twice_as_often_and_names_only_simple_kinds():
+def test_asking_more_of_some_kinds_asks_them_twice_as_often_and_names_only_simple_kinds_or_drills():
     rng = random.Random(0)
     scenes = [shapes.sample("train", i, 32).scene for i in range(600)]
     kinds = Counter(questions.ask(scene, rng, questions.SIMPLE_KINDS + ("existence", "count")).kind
@@ -288,7 +288,9 @@ def test_asking_more_of_some_kinds_asks_them_twice_as_often_and_names_only_simpl
     plain = QuestionConversations("train", 1000, 32, holdout=True, seed=0).batch(3, 16)
     more = QuestionConversations("train", 1000, 32, holdout=True, seed=0, ask_more=("existence", "count")).batch(3, 16)
     assert [len(e.turns) for e in more] == [len(e.turns) for e in plain], "the same mix of conversations"
-    with pytest.raises(ValueError, match="simple kinds"):
+    drilled = QuestionConversations("train", 1000, 32, holdout=True, ask_more=("binding",)).simple_kinds
+    assert drilled.count("binding") == 2 and drilled.count("existence") == 1, "a drill as often as a kind named"
+    with pytest.raises(ValueError, match="simple kinds or drills"):
         QuestionConversations("train", 1000, 32, holdout=True, ask_more=("compare",))
 
 

@@ -19,7 +19,8 @@ with what the model already does, so that learning to look costs it nothing it c
     2  requests after a described image     [image, ...] -> caption, ["Show me ..."]         -> "[RET]"
 Answers are short (`questions.reply_text`); only the reply is trained (the caption loss covers the last turn).
 The simple questions are of each of `questions.SIMPLE_KINDS` alike, unless `ask_more` names kinds to ask twice as
-often (`train.py --ask-more`: the kinds a module still gets wrong).
+often (`train.py --ask-more`: the kinds a module still gets wrong) or drills (`questions.DRILLS`) to ask as often
+as those.
 
 Both are pure functions of (seed, step): a resumed run sees exactly the batches an uninterrupted one would have.
 """
@@ -142,10 +143,12 @@ class QuestionConversations:
 
     def __init__(self, split: str, scenes: int, image_size: int, holdout: bool, seed: int = 0,
                  ask_more: tuple[str, ...] = ()):
-        if not set(ask_more) <= set(questions.SIMPLE_KINDS):
-            raise ValueError(f"ask_more names simple kinds ({', '.join(questions.SIMPLE_KINDS)}), got {ask_more}")
+        allowed = questions.SIMPLE_KINDS + questions.DRILLS
+        if not set(ask_more) <= set(allowed):
+            raise ValueError(f"ask_more names simple kinds or drills ({', '.join(allowed)}), got {ask_more}")
         self.split, self.scenes, self.image_size, self.holdout, self.seed = split, scenes, image_size, holdout, seed
-        self.simple_kinds = questions.SIMPLE_KINDS + tuple(ask_more)  # `questions.ask` draws one of the list
+        drills = tuple(name for name in ask_more if name in questions.DRILLS)  # twice, as a kind named is asked
+        self.simple_kinds = questions.SIMPLE_KINDS + tuple(ask_more) + drills  # `questions.ask` draws one of the list
 
     def batch(self, step: int, size: int) -> list[Example]:
         if size < 8:

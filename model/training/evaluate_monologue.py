@@ -45,7 +45,7 @@ from model.prompt import Turn
 from model.reasoner import FOLDER, adapter_weights, reasoner_weights
 from model.serving import DecodeEngine
 from model.training.evaluate import greedy_replies, load, report
-from model.training.evaluate_questions import QUESTION_OFFSET, SPLITS
+from model.training.evaluate_questions import SPLITS, first_questions
 from model.training.monologue import observer_answers, steps_of
 from model.training.plots import plt, save_figure
 from model.training.train import SUMMARY_NAME
@@ -107,24 +107,12 @@ def read_exactly(model: GroundedLM, asked: list[tuple], batch_size: int, split: 
     return ["" if i is None else questions.reply_text(i[0]) for i in implied]
 
 
-def of_kind(split: str, kind: str, n: int, image_size: int) -> list[tuple]:
-    """The first n (sample, question) pairs of `kind` from QUESTION_OFFSET on: a scene that cannot carry the kind
-    (a comparison needs two objects that can be named apart) is passed over, not asked something simpler."""
-    found, index = [], QUESTION_OFFSET
-    while len(found) < n:
-        sample, q = questions.question(split, index, image_size, True, (kind,))
-        if q.kind == kind:
-            found.append((sample, q))
-        index += 1
-    return found
-
-
 def score(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: int, batch_size: int, max_rounds: int,
           supervised: dict | None = None) -> dict[str, dict]:
     """{row: {kind: {"accuracy", "n", ...}}} on `per_kind` questions of each kind of `split`; with `supervised`
     (adapter weights), the monologue again with those weights as the Reasoner."""
     image_size = model.visual.image_size[0]
-    asked = [(kind, sample, q) for kind in kinds for sample, q in of_kind(split, kind, per_kind, image_size)]
+    asked = [(kind, sample, q) for kind in kinds for sample, q in first_questions(split, kind, per_kind, image_size)]
     direct = greedy_replies(model, [[Turn("user", [s.image, q.text])] for _, s, q in asked],
                             max_new_tokens=ANSWER_TOKENS, batch_size=batch_size, desc=f"the Observer alone ({split})")
     captions = greedy_replies(model, [[Turn("user", [s.image, DESCRIBE])] for _, s, q in asked],

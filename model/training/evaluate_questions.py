@@ -6,14 +6,16 @@
 
 Each question is asked as the app asks it (`[image, question]`, greedy, a model with a request module looks
 first) and its reply read back with `questions.reply_answer`. Questions are `questions.question(split, i)` from
-QUESTION_OFFSET on, away from what evaluate.py draws, and the same for every row: the test split without the
-hold-out pairs, which are asked about on the hold-out split (a clean test for rows whose training never saw
-them; `holdout_pairs_seen_in_training` says which). Writes a JSON, a bar plot beside it and, for models that
+QUESTION_OFFSET on, away from what evaluate.py draws, those of the kind asked (a kind or a drill, as `--kinds
+binding`), and the same for every row: the test split without the hold-out pairs, which are asked about on the
+hold-out split (a clean test for rows whose training never saw them; `holdout_pairs_seen_in_training` says
+which). Writes a JSON, a bar plot beside it and, for models that
 look, a picture of where they looked (`<out>_looked_<label>.png`); prints a table.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import time
 from pathlib import Path
@@ -27,11 +29,18 @@ from model.perception import heat_map
 from model.generate import GenerationSettings, Looked, Text, stream_reply
 from model.prompt import Turn
 from model.training.evaluate import greedy_replies, load, report
-from model.world import questions
+from model.world import questions, shapes
 from model.training.plots import plt, save_figure
 
 QUESTION_OFFSET = 700_000
 SPLITS = ("test", "holdout")
+
+
+def first_questions(split: str, kind: str, n: int, image_size: int) -> list[tuple[shapes.Sample, questions.Question]]:
+    """The first `n` questions of `kind` the evaluation asks on `split` (a scene that cannot support the kind, as
+    one object a comparison, gives no question rather than the fallback's)."""
+    drawn = (questions.question(split, QUESTION_OFFSET + i, image_size, True, (kind,)) for i in itertools.count())
+    return list(itertools.islice((a for a in drawn if a[1].kind == kind), n))
 
 
 def accuracy(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: int, batch_size: int) -> dict:
@@ -40,8 +49,7 @@ def accuracy(model: GroundedLM, split: str, kinds: tuple[str, ...], per_kind: in
     image_size = model.visual.image_size[0]
     result = {}
     for kind in kinds:
-        asked = [questions.question(split, QUESTION_OFFSET + i, image_size, True, (kind,))
-                 for i in range(per_kind)]
+        asked = first_questions(split, kind, per_kind, image_size)
         replies = greedy_replies(model, [[Turn("user", [s.image, q.text])] for s, q in asked], max_new_tokens=12,
                                  batch_size=batch_size, desc=f"{kind} ({split})")
         answered = [{"question": q.text, "answer": q.answer, "reply": r.text} for (_, q), r in zip(asked, replies)]
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True, help="folder or preset; repeat for rows")
     p.add_argument("--label", action="append", default=None, help="a row's name in the table (one per --checkpoint)")
-    p.add_argument("--kinds", nargs="+", choices=questions.KINDS, default=list(questions.SIMPLE_KINDS))
+    p.add_argument("--kinds", nargs="+", choices=tuple(questions.ASKERS), default=list(questions.SIMPLE_KINDS))
     p.add_argument("--per-kind", type=int, default=200, help="questions of each kind, per split")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

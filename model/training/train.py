@@ -45,7 +45,7 @@ from model.checkpoint import resolve
 from model.files import write_atomically
 from model.config import CONFIG_NAME, PROJECTORS, WEIGHTS_NAME, GroundedConfig
 from model.world.data import ShapesDataset, TsvCaptionDataset
-from model.world.questions import SIMPLE_KINDS
+from model.world.questions import DRILLS, SIMPLE_KINDS
 from model.grounded import Example, GroundedLM
 from model.lm import COMPUTE_DTYPES, QUANTIZE_CHOICES, compute_dtype_name, dequantized
 from model.training.cell_words import cell_word_loss
@@ -435,9 +435,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--questions", action="store_true",
                    help="LMEye's stage 2: shapes-world questions, mixed with descriptions and requests "
                         "(model/training/conversations.py)")
-    p.add_argument("--ask-more", nargs="+", choices=SIMPLE_KINDS, default=[],
+    p.add_argument("--ask-more", nargs="+", choices=SIMPLE_KINDS + DRILLS, default=[],
                    help="with --questions: simple kinds asked twice as often as the others in training (the kinds a "
-                        "module still gets wrong); validation asks every kind alike, as before")
+                        "module still gets wrong), or drills asked as often as those (binding: is there an object of "
+                        "this colour and shape, where one has the colour and another the shape); validation asks "
+                        "every kind alike, as before")
     p.add_argument("--request-tokens", type=int, default=None,
                    help="LMEye's request tokens: a model (or --init checkpoint) without a request module gets one "
                         "of this many tokens, untrained")

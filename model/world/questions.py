@@ -10,6 +10,9 @@ Compound kinds, whose decomposition into simple questions is known (`Question.st
     compare      "Are the star and the square the same colour?"        -> "yes" / "no"
     count_where  "How many red things are to the left of the circle?"  -> "1"
     relation     "Is the circle to the left of the square?"            -> "yes" / "no"
+A drill, trained on (`train --ask-more binding`) and measured, but not among KINDS, so that the kinds' questions stay
+as they were:
+    binding      "Is there a red square?" with a red circle and a blue square -> "no"; or one object's own pair
 
 Every answer is canonical (a colour, shape, size or position word, "yes"/"no", or a digit), and a free reply
 is read back with `reply_answer` (synonyms, number words, text around the answer), so scoring is exact.
@@ -28,6 +31,7 @@ from model.world.shapes import Scene, SceneObject
 SIMPLE_KINDS = ("attribute", "existence", "count", "location")
 COMPOUND_KINDS = ("compare", "count_where", "relation")
 KINDS = SIMPLE_KINDS + COMPOUND_KINDS
+DRILLS = ("binding",)
 ATTRIBUTES = ("colour", "shape", "size")
 NUMBER_WORDS = {"no": "0", "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                 "five": "5"}
@@ -327,9 +331,25 @@ def existence(scene: Scene, rng: random.Random, holdout: bool) -> Question:
         while (colour, shape) in present or (holdout and (shape, colour) in shapes.HOLDOUT_PAIRS):
             colour = rng.choice(tuple(shapes.COLOURS)) if rng.random() < 0.5 else colour
             shape = rng.choice(shapes.SHAPES) if rng.random() < 0.5 else shape
-    text = rng.choice((f"Is there a {colour} {shape}?", f"Do you see a {colour} {shape}?",
+    return Question(_is_there(colour, shape, rng), "yes" if (colour, shape) in present else "no", "existence")
+
+
+def _is_there(colour: str, shape: str, rng: random.Random) -> str:
+    return rng.choice((f"Is there a {colour} {shape}?", f"Do you see a {colour} {shape}?",
                        f"Is there a {colour} {shape} in the picture?", f"Does the image contain a {colour} {shape}?"))
-    return Question(text, "yes" if (colour, shape) in present else "no", "existence")
+
+
+def binding(scene: Scene, rng: random.Random, holdout: bool) -> Question | None:
+    """An existence question answered only by reading a colour and a shape off the same object: half the time the
+    colour of one object with the shape of another (absent), half one object's own pair. `existence` asks this way
+    for about 1 in 13 of its absent objects, and a module trained on it said "Yes." to every one (docs/lmeye.md)."""
+    present = {(o.colour, o.shape) for o in scene.objects}
+    held = {(colour, shape) for shape, colour in shapes.HOLDOUT_PAIRS} if holdout else set()
+    crossed = sorted({(a.colour, b.shape) for a in scene.objects for b in scene.objects} - present - held)
+    if not crossed:  # one object, or objects that share their colour or their shape
+        return None
+    colour, shape = rng.choice(crossed) if rng.random() < 0.5 else rng.choice(sorted(present))
+    return Question(_is_there(colour, shape, rng), "yes" if (colour, shape) in present else "no", "binding")
 
 
 def count(scene: Scene, rng: random.Random, holdout: bool) -> Question:
@@ -407,15 +427,15 @@ def relation(scene: Scene, rng: random.Random, holdout: bool) -> Question | None
 
 
 ASKERS = {"attribute": attribute, "existence": existence, "count": count, "location": location,
-          "compare": compare, "count_where": count_where, "relation": relation}
+          "compare": compare, "count_where": count_where, "relation": relation, "binding": binding}
 
 
 def ask(scene: Scene, rng: random.Random, kinds: tuple[str, ...] = KINDS, holdout: bool = False) -> Question:
     """A question of one of `kinds` about `scene`, each as likely as the times it is listed (kinds the scene cannot
     support are skipped: a comparison needs two objects that can be named apart)."""
-    unknown = set(kinds) - set(KINDS)
+    unknown = set(kinds) - set(ASKERS)
     if unknown or not kinds:
-        raise ValueError(f"kinds must be some of {KINDS}, got {kinds}")
+        raise ValueError(f"kinds must be some of {tuple(ASKERS)}, got {kinds}")
     order = list(kinds)
     rng.shuffle(order)
     for kind in order:
