@@ -9,8 +9,8 @@ first) and its reply read back with `questions.reply_answer`. Questions are `que
 QUESTION_OFFSET on, away from what evaluate.py draws, those of the kind asked (a kind or a drill, as `--kinds
 binding`), and the same for every row: the test split without the hold-out pairs, which are asked about on the
 hold-out split (a clean test for rows whose training never saw them; `holdout_pairs_seen_in_training` says
-which). Writes a JSON, a bar plot beside it and, for models that
-look, a picture of where they looked (`<out>_looked_<label>.png`); prints a table.
+which). Writes a JSON, a bar plot beside it and, for models that look, a picture of where they looked
+(`<out>_looked_<label>.png`); prints a table.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ SPLITS = ("test", "holdout")
 
 
 def first_questions(split: str, kind: str, n: int, image_size: int) -> list[tuple[shapes.Sample, questions.Question]]:
-    """The first `n` questions of `kind` the evaluation asks on `split` (a scene that cannot support the kind, as
-    one object a comparison, gives no question rather than the fallback's)."""
+    """The first `n` questions of `kind` the evaluation asks on `split`: a scene that cannot carry the kind (one
+    object, for a comparison) is passed over, not asked the fallback's attribute question."""
     drawn = (questions.question(split, QUESTION_OFFSET + i, image_size, True, (kind,)) for i in itertools.count())
     return list(itertools.islice((a for a in drawn if a[1].kind == kind), n))
 
