@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 
+from model.training.evaluate_questions import first_questions
 from model.world import shapes
 from model.world.questions import (COMPOUND_KINDS, KINDS, SIMPLE_KINDS, Question, answer_on, ask,
                                    implied_answer, is_right, question, reference, relation_holds, reply_answer)
@@ -187,7 +188,6 @@ def test_an_attribute_or_location_reason_says_the_answer_it_read():
 
 
 def test_the_evaluation_asks_only_questions_of_the_kind_it_scores():
-    from model.training.evaluate_questions import first_questions
     for kind in ("binding", "compare"):
         asked = first_questions("test", kind, 30, 32)
         assert len(asked) == 30 and {q.kind for _, q in asked} == {kind}, "a scene that cannot support it is skipped"
