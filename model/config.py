@@ -58,6 +58,10 @@ class GroundedConfig:
     """A turn without an image of its own looks at the conversation's latest image only when a gate on pass 1's
     request row says it asks about it, and not when it asks for something else, such as a picture (a logistic
     gate, `train_look_gate.py`). False: every such turn looks (every older checkpoint with a request module)."""
+    word_decisions: bool = False
+    """The request module decides per region cell, in the LM's word space, whether the cell holds what the question
+    asks (`perception.WordDecisions`; cells whose tokens sit on words, `tokens_per_cell` > 1): a softmax read blends
+    cells and does not bind a colour to a shape (docs/lmeye.md). False: no decisions (every older checkpoint)."""
     reasoner: bool = False
     """IMMO's Reasoner: a LoRA adapter on the LM, stored in `reasoner/` beside the mappings (`model/reasoner.py`).
     False: no Reasoner (every older checkpoint); the app cannot think before answering."""
@@ -102,8 +106,10 @@ class GroundedConfig:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         if min(self.n_visual_tokens, self.emb_dim, self.tokens_per_cell, self.cell_patches) < 1:
             raise ValueError("n_visual_tokens, tokens_per_cell, cell_patches and emb_dim must be positive")
-        if self.look_gate and not self.request_tokens:
-            raise ValueError("look_gate needs a request module (request_tokens > 0)")
+        if (self.look_gate or self.word_decisions) and not self.request_tokens:
+            raise ValueError("look_gate and word_decisions need a request module (request_tokens > 0)")
+        if self.word_decisions and (not self.region_grid or self.tokens_per_cell < 2):
+            raise ValueError("word_decisions need region cells of several tokens (region_grid, tokens_per_cell > 1)")
         if self.region_grid < 0 or self.request_tokens < 0:
             raise ValueError(f"region_grid and request_tokens must be 0 (none) or positive, got {self.region_grid} "
                              f"and {self.request_tokens}")

@@ -164,7 +164,7 @@ class GroundedLM(nn.Module):
             self.ret_context.query.load_state_dict(self.ret_mapping.state_dict())
         self.perception = (Perception(config.request_tokens, lm_dim, visual_dim, self.visual.n_patches,
                                       config.token_groups, embeddings.weight.detach().float().mean(0),
-                                      config.look_gate)
+                                      config.look_gate, config.tokens_per_cell if config.word_decisions else 0)
                            if config.request_tokens else None)
         for module in (self.input_mapping, self.region_mapping, self.ret_mapping, self.image_mapping, self.perception,
                        self.ret_context):
@@ -195,7 +195,8 @@ class GroundedLM(nn.Module):
                         compute_dtype: str | None = None, request_tokens: int | None = None,
                         dequantize: bool = False, tokens_per_cell: int | None = None,
                         cell_patches: int | None = None, ret_output_row: bool = False,
-                        ret_context: bool = False, look_gate: bool = False) -> "GroundedLM":
+                        ret_context: bool = False, look_gate: bool = False, word_decisions: bool = False
+                        ) -> "GroundedLM":
         """A checkpoint folder or preset, loaded as it was trained unless `quantize` / `compute_dtype` say
         otherwise; `dequantize` dequantises a 4-bit LM once (`lm.dequantized`: for batches), before the Reasoner's
         adapter goes on it. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
@@ -204,7 +205,8 @@ class GroundedLM(nn.Module):
         new `tokens_per_cell` or `cell_patches` a new, untrained region mapping. `ret_output_row` gives `[RET]` an
         output row of its own, a copy of its row (so nothing is emitted differently until it is fitted), and
         `ret_context` a new module through which queries point at earlier images (none does until it is trained), and
-        `look_gate` a request module without one a new, untrained look gate (`train_look_gate.py` fits it)."""
+        `look_gate` a request module without one a new, untrained look gate (`train_look_gate.py` fits it), and
+        `word_decisions` one without them new, unfitted decisions (`fit_word_decisions.py` fits them)."""
         folder = resolve(folder_or_preset)
         config, weights = read_checkpoint(folder)
         recut = tokens_per_cell is not None and tokens_per_cell != config.tokens_per_cell
@@ -215,7 +217,8 @@ class GroundedLM(nn.Module):
                                                  ("perception.", config.request_tokens == 0 and request_tokens),
                                                  ("ret_output", ret_output_row and not config.ret_output_row),
                                                  ("ret_context.", ret_context and not config.ret_context),
-                                                 ("perception.gate.", look_gate and not config.look_gate))
+                                                 ("perception.gate.", look_gate and not config.look_gate),
+                                                 ("perception.words.", word_decisions and not config.word_decisions))
                       if new)  # modules the checkpoint lacks (or has in another shape) and gets, untrained
         if recut or reread:
             weights = {k: v for k, v in weights.items() if not k.startswith(grown)}
@@ -230,6 +233,8 @@ class GroundedLM(nn.Module):
         config.ret_output_row = ret_output_row or config.ret_output_row
         config.ret_context = ret_context or config.ret_context
         config.look_gate = look_gate or config.look_gate
+        config.word_decisions = word_decisions or config.word_decisions
+        config.__post_init__()  # what was added must fit what the checkpoint has
         model = cls(config, quantize, device, compute_dtype)
         expected = model.trainable_state_dict()
         problems = [f"missing {k}" for k in expected if k not in weights and not k.startswith(grown)]
@@ -364,20 +369,21 @@ class GroundedLM(nn.Module):
         return self.embed_segments(render(turns, self.tokenizer, self.config.prompt_format)).unsqueeze(0)
 
     # ---- looking (LMEye) -------------------------------------------------------------------------
-    def look(self, requests: torch.Tensor, request_mask: torch.Tensor, images: list[Image.Image]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Requests (L, Q, lm_dim) with their mask (L, Q), one per image (`requests`) -> request tokens
-        (L, request_tokens, lm_dim) and where each looked (L, grid_h, grid_w)."""
-        return self.look_at(requests, request_mask, self.encoded(images))
+    def look(self, requests: torch.Tensor, request_mask: torch.Tensor, images: list[Image.Image],
+             question_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Requests (L, Q, lm_dim) with their mask (L, Q), one per image (`requests`), and the input rows at their
+        positions (L, Q, lm_dim; for word decisions) -> request tokens (L, request_tokens, lm_dim) and where each
+        looked (L, grid_h, grid_w)."""
+        return self.look_at(requests, request_mask, self.encoded(images), question_rows)
 
-    def look_at(self, requests: torch.Tensor, request_mask: torch.Tensor, encoded: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def look_at(self, requests: torch.Tensor, request_mask: torch.Tensor, encoded: torch.Tensor,
+                question_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`look` on the images' encoder output (L, 1 + n_patches, visual_dim). Where it looked sums to 1: the
         attention over the patches, plus what the read of the image tokens took from each region cell spread
         over that cell's patches (the CLS tokens' share over all of them)."""
         image_tokens = self.visual_tokens(self.features_of(encoded))                       # (L, T, lm_dim)
-        tokens, on_patches, on_tokens = self.perception(requests, request_mask, encoded[:, 1:],
-                                                        image_tokens)                      # (L, P), (L, T)
+        tokens, on_patches, on_tokens = self.perception(requests, request_mask, encoded[:, 1:], image_tokens,
+                                                        question_rows)                     # (L, P), (L, T)
         rows, cols = self.visual.grid_size
         n = self.config.n_visual_tokens
         where = on_patches + on_tokens[:, :n].sum(1, keepdim=True) / (rows * cols)          # (L, P)
@@ -414,10 +420,12 @@ class GroundedLM(nn.Module):
         if (self.perception.gate is not None and all(s.earlier for s in looks)
                 and self.perception.asks_about_image(hidden[:, -1]).item() <= 0):
             return self.embed_segments([s for s in segments[first:] if not isinstance(s, Look)]), []
-        request = hidden[:, -question_positions(segments[:first]):]                        # (1, Q, lm_dim)
+        asked = question_positions(segments[:first])
+        request = hidden[:, -asked:]                                                        # (1, Q, lm_dim)
+        rows = torch.cat([head, probe])[-asked:].unsqueeze(0)                               # (1, Q, lm_dim)
         mask = torch.ones(request.shape[:2], dtype=torch.bool, device=self.device)
         tokens, attention = self.look(request.expand(len(looks), -1, -1), mask.expand(len(looks), -1),
-                                      [s.image for s in looks])
+                                      [s.image for s in looks], rows.expand(len(looks), -1, -1))
         return self.embed_segments(segments[first:], tokens), [Looked(s.image, a) for s, a in zip(looks, attention)]
 
     @torch.no_grad()
@@ -598,6 +606,7 @@ class GroundedLM(nn.Module):
 
         before = torch.zeros(n_rows, lm_dim, dtype=dtype, device=self.device)
         questions = [torch.zeros(0, lm_dim, dtype=dtype, device=self.device)] * n_rows  # (Q_i - 1, lm_dim) each
+        words = list(questions)                                                              # their input rows
         cache = None
         with torch.no_grad():
             if prefix:
@@ -615,6 +624,7 @@ class GroundedLM(nn.Module):
                         before[i] = hidden[i, c - 1]
                     if row.looked:
                         questions[i] = hidden[i, max(0, c - row.asked + 1):c]
+                        words[i] = row.context[max(0, c - row.asked + 1):c]
         inputs = torch.zeros(n_rows, n_rest, lm_dim, dtype=dtype, device=self.device)      # (B, R, lm_dim)
         labels = torch.full((n_rows, n_rest), -100, dtype=torch.long, device=self.device)
         if any(look_lengths):
@@ -626,7 +636,9 @@ class GroundedLM(nn.Module):
             looks = [(i, image) for i, row in enumerate(rows) for image in row.looked]
             request, request_mask = left_padded([torch.cat([questions[i], hidden[i, :1]]) for i, _ in looks],
                                                 QUESTION_POSITIONS)                         # (L, Q, lm_dim)
-            tokens, _ = self.look(request, request_mask, [image for _, image in looks])     # (L, k, lm_dim)
+            question_rows, _ = left_padded([torch.cat([words[i], probe[i]]) for i, _ in looks], QUESTION_POSITIONS)
+            tokens, _ = self.look(request, request_mask, [image for _, image in looks],
+                                  question_rows)                                            # (L, k, lm_dim)
             for i in range(n_rows):
                 inputs[i, :look_lengths[i]] = tokens[[j for j, (owner, _) in enumerate(looks) if owner == i]].flatten(0, 1)
         for i, row in enumerate(rows):

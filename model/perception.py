@@ -25,6 +25,9 @@ for something else, runs pass 2 without the request tokens: the prompt a model w
         the CLS tokens) and a learnt position per token; a learnt sink beside them, where a query finds nothing
         -> read = softmax(q(LN(x)) . keys) @ tokens     (B, k, lm_dim), weights (B, k, T + 1)
         -> x = x + in(read)                             (B, k, D)
+    with word decisions (`WordDecisions`): the region tokens by cell (B, C, S, lm_dim) against the question's
+        input rows (B, Q, lm_dim) -> held (B, C), whether each cell holds what is asked
+        -> x = x + gain * tally(how many hold it, whether any does)      (B, k, D)
         -> x = x + MLP(LN(x))                           (B, k, D)
         -> output (zero at the start) + read            (B, k, lm_dim), added to the k request rows
 
@@ -34,7 +37,10 @@ validation questions, the shape for 86% (docs/lmeye.md), and "is there a blue sq
 without both. The read copies the image's tokens themselves: where a checkpoint's
 region tokens sit on its own words (the demo's cells say size, colour, shape and place), the request token
 that finds "the object on the left"'s colour token *is* that word to the frozen LM; what is computed rather
-than read (yes or no, a count) comes from the sink's share and the MLP. Patch features come from any CLS-token
+than read (yes or no, a count) comes from the sink's share and the MLP, and, with word decisions, from
+comparing each cell's tokens with the question's words where both are the LM's input rows: the read's one
+softmax blend of a red circle and a blue square holds red and square, so it cannot say whether a red square is
+there; a decision per cell can. Patch features come from any CLS-token
 ViT, so a FROMAGe checkpoint, whose image tokens are its CLS tokens alone, gets patch-level detail this way.
 The output layer starts at zero, so a new module's tokens are its rows plus what the read takes: at first a
 near-even blend of the image's own tokens, input the LM already reads.
@@ -45,6 +51,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 
@@ -55,12 +62,59 @@ QUESTION_POSITIONS = 32
 the chat template's and the request row's (at most 11 of 1,500 existence questions, docs/lmeye.md)."""
 
 
+TALLY_GAIN = 50.0
+"""The tally's output scaled: Adam moves each weight by about the learning rate a step, which for a new part started at
+zero is too slow to carry the decisions within a question training run (norm 0.40 after 600 steps, docs/lmeye.md)."""
+
+
+class WordDecisions(nn.Module):
+    """Per region cell, whether it holds what the question asks, decided where the cells' tokens were made: in the
+    LM's input word space (cell tokens that sit on their object's words, `train --cell-words`). Each of a cell's S
+    tokens (its slots: size, colour, shape, place) is compared with the question's own input rows (and the means of
+    neighbouring pairs, for a word of two tokens) by cosine, its best match kept; how strongly the question names each
+    slot (a learnt row per slot) and how much each slot looks empty (a learnt row per slot) come beside them; a small
+    MLP decides per cell. Whether any cell holds it and how many do are what existence and counts ask
+    (`fit_word_decisions.py` fits them on those answers); the tally carries them into the request tokens' state."""
+
+    def __init__(self, lm_dim: int, width: int, slots: int):
+        super().__init__()
+        self.slots = slots
+        self.asked = nn.Parameter(torch.randn(slots, lm_dim) * 0.02)
+        self.empty = nn.Parameter(torch.randn(slots, lm_dim) * 0.02)
+        self.decide = nn.Sequential(nn.Linear(3 * slots, 32), nn.GELU(), nn.Linear(32, 1))
+        self.tally = nn.Linear(2, width)
+        nn.init.zeros_(self.tally.weight)
+        nn.init.zeros_(self.tally.bias)
+
+    def held(self, cells: torch.Tensor, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """cells (B, C, S, lm_dim): the region tokens by cell; words (B, Q, lm_dim): the question's input rows with
+        mask (B, Q) -> the chance that each cell holds what is asked (B, C)."""
+        pairs = (words[:, :-1] + words[:, 1:]) / 2
+        words = F.normalize(torch.cat([words, pairs], 1).float(), dim=-1)                       # (B, W, lm_dim)
+        mask = torch.cat([mask, mask[:, :-1] & mask[:, 1:]], 1)                                 # (B, W)
+        cells = F.normalize(cells.float(), dim=-1)
+        similar = torch.einsum("bcsd,bwd->bcsw", cells, words).masked_fill(~mask[:, None, None], -1.0)
+        matched = similar.max(-1).values                                                        # (B, C, S)
+        asked = (torch.einsum("sd,bwd->bsw", F.normalize(self.asked, dim=-1), words)
+                 .masked_fill(~mask[:, None], -1.0).max(-1).values)                             # (B, S)
+        empty = (cells * F.normalize(self.empty, dim=-1)).sum(-1)                               # (B, C, S)
+        features = torch.cat([matched, asked[:, None].expand_as(matched), empty], -1)          # (B, C, 3S)
+        return self.decide(features).squeeze(-1).sigmoid()
+
+    def forward(self, held: torch.Tensor) -> torch.Tensor:
+        """held (B, C) -> the change to each request token's state (B, 1, D): how many cells hold it, whether any
+        does. The tally starts at zero: a module that gains decisions answers as before until it trains."""
+        counted = torch.stack([held.sum(-1), 1 - (1 - held).prod(-1)], -1)                      # (B, 2)
+        return TALLY_GAIN * self.tally(counted)[:, None]
+
+
 class Perception(nn.Module):
     def __init__(self, n_tokens: int, lm_dim: int, visual_dim: int, n_patches: int, token_groups: list[int],
-                 row_init: torch.Tensor, gate: bool = False):
+                 row_init: torch.Tensor, gate: bool = False, word_slots: int = 0):
         """`token_groups` (T,): which group each of the image's LM tokens belongs to (its region cell, or the CLS
         tokens'); `row_init` (lm_dim,): where the request rows start (the LM's mean embedding, as `[RET]`'s);
-        `gate`: a look gate (`asks_about_image`)."""
+        `gate`: a look gate (`asks_about_image`); `word_slots`: decide per region cell of this many tokens in the
+        LM's word space (`WordDecisions`), 0: no decisions."""
         super().__init__()
         self.n_tokens = n_tokens
         self.request_rows = nn.Parameter(row_init.detach().float().expand(n_tokens, -1).clone())  # (k, lm_dim)
@@ -87,6 +141,7 @@ class Perception(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
         self.token_groups = token_groups
+        self.words = WordDecisions(lm_dim, visual_dim, word_slots) if word_slots else None
         self.gate = nn.Sequential(nn.LayerNorm(lm_dim), nn.Linear(lm_dim, 1)) if gate else None
 
     def asks_about_image(self, row_state: torch.Tensor) -> torch.Tensor:
@@ -96,13 +151,21 @@ class Perception(nn.Module):
         the row has read the whole turn, and a request for a picture reads differently from a question."""
         return self.gate(row_state.float()).squeeze(-1)
 
+    def cells_of(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """image_tokens (B, T, lm_dim) -> the region tokens by cell (B, C, S, lm_dim) (the CLS tokens, group 0, left
+        out)."""
+        region = image_tokens[:, self.token_groups.count(0):]
+        return region.unflatten(1, (-1, self.words.slots))
+
     def forward(self, request: torch.Tensor, request_mask: torch.Tensor, patches: torch.Tensor,
-                image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                image_tokens: torch.Tensor, question_rows: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """request (B, Q, lm_dim) with request_mask (B, Q) (True where a position is the question's; the request
         row's last, always there), patches (B, P, visual_dim), image_tokens (B, T, lm_dim) -> the request tokens'
         embeddings (B, k, lm_dim), the attention over the patches (B, P) and over the image tokens (B, T), each
         averaged over the k tokens (and the patches' over heads); the patches' rows sum to 1, the tokens' to
-        1 less the sink's share."""
+        1 less the sink's share. `question_rows` (B, Q, lm_dim): the LM's input rows at the request's positions (the
+        last, the request row's, is not a word), which word decisions compare the cells with."""
         batch, width = request.shape[0], self.query_norm.normalized_shape[0]
         states = self.request_norm(request.float())                                          # (B, Q, lm_dim)
         x = self.query(states[:, -1]).view(batch, self.n_tokens, width)                      # (B, k, D)
@@ -124,6 +187,12 @@ class Perception(nn.Module):
         token_weights = scores.softmax(-1)                                                    # (B, k, T + 1)
         read = token_weights @ values                                                         # (B, k, lm_dim)
         x = x + self.read_in(read)
+        if self.words is not None:
+            if question_rows is None:
+                raise ValueError("this request module decides in word space: give the question's input rows")
+            words_mask = request_mask.clone()
+            words_mask[:, -1] = False
+            x = x + self.words(self.words.held(self.cells_of(tokens), question_rows, words_mask))
         x = x + self.mlp(self.mlp_norm(x))
         return (self.request_rows + self.output(x) + read, patch_weights.mean(1),
                 token_weights[..., :-1].mean(1))

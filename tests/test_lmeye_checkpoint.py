@@ -1,7 +1,8 @@
 """The bundled LMEye checkpoint (assets/lmeye) on its shipped weights: the demo with a request module that reads
-the question, then the image. It loads offline, answers fixed test questions of each simple kind through its
-request module, looks where the question points, and after described images looks for a question about the latest
-and not for a request for a picture. SmolLM2 in 4 bits on the CPU.
+the question, then the image, and decides per region cell whether it holds what is asked. It loads offline,
+answers fixed test questions of each simple kind and of the binding drill through its request module, looks
+where the question points, and after described images looks for a question about the latest and not for a
+request for a picture. SmolLM2 in 4 bits on the CPU.
 
 The thresholds are the counts the shipped weights get on these fixed questions, less a margin, in line with the
 rates `python -m model.training.evaluate_questions --checkpoint assets/lmeye` measured on 100 a kind (README:
@@ -33,14 +34,16 @@ def lmeye():
 
 
 def test_it_is_the_demo_with_a_request_module_trained_without_the_holdout(lmeye):
-    assert lmeye.perception is not None and lmeye.config.request_tokens == 4
+    assert lmeye.perception is not None and lmeye.config.request_tokens == 4 and lmeye.config.word_decisions
     assert lmeye.visual.source == f"local-dir:{(ASSETS / 'demo' / 'clip').resolve()}"
     summary = json.loads((LMEYE / SUMMARY_NAME).read_text())
     assert summary["options"]["trainable"] == "perception" and summary["holdout_kept_out"]
 
 
-@pytest.mark.parametrize("kind", questions.SIMPLE_KINDS)
+@pytest.mark.parametrize("kind", (*questions.SIMPLE_KINDS, "binding"))
 def test_it_answers_test_questions_of_each_kind(lmeye, kind):
+    """The simple kinds, and the binding drill: a colour and a shape asked together, half the time found on two
+    different objects (a module without word decisions answers it at chance)."""
     asked = first_questions("test", kind, ASKED, lmeye.visual.image_size[0])
     replies = greedy_replies(lmeye, [[Turn("user", [s.image, q.text])] for s, q in asked], max_new_tokens=12)
     outcomes = [(q.text, q.answer, r.text, questions.is_right(r.text, q)) for (_, q), r in zip(asked, replies)]

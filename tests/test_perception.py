@@ -11,7 +11,7 @@ from model.generate import GenerationSettings, Looked, Text, stream_reply
 from model.grounded import Example, GroundedLM, question_positions
 from model.perception import heat_map
 from model.prompt import Look, Turn, count_tokens, render, render_with_target
-from model.training import evaluate_questions, train_look_gate
+from model.training import evaluate_questions, fit_word_decisions, train_look_gate, train_looking
 from model.training.evaluate import greedy_replies
 
 K = 3
@@ -149,19 +149,64 @@ def test_training_loss_equals_the_whole_sequence_and_trains_the_request_module(l
     assert "perception.request_rows" in grads, "pass 1's request row learns too"
     assert not any(n.startswith("lm.") for n in grads)
     looking_model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(out.caption_loss, loss_as_the_app_reads_them(looking_model, examples), rtol=1e-4,
+                               atol=1e-5)
 
+
+def loss_as_the_app_reads_them(model: GroundedLM, examples: list[Example]) -> torch.Tensor:
+    """The examples' mean target cross-entropy, each prompt prefilled as the app does, then its target."""
     losses, counts = [], []
     with torch.no_grad():
         for example in examples:
-            prompt, target = render_with_target(example.turns, looking_model.tokenizer, "chat", look=True)
-            last, cache, _ = looking_model.prefill(prompt)
+            prompt, target = render_with_target(example.turns, model.tokenizer, "chat", look=True)
+            last, cache, _ = model.prefill(prompt)
             target_ids = torch.tensor([t for s in target for t in s])
-            target_embeds = looking_model.embed_ids(target_ids).unsqueeze(0)
-            hidden, _ = looking_model.hidden_states(target_embeds, past_key_values=cache)
+            target_embeds = model.embed_ids(target_ids).unsqueeze(0)
+            hidden, _ = model.hidden_states(target_embeds, past_key_values=cache)
             predictors = torch.cat([last.unsqueeze(0), hidden[0, :-1]])
-            losses.append(F.cross_entropy(looking_model.logits(predictors), target_ids, reduction="sum"))
+            losses.append(F.cross_entropy(model.logits(predictors), target_ids, reduction="sum"))
             counts.append(len(target_ids))
-    torch.testing.assert_close(out.caption_loss, sum(losses) / sum(counts), rtol=1e-4, atol=1e-5)
+    return sum(losses) / sum(counts)
+
+
+def test_word_decisions_compare_the_same_question_rows_in_training_as_in_the_app(tiny_lm_dir, tiny_clip_dir,
+                                                                                   colour_images):
+    torch.manual_seed(2)
+    model = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, tokens_per_cell=2, request_tokens=K,
+                                   word_decisions=True), quantize="none", device="cpu")
+    with torch.no_grad():
+        for p in model.perception.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    red, green, _ = colour_images
+    examples = [Example([Turn("user", [red, "is there a red circle?"]), Turn("assistant", ["yes."])]),
+                Example([Turn("user", [green, "describe the image."]), Turn("assistant", ["a green one."]),
+                         Turn("user", ["how many circles?"]), Turn("assistant", ["1."])])]
+    out = model(examples)
+    out.loss.backward()
+    assert model.perception.words.decide[0].weight.grad is not None, "the decisions train with the module"
+    torch.testing.assert_close(out.caption_loss, loss_as_the_app_reads_them(model, examples), rtol=1e-4, atol=1e-5)
+
+
+def test_word_decisions_are_fitted_on_the_answers_and_nothing_else_of_the_checkpoint_changes(tiny_lm_dir,
+                                                                                              tiny_clip_dir, tmp_path):
+    looking = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, tokens_per_cell=2, request_tokens=K),
+                         quantize="none", device="cpu")
+    looking.save_pretrained(tmp_path / "looking")
+    (tmp_path / "looking" / "training.json").write_text('{"holdout_kept_out": true}')
+    summary = fit_word_decisions.fit(fit_word_decisions.parse_args([
+        "--init", str(tmp_path / "looking"), "--out", str(tmp_path / "deciding"), "--questions", "12",
+        "--val-questions", "4", "--steps", "60", "--val-every", "20", "--device", "cpu"]))
+    assert set(summary["val"]) == set(fit_word_decisions.KINDS) and summary["holdout_kept_out"]
+    assert summary["history"]["loss"][-1] < summary["history"]["loss"][0]
+    assert (tmp_path / "deciding" / fit_word_decisions.CURVE_NAME).read_bytes()[:4] == b"\x89PNG"
+    deciding = GroundedLM.from_pretrained(tmp_path / "deciding", quantize="none")
+    assert deciding.config.word_decisions
+    for name, value in looking.state_dict().items():  # the checkpoint is as it was: only the decisions are new
+        assert torch.equal(deciding.state_dict()[name], value), name
+    assert not deciding.perception.words.tally.weight.any(), "the tally waits for question training"
+    with pytest.raises(SystemExit, match="before word decisions"):
+        train_looking.pretrain(train_looking.parse_args(["--init", str(tmp_path / "deciding"), "--out",
+                                                         str(tmp_path / "again")]))
 
 
 def test_the_reply_shows_where_it_looked_first_unless_switched_off(looking_model, colour_images):

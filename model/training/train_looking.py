@@ -169,6 +169,9 @@ def pretrain(args: argparse.Namespace) -> dict:
     init = resolve(args.init)
     device = resolve_device(args.device)
     model = GroundedLM.from_pretrained(init, device=device, request_tokens=args.request_tokens)
+    if model.config.word_decisions:
+        raise SystemExit("this stage comes before word decisions: train the module here, then fit them "
+                         "(model.training.fit_word_decisions)")
     run_dir = Path(args.run_dir or Path("runs") / Path(args.out).name)
     t_start = time.time()
     train = cached_inputs(model, run_dir, "train", args.questions, args)
