@@ -63,8 +63,9 @@ the chat template's and the request row's (at most 11 of 1,500 existence questio
 
 
 TALLY_GAIN = 50.0
-"""The tally's output scaled: Adam moves each weight by about the learning rate a step, which for a new part started at
-zero is too slow to carry the decisions within a question training run (norm 0.40 after 600 steps, docs/lmeye.md)."""
+"""The tally's output scaled, so that it moves as if its learning rate were this many times the module's: Adam moves
+each weight by about the rate a step whatever its gradient, and unscaled, the tally (a new part, from zero) reached
+a norm of 0.40 in 600 question steps and the LM answered the binding drill 65%; scaled, 98% (docs/lmeye.md)."""
 
 
 class WordDecisions(nn.Module):
