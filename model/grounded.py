@@ -428,19 +428,28 @@ class GroundedLM(nn.Module):
                                       [s.image for s in looks], rows.expand(len(looks), -1, -1))
         return self.embed_segments(segments[first:], tokens), [Looked(s.image, a) for s, a in zip(looks, attention)]
 
+    def _request_input(self, prompt: list[Segment]) -> tuple[torch.Tensor, int]:
+        """A prompt that looks -> pass 1's input, its positions before the first `Look` and the first request row
+        (T + 1, lm_dim), and how many of the last of them are the request's (`question_positions`)."""
+        first, head = self._before_look(prompt)                                             # (T, lm_dim)
+        if first is None:
+            raise ValueError("a prompt without request positions: render it with look=True")
+        return torch.cat([head, self.perception.request_rows[:1].to(head.dtype)]), question_positions(prompt[:first])
+
+    @torch.no_grad()
+    def question_rows(self, prompts: list[list[Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input rows at each prompt's request positions, those `requests` runs the LM over (the request row's
+        last), left-padded to QUESTION_POSITIONS (B, Q, lm_dim), and their mask (B, Q): what word decisions compare
+        the image's cells with."""
+        return left_padded([rows[-asked:] for rows, asked in map(self._request_input, prompts)], QUESTION_POSITIONS)
+
     @torch.no_grad()
     def requests(self, prompts: list[list[Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pass 1 of prompts that look, as one batch: each prompt's request, the hidden states of its question and
         of the first request row after its prompt before the first `Look` (`question_positions`), left-padded to
         QUESTION_POSITIONS (B, Q, lm_dim), and their mask (B, Q) (the prompts run right-padded: causal attention
         keeps a row's positions its own)."""
-        heads, asked = [], []
-        for prompt in prompts:
-            first, head = self._before_look(prompt)                                         # (T_i, lm_dim)
-            if first is None:
-                raise ValueError("a prompt without request positions: render it with look=True")
-            heads.append(torch.cat([head, self.perception.request_rows[:1].to(head.dtype)]))
-            asked.append(question_positions(prompt[:first]))
+        heads, asked = zip(*map(self._request_input, prompts))
         lengths = [len(h) for h in heads]
         inputs = torch.zeros(len(heads), max(lengths), heads[0].shape[-1], dtype=heads[0].dtype, device=self.device)
         mask = torch.zeros(inputs.shape[:2], dtype=torch.long, device=self.device)       # (B, T)

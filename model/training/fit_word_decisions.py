@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoint import resolve
-from model.grounded import GroundedLM, left_padded, question_positions
-from model.perception import QUESTION_POSITIONS
+from model.grounded import GroundedLM
 from model.prompt import Turn, render
 from model.training.plots import plot_fit
 from model.training.train import CURVE_NAME, add_stage_options, conclude, stage_summary
@@ -43,21 +42,19 @@ def inputs(model: GroundedLM, split: str, n: int, holdout: bool, batch: int = 64
             sample, q = questions.question(split, i, model.visual.image_size[0], holdout, (kind,))
             if q.kind == kind:
                 asked.append((sample.image, q))
-    cells, rows, kinds, answers = [], [], [], []
+    cells, words, masks = [], [], []
     for start in tqdm(range(0, len(asked), batch), desc=f"{split} questions", unit="batch"):
         chunk = asked[start:start + batch]
         tokens = model.visual_tokens(model.features_of(model.encoded([image for image, _ in chunk])))
         cells.append(model.perception.cells_of(tokens).float())
-        for image, q in chunk:
-            segments = render([Turn("user", [image, q.text])], model.tokenizer, model.config.prompt_format, look=True)
-            first, head = model._before_look(segments)
-            row = model.perception.request_rows[:1].to(head.dtype)
-            rows.append(torch.cat([head, row])[-question_positions(segments[:first]):].float())
-            kinds.append(q.kind)
-            answers.append({"yes": 1.0, "no": 0.0}.get(q.answer, None) if q.kind != "count" else float(q.answer))
-    words, mask = left_padded(rows, QUESTION_POSITIONS)
+        rows, mask = model.question_rows([render([Turn("user", [image, q.text])], model.tokenizer,
+                                                 model.config.prompt_format, look=True) for image, q in chunk])
+        words.append(rows.float())
+        masks.append(mask)
+    mask = torch.cat(masks)
     mask[:, -1] = False                                                                 # the request row: not a word
-    return {"cells": torch.cat(cells), "words": words, "mask": mask, "kinds": kinds,
+    answers = [float(q.answer) if q.kind == "count" else {"yes": 1.0, "no": 0.0}[q.answer] for _, q in asked]
+    return {"cells": torch.cat(cells), "words": torch.cat(words), "mask": mask, "kinds": [q.kind for _, q in asked],
             "answers": torch.tensor(answers)}
 
 
