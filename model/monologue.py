@@ -47,6 +47,13 @@ OBSERVER_TOKENS = 40
 """Where an Observer's answer is cut. IMMO's Observer stops at 25 tokens; at 24, 19 of 60 of the demo's answers
 in its evaluation lost their end (a three-object scene described whole runs past it), and with it the third
 object."""
+OBSERVER_LOOKS = False
+"""Whether the Observer looks first (LMEye) where its model has a request module. The Reasoner reads the answers it
+was trained on: the demo's was trained on an Observer without one, which describes what it sees; asked through the
+module, the same Observer answers in a word ("Red.", 97% of simple questions right against 30%), and the Reasoner
+misread its answers in 25-32% of its monologues against 2-5%, compound questions 67% right against 95% (README:
+IMMO). Training (`training/monologue.py`) and evaluation ask through this too: a Reasoner trained on the looking
+Observer's answers would turn it on."""
 LINE_TOKENS = 96
 """A Reasoner's line that has not ended by then never will: the monologue has gone wrong. The longest reason of
 6,000 training monologues, a conditional count that checks three places, is 62 tokens."""
@@ -113,12 +120,12 @@ def transcript_pieces(steps: list[tuple[str, str]], answer: str, reason: str, en
     return pieces + [(reason_line(reason), True), (FINAL, False), (f" {answer}{end}", True)]
 
 
-def observe(model: GroundedLM, images: list[Image.Image], question: str, settings: GenerationSettings,
-            cancel: Cancel | None = None, engine: DecodeEngine | None = None) -> Iterator[Text]:
-    """The Observer's answer to one sub-question about `images`, streamed (adapter off, greedy, no retrieval),
-    decoded alone or (`engine`) in the batched decoder's batch."""
-    look = GenerationSettings(max_new_tokens=OBSERVER_TOKENS, look=settings.look)
-    for event in _observer_reply(model, [Turn("user", [*images, question])], look, None, cancel, engine):
+def observe(model: GroundedLM, images: list[Image.Image], question: str, cancel: Cancel | None = None,
+            engine: DecodeEngine | None = None) -> Iterator[Text]:
+    """The Observer's answer to one sub-question about `images`, streamed (adapter off, greedy, no retrieval,
+    looking as OBSERVER_LOOKS says), decoded alone or (`engine`) in the batched decoder's batch."""
+    settings = GenerationSettings(max_new_tokens=OBSERVER_TOKENS, look=OBSERVER_LOOKS)
+    for event in _observer_reply(model, [Turn("user", [*images, question])], settings, None, cancel, engine):
         if isinstance(event, Text):
             yield event
 
@@ -316,7 +323,7 @@ def think(model: GroundedLM, turns: list[Turn], settings: GenerationSettings | N
             record.rounds += 1
             observed = ""
             yield Thought("Observer", line + 1, f"A{record.rounds}: ")
-            for event in observe(model, images, question, settings, cancel, engine):
+            for event in observe(model, images, question, cancel, engine):
                 observed += event.delta
                 yield Thought("Observer", line + 1, event.delta)
             if cancel is not None and cancel.is_set():

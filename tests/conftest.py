@@ -203,12 +203,11 @@ def teach_reasoner(model, image: Image.Image, question: str, answer: str, reason
     training rows are the trainer's own (`monologue_row`); the adapter starts from a fixed seed, whatever ran
     before, and trains until each of its tokens is the likeliest (a tiny LM's logits stay near uniform: greedy
     decoding needs only the order)."""
-    from model.generate import GenerationSettings
     from model.monologue import observe
     from model.reasoner import reasoner_parameters, reasoning
     from model.training.monologue import batch_loss, monologue_row
 
-    heard = "".join(t.delta for t in observe(model, [image], question, GenerationSettings()))
+    heard = "".join(t.delta for t in observe(model, [image], question))
     torch.manual_seed(0)
     model.add_reasoner(rank=8)
     row = monologue_row(model, question, [(question, heard)], answer, reason)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import teach_reasoner, tiny_config
 from model.config import GroundedConfig
-from model.generate import Done, GenerationSettings, Text, Thought, stream_reply
+from model.generate import Done, GenerationSettings, Looked, Text, Thought, stream_reply
 from model.grounded import GroundedLM
 from model.monologue import FINAL, Monologue, _after_label, think
 from model.prompt import Turn
@@ -132,6 +132,21 @@ def test_a_taught_reasoner_questions_the_observer_then_answers_in_the_reply(mode
     done = events[-1]
     assert isinstance(done, Done) and done.stats["rounds"] == 1 and done.stats["fallback"] is None
     assert record.lines[-2:] == [("Reasoner", "Reason: The Observer said so."), ("Reasoner", "Final answer: Red.")]
+
+
+def test_the_observer_answers_without_looking_on_a_model_that_can_look(tiny_lm_dir, tiny_clip_dir, colour_images):
+    """The Reasoner reads the answers it was trained on (`OBSERVER_LOOKS`): the demo's, an Observer's that did not
+    look, and it misread the looking one's (README: IMMO)."""
+    looking = GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir, region_grid=2, request_tokens=2), quantize="none",
+                         device="cpu")
+    image, looks = colour_images[0], []
+    looking.perception.register_forward_hook(lambda *_: looks.append(1))
+    reply = list(stream_reply(looking, [Turn("user", [image, QUESTION])], GenerationSettings(max_new_tokens=2)))
+    assert len(looks) == 1 and isinstance(reply[0], Looked), "this model's replies look first"
+    teach_reasoner(looking, image, QUESTION, "Red.", "The Observer said so.")
+    looks.clear()
+    _, record = events_of(looking, image)
+    assert record.lines[1][0] == "Observer" and not looks, "its Observer's answer does not"
 
 
 def test_a_malformed_monologue_falls_back_to_the_observer_and_says_so(model, colour_images):

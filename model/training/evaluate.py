@@ -79,9 +79,11 @@ def _warm_features(model: GroundedLM, conversations: list[list[Turn]]) -> None:
 
 @torch.no_grad()
 def greedy_replies(model: GroundedLM, conversations: list[list[Turn]], max_new_tokens: int = 48,
-                   batch_size: int = 32, queries: bool = False, desc: str | None = None) -> list[Reply]:
+                   batch_size: int = 32, queries: bool = False, desc: str | None = None,
+                   look: bool = True) -> list[Reply]:
     """Greedy replies, many conversations at once: left-padded inputs_embeds, attention mask, KV cache; with
-    `desc`, a progress bar of the batches under that name.
+    `desc`, a progress bar of the batches under that name. A model with a request module looks first, as the app
+    asks, unless `look` is False.
 
     A reply ends at EOS or `[RET]`. With `queries`, `[RET]` is then fed as the next input (forced in place
     of EOS or after the last token) and the hidden state of that step is the reply's retrieval query, as
@@ -90,7 +92,7 @@ def greedy_replies(model: GroundedLM, conversations: list[list[Turn]], max_new_t
     replies = []
     starts = range(0, len(conversations), batch_size)
     for start in starts if desc is None else tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True):
-        replies += _greedy_batch(model, conversations[start:start + batch_size], max_new_tokens, queries)
+        replies += _greedy_batch(model, conversations[start:start + batch_size], max_new_tokens, queries, look)
     return replies
 
 
@@ -131,10 +133,10 @@ def text_only_nll(model: GroundedLM, instructions: list[str], texts: list[str], 
 
 
 def _greedy_batch(model: GroundedLM, conversations: list[list[Turn]], max_new_tokens: int,
-                  queries: bool) -> list[Reply]:
+                  queries: bool, look: bool) -> list[Reply]:
     tokenizer, fmt = model.tokenizer, model.config.prompt_format
     _warm_features(model, conversations)
-    look = model.perception is not None  # as the app asks: a model that can look at what is asked about does
+    look = look and model.perception is not None
     rows = [model.embed_prompt(render(turns, tokenizer, fmt, look))[0] for turns in conversations]  # each (T_i, lm_dim)
     batch = len(rows)
     inputs, mask = padded(rows, "left")                                           # (B, T, lm_dim), (B, T)

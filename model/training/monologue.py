@@ -38,7 +38,7 @@ from model.config import GroundedConfig
 from model.files import replace_folder, write_atomically
 from model.grounded import GroundedLM
 from model.lm import COMPUTE_DTYPES, compute_dtype_name
-from model.monologue import OBSERVER_TOKENS, reasoner_prompt, transcript_pieces
+from model.monologue import OBSERVER_LOOKS, OBSERVER_TOKENS, reasoner_prompt, transcript_pieces
 from model.prompt import Turn
 from model.reasoner import ADAPTER, FOLDER, WEIGHTS, reasoner_parameters, reasoner_weights, reasoning, save_reasoner
 from model.training.evaluate import greedy_replies
@@ -114,13 +114,14 @@ def observe_all(model: GroundedLM, split: str, items: list[tuple[int, questions.
 def observer_answers(model: GroundedLM, asked: list[tuple[Image.Image, questions.Question]], batch_size: int,
                      desc: str) -> list[list[str]]:
     """The Observer's greedy answers to every step of every (image, question), batched (as `think` asks: the image
-    and the step's question alone, at most OBSERVER_TOKENS tokens)."""
+    and the step's question alone, at most OBSERVER_TOKENS tokens, looking as OBSERVER_LOOKS says)."""
     convos, owners = [], []
     for n, (image, question) in enumerate(asked):
         for step in steps_of(question):
             convos.append([Turn("user", [image, step])])
             owners.append(n)
-    replies = greedy_replies(model, convos, max_new_tokens=OBSERVER_TOKENS, batch_size=batch_size, desc=desc)
+    replies = greedy_replies(model, convos, max_new_tokens=OBSERVER_TOKENS, batch_size=batch_size, desc=desc,
+                             look=OBSERVER_LOOKS)
     answers: list[list[str]] = [[] for _ in asked]
     for n, reply in zip(owners, replies):
         answers[n].append(reply.text)
