@@ -133,7 +133,7 @@ def thinking(model: GroundedLM, n: int) -> dict:
 
 def without_reasoner(checkpoint: str) -> str:
     """A temporary copy of the checkpoint without its Reasoner (the same mappings and encoder: one the config names
-    relative to the checkpoint, as assets/lmeye's ../demo/clip, by its absolute path)."""
+    relative to the checkpoint, as a run's `../demo/clip` would be, by its absolute path)."""
     from model.checkpoint import read_checkpoint, resolve
     source = resolve(checkpoint)
     copy = Path(tempfile.mkdtemp(prefix="no-reasoner-")) / source.name

@@ -3,7 +3,6 @@
     python app.py &                                   # the demo, on http://127.0.0.1:7860
     python -m docs.screenshot --out docs/screenshot.png
     python -m docs.screenshot --monologue --out docs/monologue.png
-    python app.py --checkpoint assets/lmeye &        # the demo with LMEye's request module
     python -m docs.screenshot --looking --out docs/looked.png
 
 It sends the chat's messages in one conversation, with the app's default settings, and captures the
@@ -51,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1360, "height": 2300})  # the chat (66% of it) shows all four
+        page = browser.new_page(viewport={"width": 1360, "height": 2900})  # the chat (66% of it) shows all four
         page.goto(args.url)
         page.wait_for_selector("#message textarea")
         if args.monologue:

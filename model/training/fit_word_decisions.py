@@ -8,7 +8,7 @@ error), on the question's input rows and the image's region tokens, as pass 1 gi
 on 4,500 questions takes about a minute here. Only the decisions' own weights change, and the tally that carries them into
 the request tokens stays at zero: the checkpoint answers as before until question training teaches the LM to read it.
 
-    python -m model.training.fit_word_decisions --init assets/lmeye --out runs/lmeye-words
+    python -m model.training.fit_word_decisions --init runs/lmeye-q6 --out runs/lmeye-words
 """
 from __future__ import annotations
 

@@ -200,7 +200,7 @@ def export(model: GroundedLM, run_dir: Path, out: Path, summary: dict, summary_n
     """The checkpoint into `out`, file by file (its mappings, and the Reasoner's adapter or the familiarity
     statistics it carries from `--init`), with the run's summary and curve under their names: whatever else `out`
     holds (the demo's clip/, an earlier stage's summary under another name) stays. An encoder folder inside `out`
-    or beside it (assets/demo/clip for assets/lmeye) is named relative to it, so the two move together."""
+    or beside it (`../demo/clip` for a run beside the demo) is named relative to it, so the two move together."""
     checkpoint = run_dir / "checkpoint"
     model.save_pretrained(checkpoint)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,10 @@ A text-only turn after images asks about the latest one ("How many squares are t
 such as a picture ("Show me a picture of a small red star.", "Show me another picture like the first one."). A
 request module without a gate looks at the latest image in both, and before a request for a picture its request
 tokens stand where the frozen retrieval mappings, fitted on conversations without them, read `[RET]`'s state:
-after three described images `assets/lmeye` retrieved the right new scene first 47% of the time against the
-demo's 70, and "another like the k-th" 13% against 100 (docs/lmeye.md). The gate is a logistic probe on the
+after three described images the module without a gate (docs/lmeye.md) retrieved the right new scene first 47% of
+the time against 70 without a module, and "another like the k-th" 13% against 100. The gate is a logistic probe on the
 request row's pass-1 state, which has read the whole turn (`Perception.asks_about_image`); where it says the
-turn does not ask about the image, pass 2 reads the prompt without request tokens, as the demo would.
+turn does not ask about the image, pass 2 reads the prompt without request tokens, as a model without the module would.
 
 It is fitted here on shapes-world conversations: one to three described images, then a question about the
 latest (look) or a request for a picture, new or like one of them (do not look), half and half. Pass 1's states
@@ -15,7 +15,7 @@ are computed once; the request module and everything else stay as they are, so t
 in place (its summary and curve under their own names beside the question training's), and must be fitted
 again after the module's request row trains.
 
-    python -m model.training.train_look_gate --init assets/lmeye --out assets/lmeye
+    python -m model.training.train_look_gate --init runs/lmeye-w3 --out runs/lmeye-w3
 """
 from __future__ import annotations
 

@@ -342,8 +342,8 @@ def _is_there(colour: str, shape: str, rng: random.Random) -> str:
 def binding(scene: Scene, rng: random.Random, holdout: bool) -> Question | None:
     """An existence question answered only by reading a colour and a shape off the same object: half the time the
     colour of one object with the shape of another (absent), half one object's own pair. `existence` asks this way
-    for about 1 in 13 of its absent objects, and assets/lmeye said "Yes." to all 11 of 300 test questions that did
-    (docs/lmeye.md, "Binding")."""
+    for about 1 in 13 of its absent objects, and the request module before word decisions said "Yes." to all 11 of
+    300 test questions that did (docs/lmeye.md, "Binding")."""
     present = {(o.colour, o.shape) for o in scene.objects}
     held = {(colour, shape) for shape, colour in shapes.HOLDOUT_PAIRS} if holdout else set()
     crossed = sorted({(a.colour, b.shape) for a in scene.objects for b in scene.objects} - present - held)
