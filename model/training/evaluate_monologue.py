@@ -6,15 +6,17 @@
 Rows, on the same questions (`questions.question(split, QUESTION_OFFSET + i)` of each kind, the test split without
 the hold-out pairs and the hold-out split, compound and simple kinds):
     observer   the grounded LM answers the question about the image directly (adapter off), as the app does
+               (looking first where the model has a request module)
     hybrid     the Reasoner reads the Observer's description of the image instead of questioning it: one round
                ("Describe the image." and its answer), then its reason and final answer
     immo       `model.monologue.think`, as the app runs it: questions, answers, final answer, with fallbacks;
                labelled (d) where the checkpoint's Reasoner was trained further by reinforcement
     supervised with `--supervised`, the same monologue with that checkpoint's Reasoner (the supervised one the
                reinforcement started from, swapped into the same LM): (c) beside (d) on the same questions
-    exact      no Reasoner: the Observer asked the question's known steps (a simple question itself), its answers
-               read exactly (`questions.implied_answer`); where they do not say, no answer (no guess). What a
-               Reasoner that asks the right questions, never misreads and never guesses would score
+    exact      no Reasoner: the Observer asked the question's known steps (a simple question itself) as a monologue
+               asks them (`monologue.OBSERVER_LOOKS`), its answers read exactly (`questions.implied_answer`); where
+               they do not say, no answer (no guess). What a Reasoner that asks the right questions, never misreads
+               and never guesses would score
 Each reply is read back with `questions.reply_answer`. A monologue row adds its fallback rate (a malformed
 monologue answered by the Observer directly), the rounds it used, and how often it misread the Observer (it asked
 the known steps, the answers implied an answer, and it concluded another): the Reasoner's own errors, and every

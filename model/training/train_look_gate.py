@@ -5,9 +5,10 @@ such as a picture ("Show me a picture of a small red star.", "Show me another pi
 request module without a gate looks at the latest image in both, and before a request for a picture its request
 tokens stand where the frozen retrieval mappings, fitted on conversations without them, read `[RET]`'s state:
 after three described images the module without a gate (docs/lmeye.md) retrieved the right new scene first 47% of
-the time against 70 without a module, and "another like the k-th" 13% against 100. The gate is a logistic probe on the
-request row's pass-1 state, which has read the whole turn (`Perception.asks_about_image`); where it says the
-turn does not ask about the image, pass 2 reads the prompt without request tokens, as a model without the module would.
+the time against 70 without a module, and "another like the k-th" 13% against 100. The gate is a logistic probe on
+the request row's pass-1 state, which has read the whole turn (`Perception.asks_about_image`); where it says the
+turn does not ask about the image, pass 2 reads the prompt without request tokens, as a model without the module
+would.
 
 It is fitted here on shapes-world conversations: one to three described images, then a question about the
 latest (look) or a request for a picture, new or like one of them (do not look), half and half. Pass 1's states
