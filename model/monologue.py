@@ -51,7 +51,7 @@ OBSERVER_LOOKS = False
 """Whether the Observer looks first (LMEye) where its model has a request module. The Reasoner reads the answers it
 was trained on: the demo's was trained on an Observer without one, which describes what it sees; asked through the
 module, the same Observer answers in a word ("Red.", 97% of simple questions right against 30%), and the Reasoner
-misread its answers in 25-32% of its monologues against 2-5%, compound questions 67% right against 95% (README:
+misread its answers in 25-32% of compound questions against 2-3%, and got 67% of them right against 95% (README:
 IMMO). Training (`training/monologue.py`) and evaluation ask through this too: a Reasoner trained on the looking
 Observer's answers would turn it on."""
 LINE_TOKENS = 96
