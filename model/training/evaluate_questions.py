@@ -96,7 +96,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
                    width, label=label)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(kinds))], kinds)
         ax.set(ylim=(0, 1.05), title=f"question accuracy, {split} split")
-    axes[0].legend(fontsize=7, loc="lower left")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     save_figure(fig, path)
 
 
