@@ -62,10 +62,6 @@ class GroundedConfig:
     """The request module decides per region cell, in the LM's word space, whether the cell holds what the question
     asks (`perception.WordDecisions`; cells whose tokens sit on words, `tokens_per_cell` > 1): a softmax read blends
     cells and does not bind a colour to a shape (docs/lmeye.md). False: no decisions (every older checkpoint)."""
-    patch_sink: bool = False
-    """The request's attention over the patches has a learnt sink beside them, where a query that finds nothing puts
-    its weight, so that "not there" and "how many" can be read from how much went to it (every request module
-    trained since, `perception.Perception`). False: none (every older checkpoint with a request module)."""
     reasoner: bool = False
     """IMMO's Reasoner: a LoRA adapter on the LM, stored in `reasoner/` beside the mappings (`model/reasoner.py`).
     False: no Reasoner (every older checkpoint); the app cannot think before answering."""
@@ -110,8 +106,8 @@ class GroundedConfig:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         if min(self.n_visual_tokens, self.emb_dim, self.tokens_per_cell, self.cell_patches) < 1:
             raise ValueError("n_visual_tokens, tokens_per_cell, cell_patches and emb_dim must be positive")
-        if (self.look_gate or self.word_decisions or self.patch_sink) and not self.request_tokens:
-            raise ValueError("look_gate, word_decisions and patch_sink need a request module (request_tokens > 0)")
+        if (self.look_gate or self.word_decisions) and not self.request_tokens:
+            raise ValueError("look_gate and word_decisions need a request module (request_tokens > 0)")
         if self.word_decisions and (not self.region_grid or self.tokens_per_cell < 2):
             raise ValueError("word_decisions need region cells of several tokens (region_grid, tokens_per_cell > 1)")
         if self.region_grid < 0 or self.request_tokens < 0:

@@ -164,8 +164,7 @@ class GroundedLM(nn.Module):
             self.ret_context.query.load_state_dict(self.ret_mapping.state_dict())
         self.perception = (Perception(config.request_tokens, lm_dim, visual_dim, self.visual.n_patches,
                                       config.token_groups, embeddings.weight.detach().float().mean(0),
-                                      config.look_gate, config.tokens_per_cell if config.word_decisions else 0,
-                                      config.patch_sink)
+                                      config.look_gate, config.tokens_per_cell if config.word_decisions else 0)
                            if config.request_tokens else None)
         for module in (self.input_mapping, self.region_mapping, self.ret_mapping, self.image_mapping, self.perception,
                        self.ret_context):
@@ -202,8 +201,7 @@ class GroundedLM(nn.Module):
         otherwise; `dequantize` dequantises a 4-bit LM once (`lm.dequantized`: for batches), before the Reasoner's
         adapter goes on it. `region_grid` replaces the checkpoint's, to fine-tune it with another grid; a checkpoint
         without region tokens then gets a new, untrained region mapping (the shared per-cell mapping fits
-        any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module (with a
-        patch sink), and a
+        any grid). `request_tokens` likewise gives a checkpoint without one a new, untrained request module, and a
         new `tokens_per_cell` or `cell_patches` a new, untrained region mapping. `ret_output_row` gives `[RET]` an
         output row of its own, a copy of its row (so nothing is emitted differently until it is fitted), and
         `ret_context` a new module through which queries point at earlier images (none does until it is trained), and
@@ -231,7 +229,6 @@ class GroundedLM(nn.Module):
         if request_tokens is not None and config.request_tokens and request_tokens != config.request_tokens:
             raise ValueError(f"{folder_or_preset} has a request module of {config.request_tokens} tokens, "
                              f"not {request_tokens}")
-        config.patch_sink = config.patch_sink or "perception." in grown  # every new request module has one
         config.request_tokens = request_tokens or config.request_tokens
         config.ret_output_row = ret_output_row or config.ret_output_row
         config.ret_context = ret_context or config.ret_context

@@ -19,7 +19,7 @@ for something else, runs pass 2 without the request tokens: the prompt a model w
     request (B, Q, lm_dim), its mask (B, Q) -> LN -> s
         -> x = q(s[:, -1])                              (B, k, D): the request row's state
         -> x = x + attention(LN(x), s)                  (B, k, D): the question's words
-    patches (B, P, D) + a learnt position per patch, and a learnt sink beside them (`patch_sink`)
+    patches (B, P, D) + a learnt position per patch
         -> x = x + attention(LN(x), patches)            (B, k, D), weights (B, k, P): where it looked
     image tokens (B, T, lm_dim): keys from each token, the mean of its group (the tokens of one region cell, or
         the CLS tokens) and a learnt position per token; a learnt sink beside them, where a query finds nothing
@@ -111,13 +111,11 @@ class WordDecisions(nn.Module):
 
 class Perception(nn.Module):
     def __init__(self, n_tokens: int, lm_dim: int, visual_dim: int, n_patches: int, token_groups: list[int],
-                 row_init: torch.Tensor, gate: bool = False, word_slots: int = 0, patch_sink: bool = False):
+                 row_init: torch.Tensor, gate: bool = False, word_slots: int = 0):
         """`token_groups` (T,): which group each of the image's LM tokens belongs to (its region cell, or the CLS
         tokens'); `row_init` (lm_dim,): where the request rows start (the LM's mean embedding, as `[RET]`'s);
         `gate`: a look gate (`asks_about_image`); `word_slots`: decide per region cell of this many tokens in the
-        LM's word space (`WordDecisions`), 0: no decisions; `patch_sink`: a learnt key and value beside the patches
-        (each head's share of them): without one, a softmax over the patches always finds something, and a query for
-        an object that is not there reads the features of one that is."""
+        LM's word space (`WordDecisions`), 0: no decisions."""
         super().__init__()
         self.n_tokens = n_tokens
         self.request_rows = nn.Parameter(row_init.detach().float().expand(n_tokens, -1).clone())  # (k, lm_dim)
@@ -127,7 +125,7 @@ class Perception(nn.Module):
         self.question = nn.MultiheadAttention(visual_dim, REQUEST_HEADS, batch_first=True, kdim=lm_dim, vdim=lm_dim)
         self.patch_position = nn.Parameter(torch.zeros(n_patches, visual_dim))
         self.query_norm = nn.LayerNorm(visual_dim)
-        self.attention = nn.MultiheadAttention(visual_dim, REQUEST_HEADS, batch_first=True, add_bias_kv=patch_sink)
+        self.attention = nn.MultiheadAttention(visual_dim, REQUEST_HEADS, batch_first=True)
         self.token_norm = nn.LayerNorm(lm_dim)
         self.token_key = nn.Linear(lm_dim, visual_dim)
         self.group_key = nn.Linear(lm_dim, visual_dim)
@@ -166,7 +164,8 @@ class Perception(nn.Module):
         """request (B, Q, lm_dim) with request_mask (B, Q) (True where a position is the question's; the request
         row's last, always there), patches (B, P, visual_dim), image_tokens (B, T, lm_dim) -> the request tokens'
         embeddings (B, k, lm_dim), the attention over the patches (B, P) and over the image tokens (B, T), each
-        averaged over the k tokens (and the patches' over heads); each sums to 1 less its sink's share. `question_rows` (B, Q, lm_dim): the LM's input rows at the request's positions (the
+        averaged over the k tokens (and the patches' over heads); the patches' rows sum to 1, the tokens' to
+        1 less the sink's share. `question_rows` (B, Q, lm_dim): the LM's input rows at the request's positions (the
         last, the request row's, is not a word), which word decisions compare the cells with."""
         batch, width = request.shape[0], self.query_norm.normalized_shape[0]
         states = self.request_norm(request.float())                                          # (B, Q, lm_dim)
@@ -175,8 +174,7 @@ class Perception(nn.Module):
                                  need_weights=False)
         x = x + asked
         keys = patches.float() + self.patch_position                                          # (B, P, D)
-        looked, patch_weights = self.attention(self.query_norm(x), keys, keys)               # (B, k, D), (B, k, P [+ 1])
-        patch_weights = patch_weights[..., :patches.shape[1]]                                # the sink's share left out
+        looked, patch_weights = self.attention(self.query_norm(x), keys, keys)               # (B, k, D), (B, k, P)
         x = x + looked
         tokens = image_tokens.float()
         normed = self.token_norm(tokens)

@@ -105,37 +105,6 @@ def test_attention_over_the_patches_is_a_map_per_image(looking_model, colour_ima
     assert not torch.allclose(attention[0], attention[2]), "each image gets its own map"
 
 
-def test_a_new_request_module_has_a_sink_where_a_query_that_finds_no_patch_puts_its_weight(
-        tiny_lm_dir, tiny_clip_dir, tmp_path, colour_images):
-    GroundedLM(tiny_config(tiny_lm_dir, tiny_clip_dir), quantize="none", device="cpu").save_pretrained(tmp_path)
-    model = GroundedLM.from_pretrained(tmp_path, quantize="none", request_tokens=K)
-    assert model.config.patch_sink
-    attention = model.perception.attention
-    with torch.no_grad():                     # every patch's key and the sink's at zero: no patch is preferred
-        attention.in_proj_weight[attention.embed_dim:2 * attention.embed_dim].zero_()
-        attention.in_proj_bias[attention.embed_dim:2 * attention.embed_dim].zero_()
-        attention.bias_k.zero_()
-    requests, mask = some_requests(3)
-    encoded = model.encoded(colour_images)
-    image_tokens = model.visual_tokens(model.features_of(encoded))
-    _, on_patches, _ = model.perception(requests, mask, encoded[:, 1:], image_tokens)
-    patches = encoded.shape[1] - 1
-    torch.testing.assert_close(on_patches, torch.full((3, patches), 1 / (patches + 1)))  # the sink takes a patch's share
-    with torch.no_grad():
-        attention.bias_k.copy_(attention.bias_v)  # and a query that seeks the sink gives it all but a trace
-        model.perception.query_norm.bias.copy_(1000 * attention.in_proj_weight[:attention.embed_dim].pinverse()
-                                               @ attention.bias_k.flatten())
-    _, on_patches, _ = model.perception(requests, mask, encoded[:, 1:], image_tokens)
-    assert (on_patches.sum(1) < 0.01).all()
-
-
-def test_a_request_module_without_a_sink_loads_as_it_was_trained(looking_model, tmp_path):
-    assert not looking_model.config.patch_sink and looking_model.perception.attention.bias_k is None
-    looking_model.save_pretrained(tmp_path)
-    reloaded = GroundedLM.from_pretrained(tmp_path, quantize="none")
-    assert not reloaded.config.patch_sink and reloaded.perception.attention.bias_k is None
-
-
 def test_prefill_reuses_the_prefix_and_equals_running_the_two_passes_whole(looking_model, colour_images):
     red, green, _ = colour_images
     segments = render([Turn("user", [red, green, "which is warmer?"])], looking_model.tokenizer, "chat", look=True)

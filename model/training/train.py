@@ -317,7 +317,7 @@ def train(args: argparse.Namespace) -> dict:
         config = GroundedConfig(lm=args.lm, visual=args.visual, visual_pretrained=args.visual_pretrained,
                                 n_visual_tokens=args.n_visual_tokens, region_grid=args.region_grid,
                                 projector=args.projector, emb_dim=args.emb_dim, request_tokens=args.request_tokens,
-                                patch_sink=bool(args.request_tokens), tokens_per_cell=args.tokens_per_cell)
+                                tokens_per_cell=args.tokens_per_cell)
         model = GroundedLM(config, quantize=args.quantize, device=device, compute_dtype=compute_dtype)
         if args.quantize == "4bit":
             model.lm = dequantized(model.lm)
